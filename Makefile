@@ -1,0 +1,35 @@
+# The README's commands. Each target creates the virtualenv when it is missing.
+# TORCH is installed first, on its own, so no later dependency can pull another
+# build (on a CPU machine `torch==2.13.0` resolves to the local CPU wheel).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: setup demo test test-slow bench bench-rollout clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	# Pin torch to the build just installed so nothing upgrades it.
+	$(PY) -m pip install -q -e ".[dev]" "torch==$$($(PY) -c 'import torch; print(torch.__version__)')"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/tppo demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench-rollout: setup
+	$(PY) benchmarks/bench_rollout.py
+
+bench: bench-rollout
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
