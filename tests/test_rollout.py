@@ -1,0 +1,268 @@
+"""Tests of the embedded rollout engine: carry-over, caps, refill, log-probs, determinism."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from mock_models import BOS, EOS, PAD, count_token, countdown_model
+from tppo.algos import logprobs_from_logits
+from tppo.config import ConfigError, RolloutConfig
+from tppo.models import build_tiny, TinyModelSpec
+from tppo.rollout import EmbeddedEngine, PromptItem, sample_tokens
+
+
+def countdown_prompts(lengths, start_id=0):
+    return [PromptItem(start_id + i, [BOS, count_token(n)]) for i, n in enumerate(lengths)]
+
+
+def run_all(engine, model, max_windows=100):
+    """Generate windows until the stream is exhausted and nothing is carried."""
+    windows = []
+    for v in range(max_windows):
+        wb = engine.generate_window(model, version=v)
+        if not wb.rows:
+            return windows
+        windows.append(wb)
+    raise AssertionError("engine did not drain")
+
+
+@pytest.fixture(scope="module")
+def countdown():
+    return countdown_model(64)
+
+
+def expected_response(n):
+    return [count_token(n) - k for k in range(1, n)] + [EOS]
+
+
+def test_synchronous_rollout_forced_lengths(countdown):
+    lengths = [3, 10, 1, 7]
+    cfg = RolloutConfig(prompts_per_step=4, samples_per_prompt=1, window_tokens=16, max_response_tokens=16)
+    eng = EmbeddedEngine(cfg, countdown_prompts(lengths), eos_token_ids=EOS, pad_token_id=PAD)
+    wb = eng.generate_window(countdown, version=0)
+    assert [r.response_ids for r in wb.rows] == [expected_response(n) for n in lengths]
+    assert all(r.finish_reason == "eos" for r in wb.rows)
+    assert eng.carried == []
+    # One window of max(lengths) decode steps over 4 slots.
+    assert wb.stats.decode_steps == 10
+    assert wb.stats.generated_tokens == sum(lengths)
+    assert wb.stats.slot_utilization == pytest.approx(21 / 40)
+
+
+@pytest.mark.parametrize("remove_finished", [True, False])
+@pytest.mark.parametrize("W", [1, 3, 4, 7])
+def test_carry_over_keeps_every_token_exactly_once(countdown, W, remove_finished):
+    lengths = [3, 10, 1, 7, 12, 5, 2, 9]
+    L = 12
+    cfg = RolloutConfig(
+        prompts_per_step=2, samples_per_prompt=2, window_tokens=W, max_response_tokens=L, remove_finished=remove_finished
+    )
+    eng = EmbeddedEngine(cfg, countdown_prompts(lengths), eos_token_ids=EOS, pad_token_id=PAD)
+    windows = run_all(eng, countdown)
+    seen, final = {}, {}
+    for v, wb in enumerate(windows):
+        assert len(wb.rows) <= cfg.num_slots
+        for i, row in enumerate(wb.rows):
+            new = wb.window_tokens(i)
+            assert 1 <= len(new) <= W
+            assert row.versions[wb.window_start[i]:] == [v] * len(new)
+            # Earlier windows' tokens and log-probs are unchanged context.
+            prev = seen.get(row.uid, ([], []))
+            assert row.response_ids[: len(prev[0])] == prev[0]
+            assert row.logprobs[: len(prev[1])] == prev[1]
+            assert wb.window_start[i] == len(prev[0])
+            seen[row.uid] = (list(row.response_ids), list(row.logprobs))
+            if row.finished:
+                assert row.uid not in final, "a row finished twice"
+                final[row.uid] = row
+    assert len(final) == len(lengths) * 2  # every row of every prompt, none lost
+    for row in final.values():
+        n = lengths[row.prompt_id]
+        assert row.response_ids == expected_response(n)
+        assert row.finish_reason == "eos"
+        assert row.windows == math.ceil(n / W)
+        assert len(row.logprobs) == len(row.versions) == n
+        assert all(lp > -1e-6 for lp in row.logprobs)  # the countdown model is (almost) certain
+
+
+def test_response_cap_and_per_prompt_cap(countdown):
+    prompts = countdown_prompts([20, 20, 3])
+    prompts[1].max_response_tokens = 5
+    cfg = RolloutConfig(prompts_per_step=3, samples_per_prompt=1, window_tokens=4, max_response_tokens=8)
+    eng = EmbeddedEngine(cfg, prompts, eos_token_ids=EOS, pad_token_id=PAD)
+    final = {r.prompt_id: r for wb in run_all(eng, countdown) for r in wb.rows if r.finished}
+    assert len(final[0].response_ids) == 8 and final[0].finish_reason == "length"
+    assert len(final[1].response_ids) == 5 and final[1].finish_reason == "length"
+    assert final[2].response_ids == expected_response(3) and final[2].finish_reason == "eos"
+    assert final[0].windows == 2 == cfg.max_windows
+
+
+def test_ignore_eos_runs_to_cap(countdown):
+    cfg = RolloutConfig(prompts_per_step=1, samples_per_prompt=1, window_tokens=6, max_response_tokens=6, ignore_eos=True)
+    eng = EmbeddedEngine(cfg, countdown_prompts([2]), eos_token_ids=EOS, pad_token_id=PAD)
+    row = eng.generate_window(countdown, 0).rows[0]
+    assert len(row.response_ids) == 6 and row.finish_reason == "length"
+
+
+def test_refill_order_and_counts(countdown):
+    # 3 prompts x G=2 = 6 slots; W = 4. Prompt 0 needs 9 tokens (3 windows), others finish at once.
+    lengths = [9, 2, 3, 1, 2, 4, 2, 2]
+    cfg = RolloutConfig(prompts_per_step=3, samples_per_prompt=2, window_tokens=4, max_response_tokens=16)
+    eng = EmbeddedEngine(cfg, countdown_prompts(lengths), eos_token_ids=EOS, pad_token_id=PAD)
+    w0 = eng.generate_window(countdown, 0)
+    assert [(r.prompt_id, r.sample_idx) for r in w0.rows] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert [r.uid for r in eng.carried] == [0, 1]
+    w1 = eng.generate_window(countdown, 1)
+    # Carried rows first, then two new groups fill the 4 free slots.
+    assert [(r.prompt_id, r.sample_idx) for r in w1.rows] == [(0, 0), (0, 1), (3, 0), (3, 1), (4, 0), (4, 1)]
+    assert w1.window_start == [4, 4, 0, 0, 0, 0]
+    w2 = eng.generate_window(countdown, 2)
+    assert [r.prompt_id for r in w2.rows] == [0, 0, 5, 5, 6, 6]
+    assert all(r.finished for r in w2.rows[:2])
+
+
+def test_partial_group_is_not_admitted(countdown):
+    # 2 prompts x G=2 = 4 slots. Prompt 0 is carried (2 rows); 2 free slots take one group.
+    cfg = RolloutConfig(prompts_per_step=2, samples_per_prompt=2, window_tokens=4, max_response_tokens=8)
+    eng = EmbeddedEngine(cfg, countdown_prompts([6, 1, 1, 1]), eos_token_ids=EOS, pad_token_id=PAD)
+    eng.generate_window(countdown, 0)
+    assert len(eng.carried) == 2
+    assert [r.prompt_id for r in eng.generate_window(countdown, 1).rows] == [0, 0, 2, 2]
+    # 3 slots with G = 3 and 1 row carried: a group of 3 does not fit, the slots stay empty.
+    cfg3 = RolloutConfig(prompts_per_step=1, samples_per_prompt=3, window_tokens=2, max_response_tokens=8)
+    eng3 = EmbeddedEngine(cfg3, countdown_prompts([5, 1]), eos_token_ids=EOS, pad_token_id=PAD)
+    eng3.generate_window(countdown, 0)
+    state = eng3.state_dict()
+    state["carried"] = state["carried"][:1]  # only one row still in flight
+    eng3.load_state_dict(state)
+    assert [r.prompt_id for r in eng3.generate_window(countdown, 1).rows] == [0]
+    assert [r.prompt_id for r in eng3.generate_window(countdown, 2).rows] == [0]  # 5 tokens: 3 windows of 2
+    assert [r.prompt_id for r in eng3.generate_window(countdown, 3).rows] == [1, 1, 1]
+
+
+def test_empty_prompt_is_rejected(countdown):
+    cfg = RolloutConfig(prompts_per_step=1, samples_per_prompt=1, window_tokens=4, max_response_tokens=8)
+    eng = EmbeddedEngine(cfg, [PromptItem(7, [])], eos_token_ids=EOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="prompt 7 is empty"):
+        eng.generate_window(countdown, 0)
+
+
+# ------------------------------------------------------------------ real (random) tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = build_tiny(TinyModelSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    return model.eval(), tok
+
+
+def text_prompts(tok, n, start=0):
+    texts = [f"Q{i}: {'1+' * (i % 5)}2=" for i in range(start, start + n)]
+    return [PromptItem(start + i, tok(t, add_special_tokens=False).input_ids) for i, t in enumerate(texts)]
+
+
+@pytest.mark.parametrize("remove_finished", [True, False])
+def test_logprobs_equal_teacher_forced_forward(tiny, remove_finished):
+    model, tok = tiny
+    cfg = RolloutConfig(prompts_per_step=3, samples_per_prompt=2, window_tokens=5, max_response_tokens=12, remove_finished=remove_finished, seed=3)
+    eng = EmbeddedEngine(cfg, text_prompts(tok, 6), eos_token_ids=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    rows = {}
+    for wb in run_all(eng, model):
+        for r in wb.rows:
+            rows[r.uid] = r
+    assert any(r.windows > 1 for r in rows.values())
+    with torch.no_grad():
+        for r in rows.values():
+            seq = torch.tensor([r.prompt_ids + r.response_ids])
+            logits = model(input_ids=seq).logits[0, len(r.prompt_ids) - 1 : -1]
+            ref = logprobs_from_logits(logits, torch.tensor(r.response_ids))
+            torch.testing.assert_close(torch.tensor(r.logprobs), ref, atol=1e-5, rtol=0)
+
+
+def test_same_seed_same_output_different_seed_different(tiny):
+    model, tok = tiny
+
+    def run(seed):
+        cfg = RolloutConfig(prompts_per_step=2, samples_per_prompt=2, window_tokens=4, max_response_tokens=10, seed=seed)
+        eng = EmbeddedEngine(cfg, text_prompts(tok, 4), eos_token_ids=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        return [(r.uid, r.response_ids, r.logprobs) for wb in run_all(eng, model) for r in wb.rows]
+
+    assert run(0) == run(0)
+    assert run(0) != run(1)
+
+
+def test_state_dict_resume_is_exact(tiny):
+    model, tok = tiny
+    cfg = RolloutConfig(prompts_per_step=2, samples_per_prompt=2, window_tokens=3, max_response_tokens=9, seed=5)
+    prompts = text_prompts(tok, 8)
+
+    def engine(stream):
+        return EmbeddedEngine(cfg, stream, eos_token_ids=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+    def snapshot(wb):
+        return [(r.uid, r.response_ids, r.logprobs, r.versions, r.finish_reason, r.windows) for r in wb.rows]
+
+    a = engine(iter(prompts))
+    for v in range(2):
+        a.generate_window(model, v)
+    state = a.state_dict()
+    assert state["carried"], "the test needs rows in flight at the checkpoint"
+    ref = [snapshot(a.generate_window(model, v)) for v in range(2, 5)]
+    # A fresh engine from the state; the stream resumes after the prompts admitted so far.
+    b = engine(iter(prompts[state["next_uid"] // cfg.samples_per_prompt :]))
+    b.load_state_dict(state)
+    assert [snapshot(b.generate_window(model, v)) for v in range(2, 5)] == ref
+
+
+def test_pack_window_masks(countdown):
+    cfg = RolloutConfig(prompts_per_step=2, samples_per_prompt=1, window_tokens=2, max_response_tokens=8)
+    eng = EmbeddedEngine(cfg, countdown_prompts([3, 1]), eos_token_ids=EOS, pad_token_id=PAD)
+    eng.generate_window(countdown, 0)
+    wb = eng.generate_window(countdown, 1)  # row 0 (3 tokens) finishes: window = its 3rd token
+    packed = wb.pack(PAD)
+    assert packed.input_ids.shape == (1, 5)
+    assert packed.input_ids[0].tolist() == [BOS, count_token(3)] + expected_response(3)
+    assert packed.response_mask[0].tolist() == [False, False, True, True, True]
+    assert packed.window_mask[0].tolist() == [False, False, False, False, True]
+    assert packed.versions[0].tolist() == [0, 0, 0, 0, 1]
+    assert packed.finished.tolist() == [True]
+    assert packed.response_lengths.tolist() == [3]
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def test_sampling_greedy_topk_topp():
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]] * 200)
+    g = torch.Generator().manual_seed(0)
+    greedy, lp = sample_tokens(logits, temperature=0.0)
+    assert greedy.eq(1).all()
+    torch.testing.assert_close(lp, torch.log_softmax(logits, -1)[:, 1])
+    top1, _ = sample_tokens(logits, top_k=1, generator=g)
+    assert top1.eq(1).all()
+    nucleus, _ = sample_tokens(logits, top_p=0.5, generator=g)  # p(1) = 0.66 >= 0.5
+    assert nucleus.eq(1).all()
+    top2, lp2 = sample_tokens(logits, top_k=2, temperature=0.5, generator=g)
+    assert set(top2.tolist()) == {1, 2}
+    # Recorded log-probs are the untruncated, temperature-scaled ones.
+    torch.testing.assert_close(lp2, torch.log_softmax(logits / 0.5, -1).gather(-1, top2[:, None]).squeeze(-1))
+
+
+def test_sampling_frequencies_match_probabilities():
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).expand(20000, 3)
+    tokens, _ = sample_tokens(logits, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=3).float() / len(tokens)
+    torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.015, rtol=0)
+
+
+def test_rollout_config_errors():
+    with pytest.raises(ConfigError, match="window_tokens"):
+        RolloutConfig(window_tokens=300, max_response_tokens=256)
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        RolloutConfig(samples_per_prompt=0)
+    with pytest.raises(ConfigError, match="top_p"):
+        RolloutConfig(top_p=0.0)

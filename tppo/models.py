@@ -1,0 +1,103 @@
+"""Building and loading policy models and tokenizers.
+
+Two ways in, one code path out: a real Hugging Face checkpoint from a local directory
+(:func:`load_pretrained`), or the embedded default built in code (:func:`build_tiny`):
+a tiny Llama-architecture ``LlamaForCausalLM`` and a character-level tokenizer made
+with the ``tokenizers`` library and wrapped as a transformers fast tokenizer. Both are
+saved with ``save_pretrained`` (safetensors) and reloaded with the same
+:func:`load_pretrained`, so the rollout engine and the trainer never special-case the
+embedded model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerFast
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+# Printable ASCII without the other whitespace: every character of the embedded
+# task (digits, operators, words) is one token, so response lengths in tokens are
+# response lengths in characters and the length tail is easy to control.
+TINY_ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyModelSpec:
+    """Sizes of the embedded tiny Llama (defaults: ~1.1M parameters)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 1024
+    tie_word_embeddings: bool = True
+
+
+def build_tiny_tokenizer(alphabet: str = TINY_ALPHABET) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: one id per character of ``alphabet`` plus
+    ``<pad>`` (0), ``<bos>`` (1), ``<eos>`` (2), ``<unk>`` (3)."""
+    specials = [PAD, BOS, EOS, UNK]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(alphabet)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    # "." may not match a newline; "isolated" keeps unmatched text as its own piece anyway.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+
+
+def build_tiny(spec: TinyModelSpec = TinyModelSpec(), seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """The embedded default: a randomly initialised tiny Llama and its tokenizer."""
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **dataclasses.asdict(spec),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer
+
+
+def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, **kwargs) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local directory (offline).
+
+    ``kwargs`` go to both ``from_pretrained`` calls (e.g. ``gguf_file=...``). The
+    tokenizer must know its EOS token: generation stops on it and rewards sit on it.
+    A missing pad token falls back to EOS, the usual choice for decoder-only models.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model directory {path} does not exist (tppo loads checkpoints from local files)")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer in {path} has no EOS token; set eos_token in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model_kwargs = dict(kwargs)
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **model_kwargs)
+    return model, tokenizer
+
+
+def save_pretrained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
+    """Save model (safetensors) and tokenizer side by side in ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
