@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import math
 
 import pytest
@@ -53,19 +53,22 @@ def test_synchronous_rollout_forced_lengths(countdown):
     assert wb.stats.slot_utilization == pytest.approx(21 / 40)
 
 
-@pytest.mark.parametrize("remove_finished", [True, False])
-@pytest.mark.parametrize("W", [1, 3, 4, 7])
-def test_carry_over_keeps_every_token_exactly_once(countdown, W, remove_finished):
+MODES = {"naive": dict(remove_finished=False), "compact": dict(), "refill": dict(refill_within_window=True)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("W", [1, 3, 4, 7, 12])
+def test_carry_over_keeps_every_token_exactly_once(countdown, W, mode):
     lengths = [3, 10, 1, 7, 12, 5, 2, 9]
     L = 12
-    cfg = RolloutConfig(
-        prompts_per_step=2, samples_per_prompt=2, window_tokens=W, max_response_tokens=L, remove_finished=remove_finished
-    )
+    cfg = RolloutConfig(prompts_per_step=2, samples_per_prompt=2, window_tokens=W, max_response_tokens=L, **MODES[mode])
     eng = EmbeddedEngine(cfg, countdown_prompts(lengths), eos_token_ids=EOS, pad_token_id=PAD)
     windows = run_all(eng, countdown)
     seen, final = {}, {}
     for v, wb in enumerate(windows):
-        assert len(wb.rows) <= cfg.num_slots
+        assert wb.stats.generated_tokens <= wb.stats.slots * wb.stats.decode_steps  # never more live rows than slots
+        if mode != "refill":  # refilled slots hold several rows in one window
+            assert len(wb.rows) <= cfg.num_slots
         for i, row in enumerate(wb.rows):
             new = wb.window_tokens(i)
             assert 1 <= len(new) <= W
@@ -84,7 +87,8 @@ def test_carry_over_keeps_every_token_exactly_once(countdown, W, remove_finished
         n = lengths[row.prompt_id]
         assert row.response_ids == expected_response(n)
         assert row.finish_reason == "eos"
-        assert row.windows == math.ceil(n / W)
+        if mode != "refill":  # a row admitted mid-window may need one window more
+            assert row.windows == math.ceil(n / W)
         assert len(row.logprobs) == len(row.versions) == n
         assert all(lp > -1e-6 for lp in row.logprobs)  # the countdown model is (almost) certain
 
@@ -144,6 +148,42 @@ def test_partial_group_is_not_admitted(countdown):
     assert [r.prompt_id for r in eng3.generate_window(countdown, 3).rows] == [1, 1, 1]
 
 
+def test_refill_within_window_fills_freed_slots_hand_computed(countdown):
+    # 2 slots, W = L = 8: row B needs 8 tokens; A, C, D, E need 2 each and take turns in
+    # the other slot (C joins at step 1, D at 3, E at 5): 16 tokens in 2 x 8 slot-steps.
+    cfg = RolloutConfig(prompts_per_step=2, samples_per_prompt=1, window_tokens=8, max_response_tokens=8, refill_within_window=True)
+    eng = EmbeddedEngine(cfg, countdown_prompts([2, 8, 2, 2, 2]), eos_token_ids=EOS, pad_token_id=PAD)
+    wb = eng.generate_window(countdown, 0)
+    assert [r.prompt_id for r in wb.rows] == [0, 1, 2, 3, 4]
+    assert [r.response_ids for r in wb.rows] == [expected_response(n) for n in [2, 8, 2, 2, 2]]
+    assert wb.window_start == [0] * 5
+    assert wb.stats.decode_steps == 8 and wb.stats.generated_tokens == 16
+    assert wb.stats.slot_utilization == 1.0
+    # Without refill the same window leaves the second slot idle after step 2.
+    eng = EmbeddedEngine(dataclasses.replace(cfg, refill_within_window=False), countdown_prompts([2, 8, 2, 2, 2]), eos_token_ids=EOS, pad_token_id=PAD)
+    assert eng.generate_window(countdown, 0).stats.slot_utilization == pytest.approx(10 / 16)
+
+
+def test_refill_cuts_joined_rows_at_the_window_end_and_defers_long_prompts(countdown):
+    prompts = countdown_prompts([2, 6, 5, 3])
+    prompts[2].prompt_ids = [BOS] * 20 + [count_token(5)]  # too long to join before step 19
+    cfg = RolloutConfig(prompts_per_step=2, samples_per_prompt=1, window_tokens=4, max_response_tokens=8, refill_within_window=True)
+    eng = EmbeddedEngine(cfg, prompts, eos_token_ids=EOS, pad_token_id=PAD)
+    w0 = eng.generate_window(countdown, 0)
+    # Prompt 2 was pulled at step 1 but did not fit; prompt 3 could not jump the queue.
+    assert [r.prompt_id for r in w0.rows] == [0, 1]
+    assert [r["prompt_id"] for r in eng.state_dict()["pending"]] == [2]
+    w1 = eng.generate_window(countdown, 1)
+    assert [r.prompt_id for r in w1.rows][:2] == [1, 2]
+    final = {r.prompt_id: r for wb in [w0, w1] + run_all(eng, countdown) for r in wb.rows if r.finished}
+    assert {k: r.response_ids for k, r in final.items()} == {k: expected_response(n) for k, n in enumerate([2, 6, 5, 3])}
+
+
+def test_refill_requires_remove_finished():
+    with pytest.raises(ConfigError, match="refill_within_window"):
+        RolloutConfig(refill_within_window=True, remove_finished=False)
+
+
 def test_empty_prompt_is_rejected(countdown):
     cfg = RolloutConfig(prompts_per_step=1, samples_per_prompt=1, window_tokens=4, max_response_tokens=8)
     eng = EmbeddedEngine(cfg, [PromptItem(7, [])], eos_token_ids=EOS, pad_token_id=PAD)
@@ -165,11 +205,15 @@ def text_prompts(tok, n, start=0):
     return [PromptItem(start + i, tok(t, add_special_tokens=False).input_ids) for i, t in enumerate(texts)]
 
 
-@pytest.mark.parametrize("remove_finished", [True, False])
-def test_logprobs_equal_teacher_forced_forward(tiny, remove_finished):
+@pytest.mark.parametrize("mode", MODES)
+def test_logprobs_equal_teacher_forced_forward(tiny, mode):
     model, tok = tiny
-    cfg = RolloutConfig(prompts_per_step=3, samples_per_prompt=2, window_tokens=5, max_response_tokens=12, remove_finished=remove_finished, seed=3)
-    eng = EmbeddedEngine(cfg, text_prompts(tok, 6), eos_token_ids=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = RolloutConfig(prompts_per_step=3, samples_per_prompt=2, window_tokens=5, max_response_tokens=12, seed=3, **MODES[mode])
+    prompts = text_prompts(tok, 10)
+    prompts[3].prompt_ids = prompts[3].prompt_ids[:1]  # a one-token prompt (nothing to prefill when joining)
+    prompts[4].max_response_tokens = 2  # finishes early: frees slots mid-window
+    prompts[5].max_response_tokens = 1
+    eng = EmbeddedEngine(cfg, prompts, eos_token_ids=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     rows = {}
     for wb in run_all(eng, model):
         for r in wb.rows:

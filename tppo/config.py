@@ -1,13 +1,21 @@
 """Typed configuration: nested dataclasses, the only schema.
 
-Each field is documented once, in its dataclass docstring. Derived sizes are computed
-and validated in ``__post_init__``. (YAML loading, dotted CLI overrides and the full
-training schema arrive with the trainer; see the trainer issue.)
+Each field is documented once, in its dataclass docstring. YAML files are saved
+instances (:func:`load_config`, :func:`save_config`); the command line overrides any
+field with a dotted key (``rollout.window_tokens=64``). Unknown keys and mistyped values
+are errors that name the key; derived sizes are computed and checked in
+``__post_init__`` / :meth:`Config.validate`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -33,6 +41,10 @@ class RolloutConfig:
         remove_finished: drop rows that finish mid-window from the decode batch so no
             compute is spent on them. False decodes them as padding until the whole
             batch is done, like ``model.generate`` (the naive baseline).
+        refill_within_window: admit new prompts into slots freed mid-window at once
+            (continuous batching) instead of at the next window. New rows join the
+            lockstep decode batch and are cut with the others at the window's end.
+            Requires ``remove_finished``.
         ignore_eos: never stop on EOS (benchmarks force lengths with per-prompt caps).
         seed: seed of the engine's sampling generator.
     """
@@ -45,6 +57,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     remove_finished: bool = True
+    refill_within_window: bool = False
     ignore_eos: bool = False
     seed: int = 0
 
@@ -57,6 +70,8 @@ class RolloutConfig:
                 f"rollout.window_tokens ({self.window_tokens}) exceeds rollout.max_response_tokens "
                 f"({self.max_response_tokens}); use window_tokens == max_response_tokens for synchronous PPO"
             )
+        if self.refill_within_window and not self.remove_finished:
+            raise ConfigError("rollout.refill_within_window needs rollout.remove_finished (freed slots are what it refills)")
         if self.temperature < 0:
             raise ConfigError(f"rollout.temperature must be >= 0 (got {self.temperature})")
         if not 0.0 < self.top_p <= 1.0:
@@ -73,3 +88,354 @@ class RolloutConfig:
     def max_windows(self) -> int:
         """The most windows a response can span: ceil(L / W)."""
         return -(-self.max_response_tokens // self.window_tokens)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Policy and critic models.
+
+    Attributes:
+        path: local Hugging Face checkpoint directory of the policy. None: the embedded
+            tiny model, warm-started by SFT (``sft.output_dir``) when that exists.
+        critic_path: checkpoint of the critic (a token-classification model with one
+            label). None: the policy's weights with a fresh scalar head.
+        gguf_file: file name inside ``path`` when the checkpoint is a GGUF file.
+        dtype: parameter dtype: float32 or bfloat16 (bf16 autocast is used on GPUs
+            whatever this is; see ``train.bf16``).
+        hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+        num_key_value_heads: sizes of the embedded tiny Llama (ignored with ``path``).
+    """
+
+    path: str | None = None
+    critic_path: str | None = None
+    gguf_file: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """Prompts, answers and the reward.
+
+    Attributes:
+        name: ``chain`` (the embedded task) or ``file`` (a JSONL/Parquet dataset).
+        reward: key of ``tppo.rewards.REWARD_FNS`` (``exact`` for chain, ``math``).
+        reward_timeout_s: per-answer scoring limit; past it the reward is 0 (counted).
+        reward_workers: scoring processes (0: inline).
+        format_penalty: subtracted when a completion has no final answer (0: off).
+        chain_median_steps, chain_sigma, chain_max_steps: the chain task's length
+            distribution (see ``tppo.tasks.chain``).
+        train_path, eval_path: dataset files for ``name: file``.
+        prompt_field, answer_field, answer_format: dataset columns and answer format
+            (gsm8k, boxed, integer, raw).
+        skip_bad_rows: skip malformed dataset rows (counted) instead of failing.
+        template: prompt template with a ``{prompt}`` placeholder.
+        system: optional system message for chat templates.
+        max_prompt_tokens: longer prompts are skipped and counted.
+        eval_problems: held-out problems per evaluation.
+    """
+
+    name: Literal["chain", "file"] = "chain"
+    reward: str = "exact"
+    reward_timeout_s: float = 10.0
+    reward_workers: int = 0
+    format_penalty: float = 0.0
+    chain_median_steps: float = 6.0
+    chain_sigma: float = 0.9
+    chain_max_steps: int = 60
+    train_path: str | None = None
+    eval_path: str | None = None
+    prompt_field: str = "question"
+    answer_field: str = "answer"
+    answer_format: Literal["gsm8k", "boxed", "integer", "raw"] = "gsm8k"
+    skip_bad_rows: bool = False
+    template: str = "{prompt}"
+    system: str | None = None
+    max_prompt_tokens: int = 1024
+    eval_problems: int = 128
+
+    def __post_init__(self) -> None:
+        if "{prompt}" not in self.template:
+            raise ConfigError(f"task.template must contain '{{prompt}}' (got {self.template!r})")
+        if self.name == "file" and not self.train_path:
+            raise ConfigError("task.name 'file' needs task.train_path")
+
+
+@dataclasses.dataclass
+class AlgoConfig:
+    """The RL algorithm and its losses (T-PPO spec, "EGAE" and "Losses").
+
+    Attributes:
+        algorithm: ``tppo`` (windowed, EGAE, critic on finished rows) or ``ppo``
+            (synchronous: requires window_tokens == max_response_tokens).
+        gamma: discount (1 in the paper).
+        lam_policy: GAE lambda of the policy's advantages; ``adaptive`` is VAPO's
+            length-adaptive lambda (lam_alpha, lam_min).
+        lam_alpha, lam_min: alpha and floor of the adaptive lambda.
+        bootstrap: EGAE's value after a window cut: prev_value (paper), next_value, zero.
+        critic_on: ``finished`` (T-PPO: Monte-Carlo targets of finished rows) or
+            ``all`` (ablation: also unfinished rows' window tokens, bootstrapped targets).
+        whiten_advantages: whiten advantages over the step's policy tokens.
+        clip_low, clip_high, dual_clip: PPO ratio clipping (clip-higher, dual clip;
+            dual_clip null disables it).
+        value_clip_low, value_clip_high: value clipping around the pre-update values
+            (null disables it).
+        loss_agg: token-mean, seq-mean-token-mean or seq-mean-token-sum.
+        entropy_coef: entropy bonus weight (0: off).
+        kl_coef, kl_kind: KL penalty to the initial policy (0: off; k1, k2, k3).
+        lm_loss_coef: VAPO's positive-example LM loss weight on finished correct
+            responses (0: off; 0.1 in the authors' port).
+        window_ignore_tokens: zero the advantage of the last k tokens of an unfinished
+            row's window (8 in the authors' port).
+    """
+
+    algorithm: Literal["tppo", "ppo"] = "tppo"
+    gamma: float = 1.0
+    lam_policy: float | Literal["adaptive"] = "adaptive"
+    lam_alpha: float = 0.05
+    lam_min: float = 0.95
+    bootstrap: Literal["prev_value", "next_value", "zero"] = "prev_value"
+    critic_on: Literal["finished", "all"] = "finished"
+    whiten_advantages: bool = True
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: float | None = 10.0
+    value_clip_low: float | None = 0.5
+    value_clip_high: float | None = 0.6
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    lm_loss_coef: float = 0.0
+    window_ignore_tokens: int = 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation and the run.
+
+    Attributes:
+        total_steps: RL steps (one window each for T-PPO, one full batch for PPO).
+        seed: seed of everything but the engine's sampler (see rollout.seed).
+        policy_lr, critic_lr: AdamW learning rates.
+        weight_decay: AdamW weight decay (both models).
+        betas: AdamW betas.
+        lr_warmup_steps: linear learning-rate warm-up, in optimizer steps.
+        grad_clip: max global gradient norm (0: off).
+        critic_warmup_steps: first steps train only the critic.
+        ppo_epochs: passes over each step's data.
+        mini_batches: optimizer steps per epoch (the step's rows split evenly).
+        micro_batch_rows: rows per forward/backward (gradient accumulation).
+        device: cpu, cuda, or auto.
+        bf16: autocast in bfloat16 on CUDA (ignored on CPU).
+        torch_threads: CPU threads for torch (0: torch's default).
+    """
+
+    total_steps: int = 100
+    seed: int = 0
+    policy_lr: float = 1e-4
+    critic_lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    lr_warmup_steps: int = 0
+    grad_clip: float = 1.0
+    critic_warmup_steps: int = 0
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_rows: int = 32
+    device: str = "auto"
+    bf16: bool = True
+    torch_threads: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("total_steps", "ppo_epochs", "mini_batches", "micro_batch_rows"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1 (got {getattr(self, key)})")
+
+
+@dataclasses.dataclass
+class LogConfig:
+    """Logging, evaluation and checkpoints.
+
+    Attributes:
+        run_dir: run directory (metrics.jsonl, config.yaml, checkpoints, plots).
+        tensorboard: also write TensorBoard event files.
+        progress: show a progress bar and one summary line per step.
+        eval_every: evaluate held-out accuracy every N steps (0: only at the start and end).
+        eval_samples: samples per held-out problem (avg@k and pass@k).
+        checkpoint_every: save a checkpoint every N steps (0: only at the end).
+        keep_checkpoints: keep the last K checkpoints.
+    """
+
+    run_dir: str = "runs/demo"
+    tensorboard: bool = True
+    progress: bool = True
+    eval_every: int = 0
+    eval_samples: int = 4
+    checkpoint_every: int = 25
+    keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    """Supervised warm-start of the embedded model on the chain task's traces.
+
+    Attributes:
+        output_dir: where the SFT model is saved (and reused when it exists).
+        steps: optimizer steps.
+        batch_size: traces per step.
+        lr: AdamW learning rate (cosine decay to 10 %).
+        mistake_rate: probability that a trace step is off by one (room for RL).
+        seed: seed of the traces and the initial weights.
+    """
+
+    output_dir: str = "runs/sft-chain"
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 3e-3
+    mistake_rate: float = 0.06
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Config:
+    """A whole run: every section above."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    algo: AlgoConfig = dataclasses.field(default_factory=AlgoConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that span sections."""
+        r, a, t = self.rollout, self.algo, self.train
+        if a.algorithm == "ppo" and r.window_tokens != r.max_response_tokens:
+            raise ConfigError(
+                f"algo.algorithm 'ppo' generates whole responses: set rollout.window_tokens = "
+                f"rollout.max_response_tokens ({r.max_response_tokens}), got {r.window_tokens}"
+            )
+        if r.num_slots % t.mini_batches:
+            raise ConfigError(
+                f"train.mini_batches ({t.mini_batches}) must divide the generation batch "
+                f"(rollout.prompts_per_step x rollout.samples_per_prompt = {r.num_slots})"
+            )
+        if a.window_ignore_tokens >= r.window_tokens:
+            raise ConfigError(f"algo.window_ignore_tokens ({a.window_ignore_tokens}) must be < rollout.window_tokens ({r.window_tokens})")
+
+
+# ---------------------------------------------------------------------- YAML and overrides
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A :class:`Config` from a YAML file (None: the defaults) and ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return from_dict(Config, data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    out["train"]["betas"] = list(out["train"]["betas"])
+    return out
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and bad types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (valid keys here: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in data.items():
+        key, hint = f"{prefix}{name}", hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, hint)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # should not happen after the checks above; keep the key context
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """``value`` as type ``hint`` (int -> float allowed), or a ConfigError naming ``key``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': {value!r} matches none of {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}': expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"config key '{key}': expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def diff_configs(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ (for refusing a resume with another config)."""
+    flat_a, flat_b = _flatten(to_dict(a)), _flatten(to_dict(b))
+    return [k for k in flat_a if flat_a[k] != flat_b.get(k) and not k.startswith(ignore)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -11,14 +11,22 @@ embedded model.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import string
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 # Printable ASCII without the other whitespace: every character of the embedded
@@ -88,6 +96,35 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, **kwa
         model_kwargs["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **model_kwargs)
     return model, tokenizer
+
+
+def critic_from_policy(policy: torch.nn.Module) -> torch.nn.Module:
+    """A critic: the policy's backbone weights under a fresh scalar head.
+
+    It is the token-classification model of the policy's architecture with one label
+    (as in OpenRLHF and TRL), so it saves and loads with ``save_pretrained`` /
+    :func:`load_critic` like any checkpoint. Its output at position p is V(s) for the
+    state ending with token p. Dropout is off: value targets must be deterministic.
+    """
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    config.classifier_dropout = 0.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        critic = AutoModelForTokenClassification.from_config(config)
+    missing, unexpected = critic.base_model.load_state_dict(policy.base_model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"critic backbone does not match the policy's: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return critic.to(device=next(policy.parameters()).device, dtype=next(policy.parameters()).dtype)
+
+
+def load_critic(path: str | Path, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A critic saved by ``save_pretrained`` (a token-classification model, one label)."""
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    critic = AutoModelForTokenClassification.from_pretrained(path, local_files_only=True, num_labels=1, **kwargs)
+    if critic.config.num_labels != 1:
+        raise ValueError(f"critic checkpoint {path} has {critic.config.num_labels} labels; a critic has 1")
+    return critic
 
 
 def save_pretrained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:

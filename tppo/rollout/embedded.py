@@ -8,7 +8,13 @@ One window (T-PPO spec, steps 1, 2, 8):
    padded, into a preallocated (static) KV cache sized for this window;
 3. decode at most W tokens per row; a row finishes on EOS or at its cap L; rows that
    finish leave the decode batch at once (``remove_finished``), so no compute is spent
-   on them; rows that exhaust W are cut and carried over.
+   on them (compaction waits for 1/8 of the batch to be done, as each one copies the
+   KV cache); with ``refill_within_window`` new prompts take the freed slots at once;
+   rows still running after W steps are cut and carried over.
+
+All rows of a window decode in lockstep: they share the cache's write position, each
+with its own position ids (left padding). A row admitted mid-window is prefilled into
+a fresh cache whose write offset is set so that its prompt ends at the shared position.
 
 The synchronous PPO rollout is the same engine with ``window_tokens ==
 max_response_tokens`` (every row finishes in its only window), and the naive
@@ -30,6 +36,8 @@ from tppo.rollout.base import PromptItem, RolloutStats, Row, WindowBatch
 from tppo.rollout.sampling import sample_tokens
 
 _REASONS = {1: "eos", 2: "length"}
+# Compact the decode batch once this share of its entries is done (see _Window._compact).
+COMPACT_FRACTION = 0.125
 
 
 class EmbeddedEngine:
@@ -46,11 +54,13 @@ class EmbeddedEngine:
     ) -> None:
         self.cfg = cfg
         self.prompts: Iterator[PromptItem] = iter(prompts)
-        self.eos_token_ids = torch.tensor(sorted({eos_token_ids} if isinstance(eos_token_ids, int) else set(eos_token_ids)))
+        eos = {eos_token_ids} if isinstance(eos_token_ids, int) else set(eos_token_ids)
+        self.eos_token_ids = torch.tensor(sorted(eos))
         self.pad_token_id = pad_token_id
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self._carried: list[Row] = []
+        self._pending: list[Row] = []  # admitted from the stream, waiting for room in a window
         self._next_uid = 0
         self.exhausted = False
 
@@ -61,9 +71,12 @@ class EmbeddedEngine:
         return list(self._carried)
 
     def generate_window(self, model: torch.nn.Module, version: int) -> WindowBatch:
-        rows = self._fill()
+        rows = self._take_rows(self.cfg.num_slots, list(self._carried))
+        if not rows:
+            return WindowBatch(rows=[], window_start=[], stats=RolloutStats(self.cfg.num_slots, 0, 0, 0, 0.0, 0.0))
         starts = [len(r.response_ids) for r in rows]
-        stats = self._run_window(model, rows, version) if rows else RolloutStats(self.cfg.num_slots, 0, 0, 0, 0.0, 0.0)
+        stats = self._run_window(model, rows, version)
+        starts += [0] * (len(rows) - len(starts))  # rows admitted mid-window start at 0
         for row in rows:
             row.windows += 1
         # Later windows extend copies, so the returned batch stays as it is.
@@ -71,9 +84,10 @@ class EmbeddedEngine:
         return WindowBatch(rows=rows, window_start=starts, stats=stats)
 
     def state_dict(self) -> dict[str, Any]:
+        # Snapshots: the live rows keep growing in the next window.
         return {
-            # Snapshots: the live rows keep growing in the next window.
             "carried": [dataclasses.asdict(r) for r in self._carried],
+            "pending": [dataclasses.asdict(r) for r in self._pending],
             "next_uid": self._next_uid,
             "generator": self.generator.get_state(),
             "exhausted": self.exhausted,
@@ -81,24 +95,35 @@ class EmbeddedEngine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._carried = [Row(**d).copy() for d in state["carried"]]
+        self._pending = [Row(**d).copy() for d in state.get("pending", [])]
         self._next_uid = state["next_uid"]
         self.generator.set_state(state["generator"])
         self.exhausted = state["exhausted"]
 
     # ------------------------------------------------------------------ step 1: fill
 
-    def _fill(self) -> list[Row]:
-        """Carried rows first, then whole groups of G new rows while slots are free."""
-        rows = list(self._carried)
+    def _take_rows(self, slots: int, rows: list[Row]) -> list[Row]:
+        """Append whole groups of G rows (pending first, then the stream) while they fit in ``slots``."""
         G = self.cfg.samples_per_prompt
-        while not self.exhausted and self.cfg.num_slots - len(rows) >= G:
-            try:
-                item = next(self.prompts)
-            except StopIteration:
-                self.exhausted = True
+        while slots - len(rows) >= G:
+            group = self._next_group()
+            if group is None:
                 break
-            rows.extend(self._new_rows(item))
+            rows.extend(group)
         return rows
+
+    def _next_group(self) -> list[Row] | None:
+        if self._pending:
+            group, self._pending = self._pending[: self.cfg.samples_per_prompt], self._pending[self.cfg.samples_per_prompt :]
+            return group
+        if self.exhausted:
+            return None
+        try:
+            item = next(self.prompts)
+        except StopIteration:
+            self.exhausted = True
+            return None
+        return self._new_rows(item)
 
     def _new_rows(self, item: PromptItem) -> list[Row]:
         if not item.prompt_ids:
@@ -119,75 +144,183 @@ class EmbeddedEngine:
         was_training = model.training
         model.eval()
         try:
-            return self._decode(model, rows, version)
+            window = _Window(self, model, rows)
+            return window.run(version)
         finally:
             model.train(was_training)
 
-    def _decode(self, model: torch.nn.Module, rows: list[Row], version: int) -> RolloutStats:
-        dev, cfg = self.device, self.cfg
-        B = len(rows)
-        start_len = torch.tensor([len(r.response_ids) for r in rows], device=dev)
-        cap = torch.tensor([r.max_response_tokens for r in rows], device=dev)
-        window_end = torch.minimum(cap, start_len + cfg.window_tokens)
-        n_steps = int((window_end - start_len).max())
 
-        t0 = time.perf_counter()
-        ids, attn, pos = _left_pad([r.prompt_ids + r.response_ids for r in rows], self.pad_token_id, dev)
-        P = ids.shape[1]
-        cache = StaticCache(config=model.config, max_cache_len=P + n_steps)
-        attn_buf = torch.zeros(B, P + n_steps, dtype=torch.long, device=dev)
-        attn_buf[:, :P] = attn
-        cache_kw = _cache_kwarg(model)
-        logits = _forward(model, cache_kw, ids, attn, pos, cache)[:, -1]
-        prefill_s = time.perf_counter() - t0
+class _Window:
+    """The decode state of one window: a lockstep batch over a shared static KV cache.
 
+    Per-row tensors are indexed by the row's position in ``rows`` (which grows when
+    rows are admitted mid-window); decode-batch tensors by the entry's position in the
+    decode batch, ``active[j]`` being its row.
+    """
+
+    def __init__(self, engine: EmbeddedEngine, model: torch.nn.Module, rows: list[Row]) -> None:
+        self.engine, self.model, self.rows, self.cfg = engine, model, rows, engine.cfg
+        self.dev = engine.device
+        self.cache_kw = _cache_kwarg(model)
+        lens = torch.tensor([len(r.response_ids) for r in rows], device=self.dev)
+        cap = torch.tensor([r.max_response_tokens for r in rows], device=self.dev)
+        self.n_steps = int((torch.minimum(cap, lens + self.cfg.window_tokens) - lens).max())
+        self.start_len, self.cap = lens, cap
+        self.window_end = torch.minimum(cap, lens + self.cfg.window_tokens)
+        self.first_col = torch.zeros(len(rows), dtype=torch.long, device=self.dev)
+        self.prefill_s = 0.0
+        self.prefill_tokens = 0
+
+    def run(self, version: int) -> RolloutStats:
+        logits = self._prefill()
         t0 = time.perf_counter()
-        out_tok = torch.full((B, n_steps), self.pad_token_id, dtype=torch.long, device=dev)
-        out_lp = torch.zeros(B, n_steps, dtype=torch.float32, device=dev)
-        resp_len = start_len.clone()
-        reason = torch.zeros(B, dtype=torch.long, device=dev)  # 0 running/cut, 1 eos, 2 length
-        active = torch.arange(B, device=dev)  # row index of each decode-batch entry
-        alive = torch.ones(B, dtype=torch.bool, device=dev)  # decode-batch entry still generating
-        next_pos = pos[:, -1] + 1
-        eos_ids = self.eos_token_ids.to(dev)
+        B, pad = len(self.rows), self.engine.pad_token_id
+        self.out_tok = torch.full((B, self.n_steps), pad, dtype=torch.long, device=self.dev)
+        self.out_lp = torch.zeros(B, self.n_steps, dtype=torch.float32, device=self.dev)
+        self.resp_len = self.start_len.clone()
+        self.reason = torch.zeros(B, dtype=torch.long, device=self.dev)  # 0 running/cut, 1 eos, 2 length
         steps = generated = 0
-        for s in range(n_steps):
-            tok, lp = sample_tokens(
-                logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=self.generator
-            )
-            rows_now = active[alive]
-            out_tok[rows_now, s] = tok[alive]
-            out_lp[rows_now, s] = lp[alive]
-            resp_len[rows_now] += 1
+        for s in range(self.n_steps):
+            generated += self._sample(logits, s)
             steps += 1
-            generated += rows_now.numel()
-            is_eos = torch.isin(tok, eos_ids) & alive & (not cfg.ignore_eos)
-            at_cap = (resp_len[active] >= cap[active]) & alive
-            reason[active[is_eos]] = 1
-            reason[active[at_cap & ~is_eos]] = 2
-            alive = alive & ~is_eos & (resp_len[active] < window_end[active])
-            if not bool(alive.any()) or s == n_steps - 1:
+            if s == self.n_steps - 1:
                 break
-            if cfg.remove_finished and not bool(alive.all()):
-                keep = alive.nonzero().squeeze(-1)
-                cache.reorder_cache(keep)
-                active, tok, next_pos, attn_buf = active[keep], tok[keep], next_pos[keep], attn_buf[keep]
-                alive = alive[keep]
-            attn_buf[:, P + s] = 1
-            step_ids, step_pos = tok.unsqueeze(-1), next_pos.unsqueeze(-1)
-            logits = _forward(model, cache_kw, step_ids, attn_buf[:, : P + s + 1], step_pos, cache)[:, -1]
-            next_pos = next_pos + 1
-        decode_s = time.perf_counter() - t0
+            if self.cfg.refill_within_window:
+                self._admit(s)
+            if self.cfg.remove_finished:
+                self._compact()
+            if not bool(self.alive.any()):
+                break
+            logits = self._feed(s)
+        decode_s = time.perf_counter() - t0 - self.admit_s
+        self._commit(version)
+        return RolloutStats(self.cfg.num_slots, steps, generated, self.prefill_tokens, self.prefill_s + self.admit_s, decode_s)
 
-        _commit(rows, out_tok, out_lp, resp_len - start_len, reason, version)
-        return RolloutStats(
-            slots=cfg.num_slots,
-            decode_steps=steps,
-            generated_tokens=generated,
-            prefill_tokens=int(attn.sum()),
-            prefill_s=prefill_s,
-            decode_s=decode_s,
-        )
+    # ------------------------------------------------------------------ phases
+
+    def _prefill(self) -> torch.Tensor:
+        """Batched prefill of ``prompt + response so far`` for every row; logits of the last position."""
+        t0 = time.perf_counter()
+        ids, attn, pos = _left_pad([r.prompt_ids + r.response_ids for r in self.rows], self.engine.pad_token_id, self.dev)
+        self.P = ids.shape[1]
+        self.cache = StaticCache(config=self.model.config, max_cache_len=self.P + self.n_steps)
+        self.attn_buf = torch.zeros(len(self.rows), self.P + self.n_steps, dtype=torch.long, device=self.dev)
+        self.attn_buf[:, : self.P] = attn
+        logits = self._forward(ids, attn, pos, self.cache)[:, -1]
+        self.active = torch.arange(len(self.rows), device=self.dev)
+        self.alive = torch.ones(len(self.rows), dtype=torch.bool, device=self.dev)
+        self.next_pos = pos[:, -1] + 1
+        self.prefill_tokens = int(attn.sum())
+        self.prefill_s = time.perf_counter() - t0
+        self.admit_s = 0.0
+        return logits
+
+    def _sample(self, logits: torch.Tensor, s: int) -> int:
+        """Sample token s of every live decode entry, record it, mark finished/cut rows."""
+        cfg = self.cfg
+        tok, lp = sample_tokens(logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=self.engine.generator)
+        live_rows = self.active[self.alive]
+        self.out_tok[live_rows, s] = tok[self.alive]
+        self.out_lp[live_rows, s] = lp[self.alive]
+        self.resp_len[live_rows] += 1
+        is_eos = torch.isin(tok, self.engine.eos_token_ids.to(self.dev)) & self.alive & (not cfg.ignore_eos)
+        at_cap = (self.resp_len[self.active] >= self.cap[self.active]) & self.alive
+        self.reason[self.active[is_eos]] = 1
+        self.reason[self.active[at_cap & ~is_eos]] = 2
+        self.alive = self.alive & ~is_eos & (self.resp_len[self.active] < self.window_end[self.active])
+        self.tok = tok
+        return int(live_rows.numel())
+
+    def _compact(self) -> None:
+        """Drop decode entries whose row is done, so no compute is spent on them again.
+
+        Each compaction copies the whole KV cache, so it waits until a share
+        (``COMPACT_FRACTION``) of the batch is dead: copies stay rare, waste bounded.
+        """
+        dead = int((~self.alive).sum())
+        if dead == 0 or (dead < COMPACT_FRACTION * self.alive.numel() and bool(self.alive.any())):
+            return
+        keep = self.alive.nonzero().squeeze(-1)
+        self.cache.reorder_cache(keep)
+        self.active, self.tok, self.next_pos = self.active[keep], self.tok[keep], self.next_pos[keep]
+        self.attn_buf, self.alive = self.attn_buf[keep], self.alive[keep]
+
+    def _admit(self, s: int) -> None:
+        """Refill decode entries freed mid-window: new rows take them over in place at step s.
+
+        A new row's prompt occupies cache positions ending at the shared write position
+        P + s: ``prompt[:-1]`` is prefilled into a small fresh cache at offset
+        P + s - (len - 1) and copied into the freed entries' rows of the shared cache;
+        its last prompt token is fed with the other entries' tokens at P + s.
+        """
+        free = (~self.alive).nonzero().squeeze(-1)
+        G = self.cfg.samples_per_prompt
+        if free.numel() < G:
+            return
+        t0 = time.perf_counter()
+        new = self.engine._take_rows(free.numel() - free.numel() % G, [])
+        fits = [r for r in new if len(r.prompt_ids) - 1 <= self.P + s]
+        self.engine._pending = [r for r in new if r not in fits] + self.engine._pending
+        if fits:
+            self._join(fits, free[: len(fits)], s)
+        self.admit_s += time.perf_counter() - t0
+
+    def _join(self, new: list[Row], entries: torch.Tensor, s: int) -> None:
+        dev, write_pos = self.dev, self.P + s
+        ids, attn, pos = _left_pad([r.prompt_ids[:-1] for r in new], self.engine.pad_token_id, dev)
+        Q = ids.shape[1]
+        new_cache = _cache_at_offset(self.cache, len(new), self.P + self.n_steps, write_pos - Q, self.model.config)
+        new_attn = torch.zeros(len(new), self.attn_buf.shape[1], dtype=torch.long, device=dev)
+        if Q > 0:  # one-token prompts have nothing to prefill: their last token is fed below
+            new_attn[:, write_pos - Q : write_pos] = attn
+            self._forward(ids, new_attn[:, :write_pos], pos, new_cache)
+            self.prefill_tokens += int(attn.sum())
+        for layer, new_layer in zip(self.cache.layers, new_cache.layers):
+            layer.keys.index_copy_(0, entries, new_layer.keys)
+            layer.values.index_copy_(0, entries, new_layer.values)
+        self.attn_buf[entries] = new_attn
+        self._add_rows(new, s)
+        self.active[entries] = torch.arange(len(self.rows) - len(new), len(self.rows), device=dev)
+        self.alive[entries] = True
+        self.tok[entries] = torch.tensor([r.prompt_ids[-1] for r in new], device=dev)
+        self.next_pos[entries] = torch.tensor([len(r.prompt_ids) - 1 for r in new], device=dev)
+
+    def _add_rows(self, new: list[Row], s: int) -> None:
+        """Extend the per-row tensors for rows joining at step s (first token at s + 1)."""
+        dev, n = self.dev, len(new)
+        self.rows.extend(new)
+        zeros = torch.zeros(n, dtype=torch.long, device=dev)
+        cap = torch.tensor([r.max_response_tokens for r in new], device=dev)
+        self.start_len = torch.cat([self.start_len, zeros])
+        self.resp_len = torch.cat([self.resp_len, zeros])
+        self.reason = torch.cat([self.reason, zeros])
+        self.cap = torch.cat([self.cap, cap])
+        self.window_end = torch.cat([self.window_end, cap.clamp(max=self.n_steps - (s + 1))])
+        self.first_col = torch.cat([self.first_col, torch.full((n,), s + 1, device=dev)])
+        self.out_tok = torch.cat([self.out_tok, torch.full((n, self.n_steps), self.engine.pad_token_id, device=dev)])
+        self.out_lp = torch.cat([self.out_lp, torch.zeros(n, self.n_steps, device=dev)])
+
+    def _feed(self, s: int) -> torch.Tensor:
+        """Feed each entry's latest token at the shared cache position P + s."""
+        self.attn_buf[:, self.P + s] = 1
+        ids, pos = self.tok.unsqueeze(-1), self.next_pos.unsqueeze(-1)
+        logits = self._forward(ids, self.attn_buf[:, : self.P + s + 1], pos, self.cache)[:, -1]
+        self.next_pos = self.next_pos + 1
+        return logits
+
+    def _forward(self, ids, attn, pos, cache) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **{self.cache_kw: cache})
+        return out.logits
+
+    def _commit(self, version: int) -> None:
+        """Append each row's new tokens (contiguous from its first column) to its lists."""
+        n_new = (self.resp_len - self.start_len).tolist()
+        toks, lps, firsts, reasons = self.out_tok.tolist(), self.out_lp.tolist(), self.first_col.tolist(), self.reason.tolist()
+        for row, t, lp, c, n, why in zip(self.rows, toks, lps, firsts, n_new, reasons):
+            row.response_ids.extend(t[c : c + n])
+            row.logprobs.extend(lp[c : c + n])
+            row.versions.extend([version] * n)
+            row.finish_reason = _REASONS.get(why)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -200,29 +333,30 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple
     ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
     attn = torch.zeros(len(seqs), P, dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, P - len(s) :] = torch.tensor(s, dtype=torch.long)
-        attn[i, P - len(s) :] = 1
+        if s:
+            ids[i, P - len(s) :] = torch.tensor(s, dtype=torch.long)
+            attn[i, P - len(s) :] = 1
     pos = (attn.cumsum(-1) - 1).clamp_min(0)
     return ids.to(device), attn.to(device), pos.to(device)
+
+
+def _cache_at_offset(template: StaticCache, batch: int, max_len: int, offset: int, config) -> StaticCache:
+    """A fresh static cache for ``batch`` rows whose first write lands at ``offset``.
+
+    transformers' static layers keep their write position in ``cumulative_length`` and
+    report length 0 (so masks assume offset 0) until their first write initializes them;
+    so the layers are initialized here, shaped like ``template``'s, before the offset is
+    set. This is the one place tppo relies on those internals (pinned by the refill tests).
+    """
+    cache = StaticCache(config=config, max_cache_len=max_len)
+    for layer, like in zip(cache.layers, template.layers):
+        shape = (batch, like.keys.shape[1], 0)
+        layer.lazy_initialization(like.keys.new_empty(*shape, like.keys.shape[-1]), like.values.new_empty(*shape, like.values.shape[-1]))
+        layer.cumulative_length = torch.tensor(offset, dtype=torch.long, device=like.keys.device)
+    return cache
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """transformers >= 5.x names the KV-cache argument ``cache``; earlier ``past_key_values``."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
-
-
-def _forward(model, cache_kw: str, ids, attn, pos, cache) -> torch.Tensor:
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **{cache_kw: cache})
-    return out.logits
-
-
-def _commit(rows: list[Row], out_tok, out_lp, n_new, reason, version: int) -> None:
-    """Append each row's new tokens (contiguous from column 0) to its lists."""
-    toks, lps, counts, reasons = out_tok.tolist(), out_lp.tolist(), n_new.tolist(), reason.tolist()
-    for row, t, lp, n, why in zip(rows, toks, lps, counts, reasons):
-        row.response_ids.extend(t[:n])
-        row.logprobs.extend(lp[:n])
-        row.versions.extend([version] * n)
-        row.finish_reason = _REASONS.get(why)
-

@@ -1,0 +1,111 @@
+"""Rewards: exact and math answers on a table of cases, and a scorer that survives faults."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import reward_helpers
+from tppo.rewards import REWARD_FNS, RewardScorer, exact_reward, final_answer, last_boxed, math_reward
+
+MATH_TABLE = [
+    # (completion, gold, expected reward)
+    ("\\boxed{ 42 }", "42", 1.0),
+    ("so x = \\frac{1}{2}. \\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("The answer is 0.5", "\\frac{1}{2}", 1.0),
+    ("\\boxed{\\dfrac{3}{4}}", "0.75", 1.0),
+    ("Janet makes 18 dollars.\n#### 18", "18", 1.0),
+    ("#### 1,000", "1000", 1.0),
+    ("\\boxed{42 \\text{ dollars}}", "42", 1.0),  # units
+    ("\\boxed{\\$18}", "18", 1.0),
+    ("\\boxed{7}. Done! Great.", "7", 1.0),  # trailing text
+    ("The answer is 42 apples", "42", 1.0),
+    ("\\boxed{43}", "42", 0.0),  # wrong
+    ("#### 17", "18", 0.0),
+    ("\\boxed{", "42", 0.0),  # malformed
+    ("", "42", 0.0),
+    ("no number here", "42", 0.0),
+]
+
+
+@pytest.mark.parametrize("completion,gold,expected", MATH_TABLE)
+def test_math_reward_table(completion, gold, expected):
+    assert math_reward("", completion, gold) == expected
+
+
+EXACT_TABLE = [
+    ("38 29 20 11 2=2", "2", 1.0),
+    ("38 29 20 11 2= 2 ", "2", 1.0),
+    ("38 29 20 11 2=3", "2", 0.0),
+    ("38 29 20 11 2", "2", 0.0),  # no final answer
+    ("1=2=2", "2", 1.0),  # the last '=' counts
+    ("#### 18", "18", 1.0),
+    ("\\boxed{18} = 18", "18", 1.0),  # boxed wins over '='
+    ("=", "2", 0.0),
+]
+
+
+@pytest.mark.parametrize("completion,gold,expected", EXACT_TABLE)
+def test_exact_reward_table(completion, gold, expected):
+    assert exact_reward("", completion, gold) == expected
+
+
+def test_extraction_helpers():
+    assert last_boxed("a \\boxed{x} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
+    assert last_boxed("\\boxed{unclosed") is None
+    assert final_answer("no answer") is None
+    assert set(REWARD_FNS) >= {"exact", "math"}
+
+
+def test_scorer_inline_and_pool_agree():
+    completions = [c for c, _, _ in MATH_TABLE]
+    golds = [g for _, g, _ in MATH_TABLE]
+    expected = [e for _, _, e in MATH_TABLE]
+    with RewardScorer("math", workers=0) as inline, RewardScorer("math", workers=2) as pooled:
+        assert inline.score([""] * len(golds), completions, golds) == expected
+        assert pooled.score([""] * len(golds), completions, golds) == expected
+        assert pooled.errors == pooled.timeouts == 0
+
+
+def test_scorer_counts_errors_and_non_finite_as_zero():
+    with RewardScorer(reward_helpers.boom, workers=1) as s:
+        assert s.score(["p", "p"], ["a", "b"], ["x", "y"]) == [0.0, 0.0]
+        assert s.errors == 2 and s.calls == 2
+    s = RewardScorer(reward_helpers.nan_reward, workers=0)
+    assert s.score(["p"], ["a"], ["x"]) == [0.0] and s.errors == 1
+
+
+def test_scorer_times_out_python_level_hang_and_keeps_going():
+    with RewardScorer(reward_helpers.hang_python, workers=2, timeout_s=0.5, batch_slack_s=2.0) as s:
+        t0 = time.monotonic()
+        assert s.score(["p"] * 3, ["a"] * 3, ["x"] * 3) == [0.0] * 3
+        assert time.monotonic() - t0 < 5.0
+        assert s.timeouts == 3 and s.pool_restarts == 0  # the alarm ended each call
+
+
+def test_scorer_restarts_pool_on_hang_no_signal_can_stop():
+    with RewardScorer(reward_helpers.hang_ignoring_alarm, workers=1, timeout_s=0.3, batch_slack_s=0.5) as s:
+        assert s.score(["p"], ["a"], ["x"]) == [0.0]
+        assert s.timeouts == 1 and s.pool_restarts == 1
+        s.fn = reward_helpers.length_reward  # the restarted pool scores the next batch
+        assert s.score(["p", "p"], ["ab", "abc"], ["x", "x"]) == [2.0, 3.0]
+
+
+def test_math_verify_adversarial_power_times_out():
+    """math-verify hangs on huge towers of powers; the scorer returns 0 and counts it."""
+    with RewardScorer("math", workers=1, timeout_s=1.0, batch_slack_s=1.0) as s:
+        t0 = time.monotonic()
+        rewards = s.score(["", ""], ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{4}"], ["1", "4"])
+        assert time.monotonic() - t0 < 10.0
+        assert rewards[0] == 0.0 and s.timeouts >= 1
+
+
+def test_format_penalty():
+    s = RewardScorer("exact", workers=0, format_penalty=0.5)
+    assert s.score(["", ""], ["1 0=0", "1 0"], ["0", "0"]) == [1.0, -0.5]
+
+
+def test_unknown_reward_name():
+    with pytest.raises(ValueError, match="unknown reward 'bogus'"):
+        RewardScorer("bogus")

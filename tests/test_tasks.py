@@ -1,0 +1,228 @@
+"""Tasks: the chain task's statistics and splits, dataset loaders, prompt stream, evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+
+from tppo.evaluation import evaluate, pass_at_k
+from tppo.models import build_tiny_tokenizer
+from tppo.rewards import RewardScorer, exact_reward
+from tppo.tasks import (
+    ChainTask,
+    ChainTaskSpec,
+    DatasetError,
+    Example,
+    PromptSource,
+    epoch_stream,
+    format_prompt,
+    load_examples,
+    normalize_answer,
+)
+from tppo.tasks.chain import is_heldout, prompt_text, solution_text
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# ----------------------------------------------------------------------------- chain task
+
+
+def test_chain_solution_hand_example():
+    assert prompt_text(47, 9) == "47-9:"
+    assert solution_text(47, 9) == "38 29 20 11 2=2"
+    ex = ChainTask().example(47, 9)
+    assert ex.answer == "2" and ex.meta["steps"] == 5
+    assert exact_reward(ex.prompt, solution_text(47, 9), ex.answer) == 1.0
+
+
+def test_chain_injected_mistakes_stay_consistent_and_spoil_the_answer():
+    rng = random.Random(0)
+    wrong = 0
+    for _ in range(200):
+        n, d = rng.randint(30, 90), rng.randint(2, 9)
+        text = solution_text(n, d, rng, mistake_rate=1.0)
+        values = [int(v) for v in text.split("=")[0].split()]
+        prev = n
+        for v in values:  # every step is off by exactly one (or clipped at 0)
+            assert abs(v - (prev - d)) == 1 or v == 0
+            prev = v
+        wrong += text.split("=")[1] != str(n % d)
+    # The wrong chain still ends in [0, d): right by chance ~1/d of the time (E[1/d] ~ 0.22).
+    assert wrong > 0.6 * 200
+
+
+def test_chain_steps_follow_the_lognormal_spec():
+    spec = ChainTaskSpec(median_steps=6, sigma=0.9, max_steps=1000)
+    task, rng = ChainTask(spec), random.Random(1)
+    ks = [task.sample_steps(rng) for _ in range(20000)]
+    assert 5 <= statistics.median(ks) <= 7
+    logs = [math.log(k) for k in ks if k > 1]
+    # Rounding and the floor at 1 shrink the spread a little: sigma within 12 %.
+    assert statistics.pstdev(logs) == pytest.approx(0.9, rel=0.12)
+    flat = ChainTask(ChainTaskSpec(median_steps=6, sigma=0.0))
+    assert {flat.sample_steps(rng) for _ in range(100)} == {6}
+
+
+def test_chain_clip_and_long_tail_of_response_lengths():
+    task, rng = ChainTask(), random.Random(2)
+    problems = [task.sample_problem(rng, "train") for _ in range(20000)]
+    ks = [n // d for n, d in problems]
+    assert min(ks) >= 1 and max(ks) <= task.spec.max_steps
+    lengths = sorted(len(solution_text(n, d)) + 1 for n, d in problems)
+    assert lengths[-1] / statistics.median(lengths) >= 8  # the long tail T-PPO targets
+
+
+def test_chain_splits_never_overlap_and_have_the_stated_share():
+    task = ChainTask()
+    rng = random.Random(3)
+    train = {task.sample_problem(rng, "train") for _ in range(5000)}
+    heldout = {task.sample_problem(rng, "heldout") for _ in range(2000)}
+    assert not train & heldout
+    space = [(n, d) for d in range(2, 10) for n in range(d, 60 * d + d)]
+    share = sum(is_heldout(n, d, 0.1) for n, d in space) / len(space)
+    assert share == pytest.approx(0.1, abs=0.02)
+
+
+def test_chain_streams_are_seeded():
+    task = ChainTask()
+    take = lambda split, seed: [next(s) for s in [task.stream(split, seed)] for _ in range(50)]  # noqa: E731
+    assert take("train", 0) == take("train", 0)
+    assert take("train", 0) != take("train", 1)
+    with pytest.raises(ValueError, match="split"):
+        task.sample_problem(random.Random(0), "test")
+
+
+# ----------------------------------------------------------------------------- prompt stream
+
+
+def test_prompt_source_resumes_at_the_cursor_and_counts_skips():
+    tok = build_tiny_tokenizer()
+    examples = [Example("1-2:", "1"), Example("x" * 50, "0"), Example("", "0"), Example("9-3:", "0"), Example("8-3:", "2")]
+    src = PromptSource(lambda: epoch_stream(examples, seed=0, shuffle=False), tok, max_prompt_tokens=10)
+    first = [next(src) for _ in range(3)]
+    assert [p.meta["answer"] for p in first] == ["1", "0", "2"]
+    assert [p.prompt_id for p in first] == [0, 3, 4]  # ids are stream positions: skipped ones leave gaps
+    assert src.skipped_long == 1 and src.skipped_empty == 1
+    state = src.state_dict()
+    ref = [next(src) for _ in range(4)]
+    resumed = PromptSource(lambda: epoch_stream(examples, seed=0, shuffle=False), tok, max_prompt_tokens=10)
+    resumed.load_state_dict(state)
+    assert [(p.prompt_id, p.prompt_ids) for p in (next(resumed) for _ in range(4))] == [(p.prompt_id, p.prompt_ids) for p in ref]
+
+
+def test_chat_template_is_applied_when_present():
+    tok = build_tiny_tokenizer()
+    assert format_prompt(tok, "2+2?", "Q: {prompt}") == "Q: 2+2?"
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    assert format_prompt(tok, "2+2?", system="Be brief.") == "<system>Be brief.\n<user>2+2?\n<assistant>"
+
+
+def test_epoch_stream_reshuffles_each_epoch_and_rejects_empty():
+    examples = [Example(str(i), str(i)) for i in range(20)]
+    stream = epoch_stream(examples, seed=0)
+    e1, e2 = [next(stream).prompt for _ in range(20)], [next(stream).prompt for _ in range(20)]
+    assert sorted(e1) == sorted(e2) == sorted(e.prompt for e in examples) and e1 != e2
+    with pytest.raises(ValueError, match="empty"):
+        next(epoch_stream([], seed=0))
+
+
+# ----------------------------------------------------------------------------- dataset loaders
+
+
+@pytest.mark.skipif(not (SHARED / "gsm8k" / "test.jsonl").exists(), reason="shared/data/gsm8k not present")
+def test_gsm8k_file_loads_with_reward_ready_answers():
+    ds = load_examples(SHARED / "gsm8k" / "test.jsonl", answer_format="gsm8k")
+    assert len(ds.examples) == 1319 and not ds.skipped
+    assert ds.examples[0].answer == "18" and ds.examples[0].prompt.startswith("Janet")
+    assert all(e.answer and "####" not in e.answer and "," not in e.answer for e in ds.examples)
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    with path.open("wb") as f:
+        for line in lines:
+            data = line if isinstance(line, bytes) else (line if isinstance(line, str) else json.dumps(line)).encode()
+            f.write(data + b"\n")
+    return path
+
+
+GOOD = {"question": "What is 2+2?", "answer": "2+2=4\n#### 4"}
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ("{not json", r":2: invalid JSON"),
+        ({"answer": "#### 1"}, r":2: missing field 'question'"),
+        ({"question": "q"}, r":2: missing field 'answer'"),
+        ({"question": 7, "answer": "#### 1"}, r":2: field 'question' must be a string"),
+        ({"question": "  ", "answer": "#### 1"}, r":2: field 'question' is empty"),
+        ({"question": "q", "answer": "no marker"}, r":2: field 'answer': no '#### <answer>' line"),
+        (b"\xff\xfe{}", r":2: not valid UTF-8"),
+        ([1, 2], r":2: expected a JSON object"),
+    ],
+)
+def test_malformed_jsonl_names_file_line_and_field(tmp_path, bad, match):
+    path = write_lines(tmp_path / "data.jsonl", [GOOD, bad, GOOD])
+    with pytest.raises(DatasetError, match=match) as err:
+        load_examples(path)
+    assert str(path) in str(err.value)
+    skipped = load_examples(path, skip_bad_rows=True)
+    assert len(skipped.examples) == 2 and len(skipped.skipped) == 1 and str(path) in skipped.skipped[0]
+
+
+def test_blank_lines_are_not_rows_and_line_numbers_stay_true(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [GOOD, "", {"question": "q"}])
+    with pytest.raises(DatasetError, match=r"d.jsonl:3: missing field 'answer'"):
+        load_examples(path)
+
+
+def test_parquet_and_answer_formats(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "aime.parquet"
+    pq.write_table(pa.table({"problem": ["Find x.", "Find y."], "answer": ["042", "7"]}), path)
+    ds = load_examples(path, prompt_field="problem", answer_format="integer")
+    assert [e.answer for e in ds.examples] == ["42", "7"]
+    pq.write_table(pa.table({"problem": ["Find x."], "answer": ["four"]}), path)
+    with pytest.raises(DatasetError, match=r"aime.parquet:1: field 'answer': expected an integer"):
+        load_examples(path, prompt_field="problem", answer_format="integer")
+    assert normalize_answer("so \\boxed{\\frac{1}{2}}.", "boxed") == "\\frac{1}{2}"
+    assert normalize_answer(" 12 ", "raw") == "12"
+    with pytest.raises(ValueError, match="boxed"):
+        normalize_answer("none", "boxed")
+    with pytest.raises(FileNotFoundError):
+        load_examples(tmp_path / "missing.jsonl")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_pass_at_k_against_brute_force():
+    from itertools import combinations
+
+    for n, c in [(5, 0), (5, 2), (6, 3), (4, 4)]:
+        outcomes = [1] * c + [0] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(combinations(outcomes, k))
+            brute = sum(any(s) for s in subsets) / len(subsets)
+            assert pass_at_k(n, c, k) == pytest.approx(brute)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+
+
+def test_evaluate_avg_and_pass_at_k_with_a_scripted_generator():
+    examples = [Example("a", "1"), Example("b", "2")]
+
+    def generate(prompts, k):  # problem a: 1 of 4 right, problem b: 4 of 4
+        return [["=1", "=0", "=0", "=0"], ["=2"] * 4]
+
+    res = evaluate(examples, generate, RewardScorer("exact", workers=0), samples=4, ks=(1, 2))
+    assert res.avg_at_k == pytest.approx(5 / 8)
+    assert res.pass_at_k[1] == pytest.approx((0.25 + 1.0) / 2)
+    assert res.pass_at_k[2] == pytest.approx((0.5 + 1.0) / 2)

@@ -1,0 +1,85 @@
+"""Evaluation: avg@k and pass@k over a dataset, given any generate function.
+
+``avg@k`` is the mean accuracy over k samples per problem (the paper's AIME "avg@32");
+``pass@k`` the probability that at least one of k samples is correct, estimated without
+bias from n >= k samples (Chen et al. 2021, "Evaluating Large Language Models Trained
+on Code", eq. 1): 1 - C(n - c, k) / C(n, k) for c correct of n.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+
+from tppo.config import RolloutConfig
+from tppo.rewards import RewardScorer
+from tppo.rollout import EmbeddedEngine
+from tppo.tasks.base import Example, PromptSource
+
+GenerateFn = Callable[[Sequence[str], int], list[list[str]]]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from c correct of n samples (numerically stable product form)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n (got n={n}, c={c}, k={k})")
+    if n - c < k:
+        return 1.0
+    prob_all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        prob_all_wrong *= 1.0 - k / i
+    return 1.0 - prob_all_wrong
+
+
+@dataclasses.dataclass
+class EvalResult:
+    avg_at_k: float  # mean correctness over all samples
+    pass_at_k: dict[int, float]  # k -> mean unbiased pass@k over problems
+    correct: list[list[bool]]  # per problem, per sample
+    completions: list[list[str]]
+
+
+def evaluate(examples: Sequence[Example], generate: GenerateFn, scorer: RewardScorer, samples: int,
+             ks: Sequence[int] = (1,)) -> EvalResult:
+    """Generate ``samples`` completions per example, score them, aggregate.
+
+    A completion counts as correct when its reward is >= 1 (rewards may carry a format
+    term below 1 or negative).
+    """
+    completions = generate([e.prompt for e in examples], samples)
+    flat = [(e, c) for e, cs in zip(examples, completions) for c in cs]
+    rewards = scorer.score([e.prompt for e, _ in flat], [c for _, c in flat], [e.answer for e, _ in flat])
+    correct = [[r >= 1.0 for r in rewards[i * samples : (i + 1) * samples]] for i in range(len(examples))]
+    avg = sum(map(sum, correct)) / max(1, len(examples) * samples)
+    passes = {k: sum(pass_at_k(samples, sum(c), k) for c in correct) / max(1, len(correct)) for k in ks if k <= samples}
+    return EvalResult(avg_at_k=avg, pass_at_k=passes, correct=correct, completions=completions)
+
+
+def engine_generate_fn(model: torch.nn.Module, tokenizer, *, max_response_tokens: int, batch_prompts: int = 16,
+                       temperature: float = 1.0, seed: int = 0, max_prompt_tokens: int = 4096,
+                       template: str = "{prompt}", device: str | torch.device = "cpu") -> GenerateFn:
+    """A generate function on the embedded engine (synchronous, W = L)."""
+
+    def generate(prompts: Sequence[str], samples: int) -> list[list[str]]:
+        examples = [Example(p, "") for p in prompts]
+        source = PromptSource(lambda: iter(examples), tokenizer, max_prompt_tokens=max_prompt_tokens, template=template)
+        cfg = RolloutConfig(prompts_per_step=batch_prompts, samples_per_prompt=samples, window_tokens=max_response_tokens,
+                            max_response_tokens=max_response_tokens, temperature=temperature, seed=seed)
+        engine = EmbeddedEngine(cfg, source, eos_token_ids=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, device=device)
+        out: list[list[str]] = [[] for _ in prompts]
+        while (wb := engine.generate_window(model, 0)).rows:
+            for row in wb.rows:
+                out[row.prompt_id].append(decode_response(tokenizer, row.response_ids))
+        if source.skipped_long or source.skipped_empty:
+            raise ValueError(f"evaluation: {source.skipped_long} prompts exceed max_prompt_tokens={max_prompt_tokens}, "
+                             f"{source.skipped_empty} are empty; every evaluation prompt must be generated")
+        return out
+
+    return generate
+
+
+def decode_response(tokenizer, ids: Sequence[int]) -> str:
+    """Response text without special tokens (the EOS that ended it, padding)."""
+    return tokenizer.decode(ids, skip_special_tokens=True)

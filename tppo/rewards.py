@@ -1,0 +1,213 @@
+"""Reward functions and the scorer that runs them safely.
+
+A reward function is a plain function ``reward(prompt, completion, answer) -> float``,
+registered in :data:`REWARD_FNS`. ``completion`` is the decoded response (no prompt, no
+EOS); ``answer`` the ground truth from the dataset.
+
+:class:`RewardScorer` runs a batch of them in a pool of worker processes. A call that
+raises, or runs past ``timeout_s`` (math-verify can hang on adversarial input such as
+huge powers), scores 0 and is counted; it never stops training. Two guards: an alarm
+inside the worker interrupts Python-level hangs after ``timeout_s``; a batch deadline
+catches hangs inside C code (where no signal is handled) by restarting the pool.
+
+This module imports nothing else of tppo's.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import math
+import multiprocessing
+import signal
+from typing import Callable
+
+RewardFn = Callable[[str, str, str], float]
+
+
+# ---------------------------------------------------------------------- answer extraction
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (braces balanced), stripped; None if absent."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j].strip()
+    return None
+
+
+def final_answer(completion: str) -> str | None:
+    """The completion's final answer: the last ``\\boxed{}``, else the text after the last
+    ``####``, else the text after the last ``=`` (the embedded chain task); stripped."""
+    boxed = last_boxed(completion)
+    if boxed is not None:
+        return boxed
+    for marker in ("####", "="):
+        if marker in completion:
+            return completion.rsplit(marker, 1)[1].strip()
+    return None
+
+
+# ---------------------------------------------------------------------- reward functions
+
+
+def exact_reward(prompt: str, completion: str, answer: str) -> float:
+    """1.0 iff the completion's :func:`final_answer` equals ``answer`` exactly (stripped)."""
+    return float(final_answer(completion) == answer.strip())
+
+
+def math_reward(prompt: str, completion: str, answer: str) -> float:
+    """1.0 iff the completion's final answer equals ``answer`` mathematically.
+
+    Uses math-verify (symbolic and numeric comparison: ``\\frac{1}{2}`` == ``0.5``). The
+    answer is taken from the last ``\\boxed{}`` or ``#### x`` line when there is one,
+    else math-verify's own extraction of the last expression. Timeouts are the
+    scorer's job, so math-verify's signal-based ones are off (they fail off the main
+    thread).
+    """
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" warning: ours is on
+    configs = [LatexExtractionConfig(), ExprExtractionConfig()]
+    marked = last_boxed(completion)
+    if marked is None and "####" in completion:
+        marked = completion.rsplit("####", 1)[1].strip()
+    pred_text = f"${marked}$" if marked is not None else completion
+    gold = parse(f"${answer}$", extraction_config=configs, parsing_timeout=None)
+    pred = parse(pred_text, extraction_config=configs, parsing_timeout=None)
+    if not gold or not pred:
+        return 0.0
+    return float(verify(gold, pred, timeout_seconds=None))
+
+
+REWARD_FNS: dict[str, RewardFn] = {
+    "exact": exact_reward,
+    "math": math_reward,
+}
+
+
+# ---------------------------------------------------------------------- the scorer
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def _score_one(fn: RewardFn, prompt: str, completion: str, answer: str, timeout_s: float) -> tuple[float, str | None]:
+    """Run in a worker: (reward, None) or (0.0, 'error'|'timeout')."""
+    use_alarm = timeout_s > 0 and hasattr(signal, "setitimer")
+    if use_alarm:
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        value = float(fn(prompt, completion, answer))
+        if not math.isfinite(value):
+            return 0.0, "error"
+        return value, None
+    except _Timeout:
+        return 0.0, "timeout"
+    except Exception:
+        return 0.0, "error"
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+class RewardScorer:
+    """Scores batches of completions with a registered reward function.
+
+    Args:
+        fn: a key of :data:`REWARD_FNS`, or a reward function defined at module level
+            (workers import it by reference).
+        timeout_s: per-call limit; a call past it scores 0 (counted in ``timeouts``).
+        workers: worker processes (0: score inline in this process, with the alarm
+            guard only when running on the main thread).
+        format_penalty: subtracted when the completion has no extractable final answer
+            (an optional format term; 0 = off).
+        batch_slack_s: the batch deadline is ``timeout_s + batch_slack_s`` plus the
+            expected queueing, ``timeout_s * ceil(n / workers) / 4``.
+
+    Counters (cumulative): ``calls``, ``errors`` (raised or non-finite), ``timeouts``,
+    ``pool_restarts``.
+    """
+
+    def __init__(self, fn: str | RewardFn, *, timeout_s: float = 10.0, workers: int = 2, format_penalty: float = 0.0,
+                 batch_slack_s: float = 5.0) -> None:
+        if isinstance(fn, str) and fn not in REWARD_FNS:
+            raise ValueError(f"unknown reward {fn!r}; registered: {', '.join(REWARD_FNS)}")
+        self.fn = REWARD_FNS[fn] if isinstance(fn, str) else fn
+        self.timeout_s, self.workers = timeout_s, workers
+        self.format_penalty, self.batch_slack_s = format_penalty, batch_slack_s
+        self.calls = self.errors = self.timeouts = self.pool_restarts = 0
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    def score(self, prompts: list[str], completions: list[str], answers: list[str]) -> list[float]:
+        if not (len(prompts) == len(completions) == len(answers)):
+            raise ValueError("score: prompts, completions and answers must have the same length")
+        results = self._run_inline(prompts, completions, answers) if self.workers == 0 else self._run_pool(prompts, completions, answers)
+        rewards = []
+        for (value, failure), completion in zip(results, completions):
+            self.calls += 1
+            self.errors += failure == "error"
+            self.timeouts += failure == "timeout"
+            if self.format_penalty and final_answer(completion) is None:
+                value -= self.format_penalty
+            rewards.append(value)
+        return rewards
+
+    def _run_inline(self, prompts, completions, answers):
+        import threading
+
+        timeout = self.timeout_s if threading.current_thread() is threading.main_thread() else 0.0
+        return [_score_one(self.fn, p, c, a, timeout) for p, c, a in zip(prompts, completions, answers)]
+
+    def _run_pool(self, prompts, completions, answers):
+        pool = self._ensure_pool()
+        futures = [pool.submit(_score_one, self.fn, p, c, a, self.timeout_s) for p, c, a in zip(prompts, completions, answers)]
+        deadline = self.timeout_s + self.batch_slack_s + self.timeout_s * math.ceil(len(futures) / self.workers) / 4
+        done, not_done = cf.wait(futures, timeout=deadline)
+        if not_done:  # a call stuck where no signal reaches it: abandon the pool
+            self._kill_pool()
+        return [f.result() if f in done and f.exception() is None else (0.0, "timeout" if f in not_done else "error")
+                for f in futures]
+
+    def _ensure_pool(self) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn: workers never inherit torch's threads or CUDA state from the trainer.
+            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def _kill_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        self.pool_restarts += 1
+        if pool is None:
+            return
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "RewardScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self):
+        raise TypeError("RewardScorer holds a process pool and cannot be pickled")

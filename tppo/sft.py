@@ -1,0 +1,72 @@
+"""Supervised warm-start of the embedded tiny model on the chain task's traces.
+
+RL needs a policy that is right sometimes. The tiny model is trained on worked chains
+(``tppo.tasks.chain``) in which each step is off by one with probability
+``sft.mistake_rate``: it learns the format and the arithmetic, and makes step errors at
+about that rate, which RL then drives down. Loss: next-token NLL on the response and
+its EOS (the prompt is context only). Saved with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from tppo import algos
+from tppo.config import Config
+from tppo.models import TinyModelSpec, build_tiny, save_pretrained
+from tppo.tasks import ChainTask, ChainTaskSpec
+
+
+def sft_batch(task: ChainTask, tokenizer, rng: random.Random, size: int, mistake_rate: float):
+    """(input_ids, attention_mask, loss_mask) of ``size`` traces, right padded; the loss
+    mask (shifted frame, (B, S - 1)) is 1 on response tokens and the EOS."""
+    seqs, starts = [], []
+    for _ in range(size):
+        prompt, response = task.sft_example(rng, mistake_rate)
+        p = tokenizer(prompt, add_special_tokens=False).input_ids
+        r = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        seqs.append(p + r)
+        starts.append(len(p))
+    S = max(map(len, seqs))
+    ids = torch.full((size, S), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros(size, S, dtype=torch.long)
+    loss_mask = torch.zeros(size, S - 1, dtype=torch.bool)
+    for i, (s, p) in enumerate(zip(seqs, starts)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        loss_mask[i, p - 1 : len(s) - 1] = True  # column j predicts token j + 1
+    return ids, attn, loss_mask
+
+
+def run_sft(cfg: Config, log_every: int = 50) -> Path:
+    """Train the embedded model on chain traces and save it to ``cfg.sft.output_dir``."""
+    s, m, t = cfg.sft, cfg.model, cfg.task
+    spec = TinyModelSpec(hidden_size=m.hidden_size, intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
+                         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads)
+    model, tokenizer = build_tiny(spec, seed=s.seed)
+    task = ChainTask(ChainTaskSpec(median_steps=t.chain_median_steps, sigma=t.chain_sigma, max_steps=t.chain_max_steps))
+    rng = random.Random(f"sft:{s.seed}")
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warm = max(1, s.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min((i + 1) / warm, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / s.steps))))
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(1, s.steps + 1):
+        ids, attn, mask = sft_batch(task, tokenizer, rng, s.batch_size, s.mistake_rate)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        loss = algos.lm_loss(algos.logprobs_from_logits(logits, ids[:, 1:]), mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == s.steps:
+            print(f"sft step {step:>5}/{s.steps} | loss {loss.item():.4f} | {time.perf_counter() - t0:.0f} s", flush=True)
+    out = Path(s.output_dir)
+    save_pretrained(model.eval(), tokenizer, out)
+    return out

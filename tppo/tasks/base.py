@@ -1,0 +1,114 @@
+"""Examples and the prompt stream the rollout engine pulls from.
+
+An :class:`Example` is task data before tokenization (question text, ground-truth
+answer). A :class:`PromptSource` turns a deterministic example stream into the
+engine's :class:`~tppo.rollout.PromptItem` s: it applies the prompt template (the
+tokenizer's chat template when it has one), tokenizes, skips and counts prompts longer
+than ``max_prompt_tokens``, and keeps a cursor so that a resumed run continues with
+exactly the next prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Callable, Iterator, Sequence
+
+from tppo.rollout.base import PromptItem
+
+
+@dataclasses.dataclass
+class Example:
+    """One task item: ``prompt`` (question text, no template), ``answer`` (ground truth
+    the reward compares against), ``meta`` (anything else, e.g. the chain length)."""
+
+    prompt: str
+    answer: str
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def format_prompt(tokenizer, text: str, template: str = "{prompt}", system: str | None = None) -> str:
+    """The prompt string the model sees.
+
+    ``template`` (with a ``{prompt}`` placeholder) wraps the question first, e.g. to ask
+    for a boxed answer. Then, if the tokenizer has a chat template, the result becomes a
+    user turn (after an optional system turn) with the generation prompt appended.
+    """
+    body = template.format(prompt=text)
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": body}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return body
+
+
+def epoch_stream(examples: Sequence[Example], seed: int, shuffle: bool = True) -> Iterator[Example]:
+    """Endless passes over a finite dataset, each pass in a fresh seeded order."""
+    if not examples:
+        raise ValueError("dataset is empty: no example to train on")
+    epoch = 0
+    while True:
+        order = list(range(len(examples)))
+        if shuffle:
+            random.Random(f"{seed}:{epoch}").shuffle(order)
+        for i in order:
+            yield examples[i]
+        epoch += 1
+
+
+class PromptSource:
+    """Tokenized, resumable prompt stream (an iterator of ``PromptItem``).
+
+    Args:
+        make_stream: builds the deterministic example stream from its start (called
+            again on :meth:`load_state_dict`, then fast-forwarded to the cursor).
+        tokenizer: a transformers tokenizer.
+        max_prompt_tokens: longer prompts are skipped and counted in ``skipped_long``.
+        template, system: see :func:`format_prompt`.
+    """
+
+    def __init__(
+        self,
+        make_stream: Callable[[], Iterator[Example]],
+        tokenizer,
+        *,
+        max_prompt_tokens: int,
+        template: str = "{prompt}",
+        system: str | None = None,
+    ) -> None:
+        self.make_stream, self.tokenizer = make_stream, tokenizer
+        self.max_prompt_tokens, self.template, self.system = max_prompt_tokens, template, system
+        self._stream = make_stream()
+        self.cursor = 0  # examples consumed from the stream (used or skipped)
+        self.skipped_long = 0
+        self.skipped_empty = 0
+
+    def __iter__(self) -> "PromptSource":
+        return self
+
+    def __next__(self) -> PromptItem:
+        while True:
+            example = next(self._stream)
+            prompt_id = self.cursor
+            self.cursor += 1
+            ids = self.encode(example.prompt)
+            if not ids:
+                self.skipped_empty += 1
+            elif len(ids) > self.max_prompt_tokens:
+                self.skipped_long += 1
+            else:
+                return PromptItem(prompt_id, ids, meta={"answer": example.answer, **example.meta})
+
+    def encode(self, text: str) -> list[int]:
+        formatted = format_prompt(self.tokenizer, text, self.template, self.system)
+        # A chat template already contains the BOS token where the model wants one.
+        return self.tokenizer(formatted, add_special_tokens=False).input_ids
+
+    def state_dict(self) -> dict[str, int]:
+        return {"cursor": self.cursor, "skipped_long": self.skipped_long, "skipped_empty": self.skipped_empty}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._stream = self.make_stream()
+        for _ in range(state["cursor"]):
+            next(self._stream)
+        self.cursor = state["cursor"]
+        self.skipped_long, self.skipped_empty = state["skipped_long"], state["skipped_empty"]

@@ -1,0 +1,164 @@
+"""Dataset loaders: JSONL and Parquet files (always local), Hugging Face datasets by name.
+
+Each row gives a prompt field and an answer field (names configurable). The answer is
+normalised by ``answer_format``:
+
+* ``gsm8k``: a worked solution whose final line is ``#### <answer>`` (GSM8K);
+* ``boxed``: a solution containing ``\\boxed{<answer>}`` (MATH, MATH-500); the last one;
+* ``integer``: an integer, as a number or a string (AIME);
+* ``raw``: the field as it is.
+
+A malformed row raises :class:`DatasetError` naming the file, the line (1-based; the row
+index for Parquet) and the field; with ``skip_bad_rows=True`` it is skipped instead and
+its message kept in ``LoadedDataset.skipped``, so nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from tppo.rewards import last_boxed
+from tppo.tasks.base import Example
+
+ANSWER_FORMATS = ("gsm8k", "boxed", "integer", "raw")
+
+
+class DatasetError(ValueError):
+    """A dataset row is malformed; the message names the file, line and field."""
+
+
+@dataclasses.dataclass
+class LoadedDataset:
+    examples: list[Example]
+    skipped: list[str]  # one message per skipped row (file:line: reason)
+
+
+def load_examples(
+    path: str | Path,
+    *,
+    prompt_field: str = "question",
+    answer_field: str = "answer",
+    answer_format: str = "gsm8k",
+    skip_bad_rows: bool = False,
+) -> LoadedDataset:
+    """Load a ``.jsonl`` / ``.json`` (one object per line) or ``.parquet`` file."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"unknown answer_format {answer_format!r}; expected one of {', '.join(ANSWER_FORMATS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file {path} does not exist")
+    rows = _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
+    return _to_examples(rows, prompt_field, answer_field, answer_format, skip_bad_rows)
+
+
+def load_hf_examples(name: str, split: str = "train", *, config: str | None = None, **fields: Any) -> LoadedDataset:
+    """Load a Hugging Face dataset by name (needs the ``hf`` extra and hub access, or a
+    local dataset directory / cache) and convert it like :func:`load_examples`."""
+    try:
+        import datasets
+    except ImportError as e:  # the extra is optional: say how to get it
+        raise ImportError("loading datasets by name needs the 'datasets' package: pip install 'tppo[hf]'") from e
+    ds = datasets.load_dataset(name, config, split=split)
+    rows = ((f"{name}[{split}]", i + 1, row, None) for i, row in enumerate(ds))
+    return _to_examples(rows, fields.get("prompt_field", "question"), fields.get("answer_field", "answer"),
+                        fields.get("answer_format", "raw"), fields.get("skip_bad_rows", False))
+
+
+# ---------------------------------------------------------------------- readers
+
+
+def _jsonl_rows(path: Path) -> Iterable[tuple[str, int, Any, str | None]]:
+    """(file, line, parsed row or None, error or None) per non-blank line."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield str(path), lineno, None, f"not valid UTF-8 (byte {e.start})"
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield str(path), lineno, json.loads(text), None
+            except json.JSONDecodeError as e:
+                yield str(path), lineno, None, f"invalid JSON ({e.msg} at column {e.colno})"
+
+
+def _parquet_rows(path: Path) -> Iterable[tuple[str, int, Any, str | None]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DatasetError(f"{path}: cannot read Parquet file ({e})") from e
+    for i, row in enumerate(table.to_pylist()):
+        yield str(path), i + 1, row, None
+
+
+def _to_examples(rows, prompt_field, answer_field, answer_format, skip_bad_rows) -> LoadedDataset:
+    examples, skipped = [], []
+    for source, line, row, error in rows:
+        try:
+            if error is not None:
+                raise DatasetError(f"{source}:{line}: {error}")
+            examples.append(_example(source, line, row, prompt_field, answer_field, answer_format))
+        except DatasetError as e:
+            if not skip_bad_rows:
+                raise
+            skipped.append(str(e))
+    return LoadedDataset(examples, skipped)
+
+
+def _example(source, line, row, prompt_field, answer_field, answer_format) -> Example:
+    where = f"{source}:{line}"
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for field in (prompt_field, answer_field):
+        if field not in row or row[field] is None:
+            raise DatasetError(f"{where}: missing field '{field}'")
+    prompt = row[prompt_field]
+    if not isinstance(prompt, str):
+        raise DatasetError(f"{where}: field '{prompt_field}' must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise DatasetError(f"{where}: field '{prompt_field}' is empty")
+    try:
+        answer = normalize_answer(row[answer_field], answer_format)
+    except ValueError as e:
+        raise DatasetError(f"{where}: field '{answer_field}': {e}") from None
+    meta = {k: v for k, v in row.items() if k not in (prompt_field, answer_field) and isinstance(v, (str, int, float, bool))}
+    return Example(prompt=prompt, answer=answer, meta=meta)
+
+
+# ---------------------------------------------------------------------- answers
+
+
+def normalize_answer(value: Any, answer_format: str) -> str:
+    """The ground-truth answer string of a row (see module docstring for formats)."""
+    if answer_format == "integer":
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"expected an integer, got {type(value).__name__}")
+        text = str(value).strip()
+        if not re.fullmatch(r"[+-]?\d+", text):
+            raise ValueError(f"expected an integer, got {text!r}")
+        return str(int(text))
+    if not isinstance(value, str):
+        if answer_format == "raw" and isinstance(value, (int, float)):
+            return str(value)
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    if answer_format == "gsm8k":
+        if "####" not in value:
+            raise ValueError("no '#### <answer>' line")
+        answer = value.rsplit("####", 1)[1].strip().replace(",", "")
+        if not answer:
+            raise ValueError("empty answer after '####'")
+        return answer
+    if answer_format == "boxed":
+        answer = last_boxed(value)
+        if answer is None:
+            raise ValueError("no \\boxed{...} answer")
+        return answer
+    return value.strip()

@@ -1,0 +1,544 @@
+"""THE training loop: T-PPO, and synchronous PPO as the same loop with W = L.
+
+One step (T-PPO spec, "One training step, precisely"), as numbered in :meth:`Trainer.step`:
+
+    1 fill the generation batch       (the engine: carried rows first, then new prompts)
+    2 generate one window             (the engine: at most W tokens per row)
+    3 score finished rows             (reward on the last response token)
+    4 critic values                   (prompt + whole response so far, every row)
+    5 advantages                      (EGAE over this window's tokens; GAE for PPO)
+    6 update the policy               (PPO clipped loss on this window's tokens)
+    7 update the critic               (finished rows, all their tokens, MC targets)
+    8 carry over unfinished rows      (the engine keeps them)
+    9 log / evaluate / checkpoint
+
+Tensor frame used below: a step's rows are packed right-padded as ``prompt + response
+so far`` (B, S); every per-token quantity lives in the *shifted* frame (B, S - 1) where
+column j is about token j + 1: its log-prob comes from logits at j, its state value
+V(s) (state = tokens 0..j) is the critic's output at j.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tppo import algos
+from tppo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from tppo.config import Config, ConfigError, diff_configs, load_config, save_config
+from tppo.evaluation import decode_response, engine_generate_fn, evaluate
+from tppo.metrics import MetricsLogger, summary_line
+from tppo.models import critic_from_policy, load_critic, load_pretrained, save_pretrained
+from tppo.rewards import RewardScorer
+from tppo.rollout import EmbeddedEngine, WindowBatch
+from tppo.tasks import ChainTask, ChainTaskSpec, Example, PromptSource, epoch_stream, load_examples
+
+# Keys that may differ between a run and its resumption (they do not change results).
+RESUMABLE_CHANGES = ("train.total_steps", "log.")
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """One step's training tensors, all (B, S - 1) in the shifted frame unless noted."""
+
+    input_ids: torch.Tensor  # (B, S)
+    attention_mask: torch.Tensor  # (B, S)
+    policy_mask: torch.Tensor  # bool: this window's tokens
+    critic_mask: torch.Tensor  # bool: the critic's tokens
+    lm_mask: torch.Tensor  # bool: tokens of finished correct responses (positive-example LM loss)
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+# ---------------------------------------------------------------------- building blocks
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(cfg: Config, device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
+
+
+def chain_task(cfg: Config) -> ChainTask:
+    t = cfg.task
+    return ChainTask(ChainTaskSpec(median_steps=t.chain_median_steps, sigma=t.chain_sigma, max_steps=t.chain_max_steps))
+
+
+def train_examples(cfg: Config, seed: int):
+    """A factory of the deterministic training example stream (PromptSource replays it)."""
+    if cfg.task.name == "chain":
+        task = chain_task(cfg)
+        return lambda: task.stream("train", seed)
+    ds = load_examples(cfg.task.train_path, prompt_field=cfg.task.prompt_field, answer_field=cfg.task.answer_field,
+                       answer_format=cfg.task.answer_format, skip_bad_rows=cfg.task.skip_bad_rows)
+    if ds.skipped:
+        print(f"skipped {len(ds.skipped)} malformed rows of {cfg.task.train_path}; first: {ds.skipped[0]}")
+    return lambda: epoch_stream(ds.examples, seed)
+
+
+def eval_examples(cfg: Config) -> list[Example]:
+    n = cfg.task.eval_problems
+    if cfg.task.name == "chain":
+        stream = chain_task(cfg).stream("heldout", seed=1234)
+        return [next(stream) for _ in range(n)]
+    path = cfg.task.eval_path or cfg.task.train_path
+    ds = load_examples(path, prompt_field=cfg.task.prompt_field, answer_field=cfg.task.answer_field,
+                       answer_format=cfg.task.answer_format, skip_bad_rows=cfg.task.skip_bad_rows)
+    return ds.examples[:n]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, cfg: Config):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
+    warm = cfg.train.lr_warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm > 0 else 1.0)
+    return opt, sched
+
+
+def micro_batches(rows: list[int], size: int) -> list[list[int]]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def trimmed(batch: StepBatch, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """input_ids / attention_mask of ``rows``, cut to their longest sequence; that length."""
+    S = int(batch.attention_mask[rows].sum(1).max())
+    return batch.input_ids[rows, :S], batch.attention_mask[rows, :S], S
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature: float, with_entropy: bool = False):
+    """(B, S-1) log-probs of tokens 1..S-1 under the temperature-scaled policy (and entropy)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    if temperature > 0:
+        logits = logits / temperature
+    lp = algos.logprobs_from_logits(logits, input_ids[:, 1:])
+    return lp, (algos.entropy_from_logits(logits) if with_entropy else None)
+
+
+def critic_values(critic, input_ids, attention_mask) -> torch.Tensor:
+    """(B, S) value of the state ending at each position."""
+    return critic(input_ids=input_ids, attention_mask=attention_mask).logits[..., 0].float()
+
+
+# ---------------------------------------------------------------------- steps 5-7 as functions
+
+
+def compute_advantages(cfg: Config, wb: WindowBatch, packed, values_full: torch.Tensor, rewards: list[float | None]):
+    """Step 5: per-token advantages (policy) and returns (critic), shifted frame.
+
+    values_full: (B, S) critic outputs; rewards: per row, None if unfinished.
+    Returns (advantages, policy_mask, returns, critic_mask, lm_mask).
+    """
+    a = cfg.algo
+    B, S = packed.input_ids.shape
+    finished = packed.finished
+    policy_mask = packed.window_mask[:, 1:]
+    response_mask = packed.response_mask[:, 1:]
+    values = values_full[:, :-1]
+    last = packed.attention_mask.sum(1) - 1  # index of each row's last token (unshifted)
+    next_values = values_full.gather(1, last.unsqueeze(1)).squeeze(1)  # V(s_l): after the cut
+    reward_t = torch.zeros(B, S - 1)
+    for b, r in enumerate(rewards):
+        if r is not None:
+            reward_t[b, last[b] - 1] = r  # the reward sits on the last response token
+    lam = _policy_lambda(cfg, packed)
+    estimator = algos.ADVANTAGE_ESTIMATORS["gae" if a.algorithm == "ppo" else "egae"]
+    adv, _ = estimator(reward_t, values, policy_mask, finished, gamma=a.gamma, lam=lam, bootstrap=a.bootstrap, next_values=next_values)
+    if a.whiten_advantages:
+        adv = algos.masked_whiten(adv, policy_mask)
+    if a.window_ignore_tokens:
+        adv = _ignore_window_tail(adv, policy_mask, finished, a.window_ignore_tokens)
+    critic_mask = response_mask & finished.unsqueeze(1)
+    returns = algos.discounted_returns(reward_t, critic_mask, a.gamma)  # lambda = 1: Monte-Carlo targets
+    if a.critic_on == "all":  # ablation: unfinished rows' window tokens with bootstrapped targets
+        extra = policy_mask & ~finished.unsqueeze(1)
+        _, boot_ret = algos.egae(reward_t, values, extra, finished, a.gamma, 1.0, bootstrap=a.bootstrap, next_values=next_values)
+        returns = torch.where(extra, boot_ret, returns)
+        critic_mask = critic_mask | extra
+    correct = torch.tensor([r is not None and r >= 1.0 for r in rewards])
+    lm_mask = response_mask & correct.unsqueeze(1)
+    return adv, policy_mask, returns, critic_mask, lm_mask
+
+
+def _policy_lambda(cfg: Config, packed) -> float | torch.Tensor:
+    """VAPO's length-adaptive lambda; an unfinished row's length is estimated as the
+    length so far + W / 2 (the authors' port)."""
+    a = cfg.algo
+    if a.lam_policy != "adaptive":
+        return float(a.lam_policy)
+    lengths = packed.response_lengths.float()
+    lengths = torch.where(packed.finished, lengths, lengths + cfg.rollout.window_tokens / 2)
+    return algos.adaptive_lambda(lengths, a.lam_alpha, a.lam_min)
+
+
+def _ignore_window_tail(adv, policy_mask, finished, k: int) -> torch.Tensor:
+    """Zero the advantage on the last k window tokens of unfinished rows (authors' port)."""
+    rank_from_end = policy_mask.flip(1).cumsum(1).flip(1)  # 1 on the last window token, 2 before it...
+    tail = policy_mask & (rank_from_end <= k) & ~finished.unsqueeze(1)
+    return torch.where(tail, torch.zeros_like(adv), adv)
+
+
+def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.Generator, device, ref=None) -> dict[str, float]:
+    """Step 6: PPO epochs of clipped-surrogate updates on the policy tokens."""
+    a, t = cfg.algo, cfg.train
+    rows = [b for b in range(batch.input_ids.shape[0]) if batch.policy_mask[b].any()]
+    sums = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "lm_loss": 0.0, "kl": 0.0}
+    grad_norms, skipped, tokens_seen = [], 0, 0
+    policy.train()
+    for _ in range(t.ppo_epochs):
+        for mb in _mini_batches(rows, t.mini_batches, gen):
+            n_tok = int(batch.policy_mask[mb].sum())
+            n_lm = int(batch.lm_mask[mb].sum())
+            opt.zero_grad(set_to_none=True)
+            for micro in micro_batches(mb, t.micro_batch_rows):
+                ids, attn, S = trimmed(batch, micro)
+                with autocast(cfg, device):
+                    lp, ent = token_logprobs(policy, ids, attn, cfg.rollout.temperature, with_entropy=True)
+                pm = batch.policy_mask[micro, : S - 1]
+                loss, stats = algos.policy_loss(lp, batch.old_logprobs[micro, : S - 1], batch.advantages[micro, : S - 1], pm,
+                                                a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, n_tok)
+                entropy = algos.agg_loss(ent, pm, "token-mean", n_tok)
+                if a.entropy_coef:
+                    loss = loss - a.entropy_coef * entropy
+                if a.kl_coef and ref is not None:
+                    with torch.no_grad(), autocast(cfg, device):
+                        ref_lp, _ = token_logprobs(ref, ids, attn, cfg.rollout.temperature)
+                    kl_term = algos.agg_loss(algos.kl(lp, ref_lp, a.kl_kind), pm, "token-mean", n_tok)
+                    loss = loss + a.kl_coef * kl_term
+                    sums["kl"] += float(kl_term)
+                if a.lm_loss_coef and n_lm:
+                    lm = algos.lm_loss(lp, batch.lm_mask[micro, : S - 1], "token-mean", n_lm)
+                    loss = loss + a.lm_loss_coef * lm
+                    sums["lm_loss"] += float(lm)
+                loss.backward()
+                share = int(pm.sum())  # stats are per-micro means: weight them by tokens
+                sums["loss"] += float(loss)
+                for k in ("clipfrac", "approx_kl"):
+                    sums[k] += float(stats[k]) * share
+                sums["entropy"] += float(entropy)
+                tokens_seen += share
+            norm, ok = _clip_and_step(policy, opt, sched, t.grad_clip)
+            grad_norms.append(norm)
+            skipped += not ok
+    n_updates = max(1, t.ppo_epochs * t.mini_batches)
+    return {
+        "policy/loss": sums["loss"] / n_updates,
+        "policy/clipfrac": sums["clipfrac"] / max(1, tokens_seen),
+        "policy/approx_kl": sums["approx_kl"] / max(1, tokens_seen),
+        "policy/entropy": sums["entropy"] / n_updates,
+        "policy/lm_loss": sums["lm_loss"] / n_updates,
+        "policy/kl": sums["kl"] / n_updates,
+        "policy/grad_norm": max(grad_norms) if grad_norms else 0.0,
+        "policy/skipped_steps": skipped,
+    }
+
+
+def update_critic(critic, opt, sched, batch: StepBatch, cfg: Config, gen: torch.Generator, device) -> dict[str, float]:
+    """Step 7: clipped value regression on the critic tokens (finished rows for T-PPO)."""
+    a, t = cfg.algo, cfg.train
+    rows = [b for b in range(batch.input_ids.shape[0]) if batch.critic_mask[b].any()]
+    loss_sum, clip_sum, tokens_seen, grad_norms, skipped = 0.0, 0.0, 0, [], 0
+    critic.train()
+    for _ in range(t.ppo_epochs):
+        for mb in _mini_batches(rows, t.mini_batches, gen):
+            n_tok = int(batch.critic_mask[mb].sum())
+            opt.zero_grad(set_to_none=True)
+            for micro in micro_batches(mb, t.micro_batch_rows):
+                ids, attn, S = trimmed(batch, micro)
+                with autocast(cfg, device):
+                    v = critic_values(critic, ids, attn)[:, :-1]
+                cm = batch.critic_mask[micro, : S - 1]
+                loss, stats = algos.value_loss(v, batch.old_values[micro, : S - 1], batch.returns[micro, : S - 1], cm,
+                                               a.value_clip_low, a.value_clip_high, a.loss_agg, n_tok)
+                loss.backward()
+                share = int(cm.sum())
+                loss_sum += float(loss)
+                clip_sum += float(stats["clipfrac"]) * share
+                tokens_seen += share
+            norm, ok = _clip_and_step(critic, opt, sched, t.grad_clip)
+            grad_norms.append(norm)
+            skipped += not ok
+    n_updates = max(1, t.ppo_epochs * t.mini_batches)
+    return {"value/loss": loss_sum / n_updates if rows else float("nan"),
+            "value/clipfrac": clip_sum / max(1, tokens_seen) if rows else float("nan"),
+            "value/grad_norm": max(grad_norms) if grad_norms else 0.0, "value/skipped_steps": skipped}
+
+
+def _mini_batches(rows: list[int], n: int, gen: torch.Generator) -> list[list[int]]:
+    """Shuffle ``rows`` with the trainer's generator and split into n near-equal groups."""
+    if not rows:
+        return []
+    order = [rows[i] for i in torch.randperm(len(rows), generator=gen).tolist()]
+    size = math.ceil(len(order) / n)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def _clip_and_step(model, opt, sched, max_norm: float) -> tuple[float, bool]:
+    """Clip the gradient and step; a non-finite gradient skips the step (weights unchanged)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if not torch.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        return float("nan"), False
+    opt.step()
+    sched.step()
+    return float(norm), True
+
+
+# ---------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Owns the models, optimizers, engine, data and logs of one run."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.torch_threads:
+            torch.set_num_threads(cfg.train.torch_threads)
+        ckpt = latest_checkpoint(self.run_dir) if resume else None
+        if resume and ckpt is None:
+            raise FileNotFoundError(f"--resume {self.run_dir}: no checkpoint in {self.run_dir / 'checkpoints'}")
+        self._seed_everything(cfg.train.seed)
+        self._build_models(ckpt)
+        self.tokenizer.padding_side = "right"
+        self.source = PromptSource(train_examples(cfg, cfg.train.seed), self.tokenizer, max_prompt_tokens=cfg.task.max_prompt_tokens,
+                                   template=cfg.task.template, system=cfg.task.system)
+        self.engine = EmbeddedEngine(cfg.rollout, self.source, eos_token_ids=self.tokenizer.eos_token_id,
+                                     pad_token_id=self.tokenizer.pad_token_id, device=self.device)
+        self.scorer = RewardScorer(cfg.task.reward, timeout_s=cfg.task.reward_timeout_s, workers=cfg.task.reward_workers,
+                                   format_penalty=cfg.task.format_penalty)
+        self.eval_set = eval_examples(cfg)
+        self.gen = torch.Generator().manual_seed(cfg.train.seed)
+        self.step_idx, self.version, self.elapsed, self.total_generated = 0, 0, 0.0, 0
+        if ckpt is not None:
+            self._restore(load_trainer_state(ckpt))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, resume_step=self.step_idx if ckpt else None)
+
+    # ------------------------------------------------------------------ setup
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _build_models(self, ckpt: Path | None) -> None:
+        cfg, dtype = self.cfg, getattr(torch, self.cfg.model.dtype)
+        init_path = self.initial_policy_path()
+        kwargs = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
+        self.policy, self.tokenizer = load_pretrained(ckpt / "policy" if ckpt else init_path, dtype=dtype, **({} if ckpt else kwargs))
+        if ckpt:
+            self.critic = load_critic(ckpt / "critic", dtype=dtype)
+        elif cfg.model.critic_path:
+            self.critic = load_critic(cfg.model.critic_path, dtype=dtype)
+        else:
+            self.critic = critic_from_policy(self.policy)
+        self.policy.to(self.device)
+        self.critic.to(self.device)
+        self.ref = None
+        if cfg.algo.kl_coef:
+            self.ref, _ = load_pretrained(init_path, dtype=dtype, **kwargs)
+            self.ref.to(self.device).eval().requires_grad_(False)
+        self.policy_opt, self.policy_sched = make_optimizer(self.policy, cfg.train.policy_lr, cfg)
+        self.critic_opt, self.critic_sched = make_optimizer(self.critic, cfg.train.critic_lr, cfg)
+
+    def initial_policy_path(self) -> Path:
+        """The checkpoint RL starts from: model.path, or the SFT warm-start (built if missing)."""
+        if self.cfg.model.path:
+            return Path(self.cfg.model.path)
+        out = Path(self.cfg.sft.output_dir)
+        if not (out / "config.json").exists():
+            from tppo.sft import run_sft
+
+            print(f"no SFT warm-start at {out}: training one (cached for later runs)")
+            run_sft(self.cfg)
+        return out
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> list[dict[str, Any]]:
+        history = []
+        if self.step_idx == 0:
+            self.start_eval = self.evaluate()
+            print(f"held-out accuracy before RL: {self.start_eval['eval/accuracy']:.3f}")
+        try:
+            while self.step_idx < self.cfg.train.total_steps:
+                history.append(self.step())
+        finally:
+            self.logger.close()
+            self.scorer.close()
+        return history
+
+    def step(self) -> dict[str, Any]:
+        cfg, t0 = self.cfg, time.perf_counter()
+        m: dict[str, Any] = {"step": self.step_idx + 1}
+        # 1-2. fill the batch and generate one window (the engine carries rows over: 8).
+        wb = self.engine.generate_window(self.policy, self.version)
+        m["time/generate_s"] = time.perf_counter() - t0
+        if not wb.rows:
+            raise RuntimeError("the prompt stream is exhausted and no row is in flight")
+        # 3. score finished rows.
+        t = time.perf_counter()
+        rewards = self._score(wb)
+        m["time/score_s"] = time.perf_counter() - t
+        # 4. critic values over prompt + response so far.
+        t = time.perf_counter()
+        packed = wb.pack(self.tokenizer.pad_token_id)
+        values_full = self._values(packed)
+        m["time/values_s"] = time.perf_counter() - t
+        # 5. advantages (EGAE on this window; GAE for PPO) and critic targets.
+        adv, policy_mask, returns, critic_mask, lm_mask = compute_advantages(cfg, wb, packed, values_full, rewards)
+        batch = StepBatch(packed.input_ids.to(self.device), packed.attention_mask.to(self.device), policy_mask, critic_mask,
+                          lm_mask, packed.old_logprobs[:, 1:], values_full[:, :-1], adv, returns)
+        # 6. update the policy (after the critic-only warm-up).
+        t = time.perf_counter()
+        updated = self.step_idx >= cfg.train.critic_warmup_steps
+        m.update(update_policy(self.policy, self.policy_opt, self.policy_sched, batch, cfg, self.gen, self.device, self.ref)
+                 if updated else {"policy/loss": 0.0, "policy/clipfrac": 0.0, "policy/approx_kl": 0.0, "policy/entropy": 0.0,
+                                  "policy/grad_norm": 0.0, "policy/skipped_steps": 0})
+        m["time/policy_update_s"] = time.perf_counter() - t
+        # 7. update the critic on its tokens.
+        t = time.perf_counter()
+        m.update(update_critic(self.critic, self.critic_opt, self.critic_sched, batch, cfg, self.gen, self.device))
+        m["time/value_update_s"] = time.perf_counter() - t
+        # 8. carry over: the engine holds the unfinished rows for the next window.
+        self.version += updated
+        self.step_idx += 1
+        # 9. log, evaluate, checkpoint.
+        m.update(self._step_metrics(wb, rewards, batch, values_full, updated))
+        m["time/step_s"] = time.perf_counter() - t0
+        self.elapsed += m["time/step_s"]
+        m["time/elapsed_s"] = self.elapsed
+        if self._due(cfg.log.eval_every) or self.step_idx == cfg.train.total_steps:
+            m.update(self.evaluate())
+        self.logger.log(m)
+        if cfg.log.progress:
+            print(summary_line(m), flush=True)
+        if self._due(cfg.log.checkpoint_every) or self.step_idx == cfg.train.total_steps:
+            self.save()
+        return m
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step_idx % every == 0
+
+    # ------------------------------------------------------------------ step helpers
+
+    def _score(self, wb: WindowBatch) -> list[float | None]:
+        done = [i for i, r in enumerate(wb.rows) if r.finished]
+        texts = [decode_response(self.tokenizer, wb.rows[i].response_ids) for i in done]
+        prompts = [self.tokenizer.decode(wb.rows[i].prompt_ids) for i in done]
+        scores = self.scorer.score(prompts, texts, [wb.rows[i].meta["answer"] for i in done]) if done else []
+        rewards: list[float | None] = [None] * len(wb.rows)
+        for i, s in zip(done, scores):
+            rewards[i] = s
+        return rewards
+
+    @torch.no_grad()
+    def _values(self, packed) -> torch.Tensor:
+        self.critic.eval()
+        out = torch.zeros(packed.input_ids.shape)
+        rows = list(range(packed.input_ids.shape[0]))
+        for micro in micro_batches(rows, self.cfg.train.micro_batch_rows):
+            S = int(packed.attention_mask[micro].sum(1).max())
+            with autocast(self.cfg, self.device):
+                v = critic_values(self.critic, packed.input_ids[micro, :S].to(self.device), packed.attention_mask[micro, :S].to(self.device))
+            out[micro, :S] = v.cpu()
+        return out
+
+    def _step_metrics(self, wb: WindowBatch, rewards, batch: StepBatch, values_full, updated: bool) -> dict[str, Any]:
+        fin = [r for r in wb.rows if r.finished]
+        scored = [x for x in rewards if x is not None]
+        self.total_generated += wb.stats.generated_tokens
+        lengths = [len(r.response_ids) for r in fin]
+        cm = batch.critic_mask
+        return {
+            "rollout/slot_utilization": wb.stats.slot_utilization,
+            "rollout/tokens_per_s": wb.stats.tokens_per_s,
+            "rollout/generated_tokens": wb.stats.generated_tokens,
+            "rollout/total_generated_tokens": self.total_generated,
+            "rollout/finished_rows": len(fin),
+            "rollout/carried_rows": len(self.engine.carried),
+            "rollout/windows_per_response": _mean([r.windows for r in fin]),
+            "rollout/windows_per_response_max": max([r.windows for r in fin], default=0),
+            "rollout/versions_per_response": _mean([len(set(r.versions)) for r in fin]),
+            "rollout/response_length": _mean(lengths),
+            "rollout/response_length_max": max(lengths, default=0),
+            "rollout/truncated_at_cap": sum(r.finish_reason == "length" for r in fin),
+            "rollout/prompts_consumed": self.source.cursor,
+            "reward/mean": _mean(scored),
+            "reward/accuracy": _mean([float(x >= 1.0) for x in scored]),
+            "reward/errors": self.scorer.errors + self.scorer.timeouts,
+            "reward/timeouts": self.scorer.timeouts,
+            "policy/tokens": int(batch.policy_mask.sum()),
+            "policy/updated": int(updated),
+            "value/tokens": int(cm.sum()),
+            "value/explained_variance": float(algos.explained_variance(values_full[:, :-1], batch.returns, cm)) if cm.any() else float("nan"),
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out avg@k (``eval/accuracy``) and pass@k of the current policy."""
+        cfg, k = self.cfg, self.cfg.log.eval_samples
+        generate = engine_generate_fn(self.policy, self.tokenizer, max_response_tokens=cfg.rollout.max_response_tokens,
+                                      temperature=cfg.rollout.temperature, seed=cfg.rollout.seed + 7919, template=cfg.task.template,
+                                      max_prompt_tokens=cfg.task.max_prompt_tokens, device=self.device)
+        res = evaluate(self.eval_set, generate, self.scorer, samples=k, ks=(1, k))
+        return {"eval/accuracy": res.avg_at_k, f"eval/pass@{k}": res.pass_at_k[k]}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        def write_models(d: Path) -> None:
+            save_pretrained(self.policy, self.tokenizer, d / "policy")
+            self.critic.save_pretrained(d / "critic", safe_serialization=True)
+
+        state = {
+            "step": self.step_idx, "version": self.version, "elapsed": self.elapsed, "total_generated": self.total_generated,
+            "policy_opt": self.policy_opt.state_dict(), "policy_sched": self.policy_sched.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(), "critic_sched": self.critic_sched.state_dict(),
+            "engine": self.engine.state_dict(), "source": self.source.state_dict(),
+            "scorer": {"calls": self.scorer.calls, "errors": self.scorer.errors, "timeouts": self.scorer.timeouts},
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "trainer": self.gen.get_state()},
+        }
+        return save_checkpoint(self.run_dir, self.step_idx, write_models, state, keep=self.cfg.log.keep_checkpoints)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.step_idx, self.version = state["step"], state["version"]
+        self.elapsed, self.total_generated = state["elapsed"], state["total_generated"]
+        self.policy_opt.load_state_dict(state["policy_opt"])
+        self.policy_sched.load_state_dict(state["policy_sched"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.critic_sched.load_state_dict(state["critic_sched"])
+        self.source.load_state_dict(state["source"])
+        self.engine.load_state_dict(state["engine"])
+        for k, v in state["scorer"].items():
+            setattr(self.scorer, k, v)
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.gen.set_state(state["rng"]["trainer"])
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def resume_config(run_dir: str | Path, requested: Config | None) -> Config:
+    """The config of a run being resumed; refuses a different one, naming the fields."""
+    saved = load_config(Path(run_dir) / "config.yaml")
+    if requested is None:
+        return saved
+    differing = diff_configs(saved, requested, ignore=RESUMABLE_CHANGES)
+    if differing:
+        raise ConfigError(f"--resume {run_dir}: the run was made with a different config; differing fields: {', '.join(differing)}")
+    return requested
