@@ -10,6 +10,7 @@ are errors that name the key; derived sizes are computed and checked in
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -397,6 +398,9 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """``value`` as type ``hint`` (int -> float allowed), or a ConfigError naming ``key``."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -420,6 +424,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 (PyYAML) reads "1e-3" as a string
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"config key '{key}': expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return value

@@ -22,24 +22,33 @@ from tppo.models import TinyModelSpec, build_tiny, save_pretrained
 from tppo.tasks import ChainTask, ChainTaskSpec
 
 
-def sft_batch(task: ChainTask, tokenizer, rng: random.Random, size: int, mistake_rate: float):
-    """(input_ids, attention_mask, loss_mask) of ``size`` traces, right padded; the loss
-    mask (shifted frame, (B, S - 1)) is 1 on response tokens and the EOS."""
-    seqs, starts = [], []
+def sft_batch(task: ChainTask, tokenizer, rng: random.Random, size: int, mistake_rate: float, chunks: int = 4):
+    """``size`` traces as ``chunks`` length-sorted pieces, each right padded to its own
+    longest trace (the long tail would otherwise pad every row to the longest).
+
+    Each piece is (input_ids, attention_mask, loss_mask); the loss mask (shifted frame,
+    (b, S - 1)) is 1 on response tokens and the EOS.
+    """
+    traces = []
     for _ in range(size):
         prompt, response = task.sft_example(rng, mistake_rate)
         p = tokenizer(prompt, add_special_tokens=False).input_ids
         r = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        seqs.append(p + r)
-        starts.append(len(p))
-    S = max(map(len, seqs))
-    ids = torch.full((size, S), tokenizer.pad_token_id, dtype=torch.long)
-    attn = torch.zeros(size, S, dtype=torch.long)
-    loss_mask = torch.zeros(size, S - 1, dtype=torch.bool)
-    for i, (s, p) in enumerate(zip(seqs, starts)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        loss_mask[i, p - 1 : len(s) - 1] = True  # column j predicts token j + 1
+        traces.append((p + r, len(p)))
+    traces.sort(key=lambda t: len(t[0]))
+    step = -(-size // chunks)
+    return [_pad(traces[i : i + step], tokenizer.pad_token_id) for i in range(0, size, step)]
+
+
+def _pad(traces, pad_id: int):
+    S = max(len(seq) for seq, _ in traces)
+    ids = torch.full((len(traces), S), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(traces), S, dtype=torch.long)
+    loss_mask = torch.zeros(len(traces), S - 1, dtype=torch.bool)
+    for i, (seq, p) in enumerate(traces):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attn[i, : len(seq)] = 1
+        loss_mask[i, p - 1 : len(seq) - 1] = True  # column j predicts token j + 1
     return ids, attn, loss_mask
 
 
@@ -57,16 +66,20 @@ def run_sft(cfg: Config, log_every: int = 50) -> Path:
     model.train()
     t0 = time.perf_counter()
     for step in range(1, s.steps + 1):
-        ids, attn, mask = sft_batch(task, tokenizer, rng, s.batch_size, s.mistake_rate)
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-        loss = algos.lm_loss(algos.logprobs_from_logits(logits, ids[:, 1:]), mask)
+        pieces = sft_batch(task, tokenizer, rng, s.batch_size, s.mistake_rate)
+        n_tokens = sum(int(mask.sum()) for _, _, mask in pieces)  # one denominator for the whole batch
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for ids, attn, mask in pieces:
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+            piece_loss = algos.lm_loss(algos.logprobs_from_logits(logits, ids[:, 1:]), mask, num_tokens=n_tokens)
+            piece_loss.backward()
+            loss += float(piece_loss.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if step % log_every == 0 or step == s.steps:
-            print(f"sft step {step:>5}/{s.steps} | loss {loss.item():.4f} | {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"sft step {step:>5}/{s.steps} | loss {loss:.4f} | {time.perf_counter() - t0:.0f} s", flush=True)
     out = Path(s.output_dir)
     save_pretrained(model.eval(), tokenizer, out)
     return out

@@ -215,17 +215,17 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
                         ref_lp, _ = token_logprobs(ref, ids, attn, cfg.rollout.temperature)
                     kl_term = algos.agg_loss(algos.kl(lp, ref_lp, a.kl_kind), pm, "token-mean", n_tok)
                     loss = loss + a.kl_coef * kl_term
-                    sums["kl"] += float(kl_term)
+                    sums["kl"] += float(kl_term.detach())
                 if a.lm_loss_coef and n_lm:
                     lm = algos.lm_loss(lp, batch.lm_mask[micro, : S - 1], "token-mean", n_lm)
                     loss = loss + a.lm_loss_coef * lm
-                    sums["lm_loss"] += float(lm)
+                    sums["lm_loss"] += float(lm.detach())
                 loss.backward()
                 share = int(pm.sum())  # stats are per-micro means: weight them by tokens
-                sums["loss"] += float(loss)
+                sums["loss"] += float(loss.detach())
                 for k in ("clipfrac", "approx_kl"):
                     sums[k] += float(stats[k]) * share
-                sums["entropy"] += float(entropy)
+                sums["entropy"] += float(entropy.detach())
                 tokens_seen += share
             norm, ok = _clip_and_step(policy, opt, sched, t.grad_clip)
             grad_norms.append(norm)
@@ -262,7 +262,7 @@ def update_critic(critic, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
                                                a.value_clip_low, a.value_clip_high, a.loss_agg, n_tok)
                 loss.backward()
                 share = int(cm.sum())
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
                 clip_sum += float(stats["clipfrac"]) * share
                 tokens_seen += share
             norm, ok = _clip_and_step(critic, opt, sched, t.grad_clip)

@@ -1,0 +1,206 @@
+"""The trainer: smoke runs, T-PPO token routing, T-PPO == PPO when W covers responses,
+micro-batch invariance of the update, exact resume, config errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tppo.config import Config, ConfigError, load_config
+from tppo.metrics import STEP_KEYS, read_metrics
+from tppo.models import TinyModelSpec, build_tiny, save_pretrained
+from tppo.rollout import PromptItem, Row, RolloutStats, WindowBatch
+from tppo.trainer import StepBatch, Trainer, compute_advantages, resume_config, update_policy
+
+TINY = TinyModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    model, tok = build_tiny(TINY, seed=0)
+    save_pretrained(model, tok, path)
+    return str(path)
+
+
+def make_cfg(model_dir, run_dir, *overrides):
+    base = [
+        f"model.path={model_dir}", f"log.run_dir={run_dir}", "log.tensorboard=false", "log.progress=false",
+        "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.window_tokens=6",
+        "rollout.max_response_tokens=18", "task.eval_problems=4", "log.eval_samples=2", "train.total_steps=2",
+        "train.micro_batch_rows=4", "train.policy_lr=1e-3", "train.critic_lr=1e-3", "log.checkpoint_every=0",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("algorithm", ["tppo", "ppo"])
+def test_two_step_smoke_run(model_dir, tmp_path, algorithm):
+    extra = ["rollout.window_tokens=18"] if algorithm == "ppo" else []
+    cfg = make_cfg(model_dir, tmp_path, f"algo.algorithm={algorithm}", *extra)
+    trainer = Trainer(cfg, tmp_path)
+    p0, c0 = params(trainer.policy), params(trainer.critic)
+    history = trainer.train()
+    assert any(not torch.equal(p0[k], v) for k, v in params(trainer.policy).items())
+    assert any(not torch.equal(c0[k], v) for k, v in params(trainer.critic).items())
+    lines = read_metrics(tmp_path)
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        missing = [k for k in STEP_KEYS if k not in m]
+        assert not missing, missing
+        # Every token generated in this window enters the policy loss, and only those.
+        assert m["policy/tokens"] == m["rollout/generated_tokens"] > 0
+    assert "eval/accuracy" in lines[-1]
+    if algorithm == "ppo":
+        assert all(m["rollout/carried_rows"] == 0 for m in lines)
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoints").is_dir()
+
+
+def test_critic_is_trained_on_finished_rows_only(model_dir, tmp_path):
+    cfg = make_cfg(model_dir, tmp_path)
+    trainer = Trainer(cfg, tmp_path)
+    seen_finished = seen_cut = False
+    for _ in range(4):
+        wb = trainer.engine.generate_window(trainer.policy, 0)
+        rewards = trainer._score(wb)
+        packed = wb.pack(trainer.tokenizer.pad_token_id)
+        values = trainer._values(packed)
+        adv, pmask, ret, cmask, _ = compute_advantages(cfg, wb, packed, values, rewards)
+        fin = [r.finished for r in wb.rows]
+        for b, row in enumerate(wb.rows):
+            assert int(cmask[b].sum()) == (len(row.response_ids) if fin[b] else 0)
+            assert int(pmask[b].sum()) == len(row.response_ids) - wb.window_start[b]
+            if fin[b]:  # Monte-Carlo target: the final reward on every token (gamma = 1)
+                assert torch.all(ret[b][cmask[b]] == rewards[b])
+        seen_finished |= any(fin)
+        seen_cut |= not all(fin)
+    assert seen_finished and seen_cut
+
+
+def window_batch(rows_spec):
+    """A hand-made WindowBatch: (prompt, response, window_start, finish_reason, answer)."""
+    rows = []
+    for i, (prompt, response, start, reason, answer) in enumerate(rows_spec):
+        rows.append(Row(i, i, 0, prompt, {"answer": answer}, 100, list(response), [-1.0] * len(response),
+                        [0] * len(response), windows=1, finish_reason=reason))
+    return WindowBatch(rows, [s for _, _, s, _, _ in rows_spec], RolloutStats(len(rows), 1, 1, 1, 0.0, 0.0))
+
+
+def test_token_routing_by_hand():
+    """Prompt and earlier-window tokens are context only; the reward sits on the last token."""
+    cfg = Config()
+    cfg.algo.whiten_advantages = False
+    cfg.algo.lam_policy = 1.0
+    wb = window_batch([
+        ([5, 6], [7, 8, 9], 1, "eos", "x"),  # finished: window = tokens 8, 9
+        ([5], [7, 7, 7, 7], 2, None, "x"),  # cut: window = tokens 3, 4 of the response
+    ])
+    packed = wb.pack(0)
+    values = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8, 0.9]])
+    adv, pmask, ret, cmask, lm = compute_advantages(cfg, wb, packed, values, [1.0, None])
+    # Shifted frame: column j is token j + 1.
+    assert pmask.tolist() == [[False, False, True, True], [False, False, True, True]]
+    assert cmask.tolist() == [[False, True, True, True], [False, False, False, False]]
+    assert ret[0].tolist() == [0.0, 1.0, 1.0, 1.0]
+    # Finished row, lambda = gamma = 1: A = R - V(s_t); V(s) of token j+1's state is values[j].
+    torch.testing.assert_close(adv[0], torch.tensor([0.0, 0.0, 1.0 - 0.2, 1.0 - 0.3]))
+    # Cut row, prev_value bootstrap: A_t = V(s_{l-1}) - V(s_t) = 0.8 - V.
+    torch.testing.assert_close(adv[1], torch.tensor([0.0, 0.0, 0.8 - 0.7, 0.0]))
+    assert lm.tolist() == [[False, True, True, True], [False, False, False, False]]
+
+
+def test_tppo_step_equals_ppo_step_when_the_window_covers_every_response(model_dir, tmp_path):
+    results = {}
+    for algorithm in ("tppo", "ppo"):
+        cfg = make_cfg(model_dir, tmp_path / algorithm, f"algo.algorithm={algorithm}", "rollout.window_tokens=18", "train.total_steps=1")
+        trainer = Trainer(cfg, tmp_path / algorithm)
+        trainer.step()
+        results[algorithm] = (params(trainer.policy), params(trainer.critic))
+    for a, b in zip(results["tppo"], results["ppo"]):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+def test_micro_batching_does_not_change_the_update(model_dir, tmp_path):
+    cfg = make_cfg(model_dir, tmp_path)
+    trainer = Trainer(cfg, tmp_path)
+    wb = trainer.engine.generate_window(trainer.policy, 0)
+    packed = wb.pack(trainer.tokenizer.pad_token_id)
+    values = trainer._values(packed)
+    adv, pmask, ret, cmask, lm = compute_advantages(cfg, wb, packed, values, trainer._score(wb))
+    batch = StepBatch(packed.input_ids, packed.attention_mask, pmask, cmask, lm, packed.old_logprobs[:, 1:], values[:, :-1], adv, ret)
+    out = []
+    for rows in (1, 3, 64):
+        policy = copy.deepcopy(trainer.policy)
+        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+        c = copy.deepcopy(cfg)
+        c.train.micro_batch_rows = rows
+        c.train.grad_clip = 0.0
+        update_policy(policy, opt, sched, batch, c, torch.Generator().manual_seed(0), torch.device("cpu"))
+        out.append(params(policy))
+    for other in out[1:]:
+        for k in out[0]:
+            torch.testing.assert_close(other[k], out[0][k], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_is_exact(model_dir, tmp_path):
+    common = ("train.total_steps=4", "log.checkpoint_every=2", "log.eval_every=2")
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full = Trainer(make_cfg(model_dir, full_dir, *common), full_dir)
+    full.train()
+    cut = Trainer(make_cfg(model_dir, cut_dir, *common[1:], "train.total_steps=2"), cut_dir)
+    cut.train()
+    cfg = resume_config(cut_dir, make_cfg(model_dir, cut_dir, *common))
+    resumed = Trainer(cfg, cut_dir, resume=True)
+    assert resumed.step_idx == 2 and resumed.engine.carried, "rows in flight must survive the checkpoint"
+    resumed.train()
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time/") and not k.endswith("tokens_per_s")}  # noqa: E731
+    assert [strip(m) for m in read_metrics(cut_dir)] == [strip(m) for m in read_metrics(full_dir)]
+    for k, v in params(full.policy).items():
+        assert torch.equal(v, params(resumed.policy)[k])
+
+
+def test_resume_refuses_a_different_config_naming_fields(model_dir, tmp_path):
+    Trainer(make_cfg(model_dir, tmp_path, "train.total_steps=1"), tmp_path).train()
+    with pytest.raises(ConfigError, match=r"differing fields: .*rollout.window_tokens"):
+        resume_config(tmp_path, make_cfg(model_dir, tmp_path, "rollout.window_tokens=4"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(make_cfg(model_dir, tmp_path / "empty"), tmp_path / "empty", resume=True)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["rollout.windw_tokens=3"], "unknown config key 'rollout.windw_tokens'"),
+        (["bogus.key=1"], "unknown config key 'bogus'"),
+        (["train.total_steps=ten"], "config key 'train.total_steps': expected int"),
+        (["train.policy_lr=true"], "config key 'train.policy_lr': expected float"),
+        (["algo.bootstrap=maybe"], "config key 'algo.bootstrap': 'maybe' is not one of"),
+        (["rollout.window_tokens=300"], "rollout.window_tokens \\(300\\) exceeds rollout.max_response_tokens"),
+        (["algo.algorithm=ppo"], "algo.algorithm 'ppo' generates whole responses"),
+        (["train.mini_batches=3"], "train.mini_batches \\(3\\) must divide"),
+        (["rollout.samples_per_prompt"], "not of the form"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_config_yaml_roundtrip_and_types(tmp_path):
+    from tppo.config import save_config
+
+    cfg = load_config(None, ["train.policy_lr=1", "algo.lam_policy=0.97", "algo.dual_clip=null", "train.betas=[0.9, 0.95]"])
+    assert cfg.train.policy_lr == 1.0 and isinstance(cfg.train.policy_lr, float)
+    assert cfg.algo.lam_policy == 0.97 and cfg.algo.dual_clip is None and cfg.train.betas == (0.9, 0.95)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    (tmp_path / "bad.yaml").write_text("rollout: [1, 2]\n")
+    with pytest.raises(ConfigError, match="rollout: expected a mapping"):
+        load_config(tmp_path / "bad.yaml")

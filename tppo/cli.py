@@ -1,0 +1,134 @@
+"""The ``tppo`` command: train | sft | eval | plot | demo.
+
+    tppo train --config FILE [--run-dir DIR] [--resume DIR] [key=value ...]
+    tppo sft   [--config FILE] [key=value ...]
+    tppo eval  [--config FILE] --model DIR [key=value ...]
+    tppo plot  RUN_DIR [RUN_DIR ...] [--out FILE]
+    tppo demo  [--config FILE] [key=value ...]      (SFT if needed, T-PPO, plots)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tppo", description="Truncated PPO for reasoning language models")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="RL training (T-PPO or PPO)")
+    t.add_argument("--config", help="YAML config (default: built-in defaults)")
+    t.add_argument("--run-dir", help="run directory (overrides log.run_dir)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    for name, help_ in (("sft", "supervised warm-start of the embedded model"), ("demo", "SFT (cached) + T-PPO + plots")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", default=str(DEMO_CONFIG) if name == "demo" else None)
+    e = sub.add_parser("eval", help="held-out avg@k / pass@k of a checkpoint")
+    e.add_argument("--config")
+    e.add_argument("--model", required=True, help="policy checkpoint directory")
+    pl = sub.add_parser("plot", help="PNG plots of runs, overlaid")
+    pl.add_argument("runs", nargs="+")
+    pl.add_argument("--out", help="output PNG (default: FIRST_RUN/plots.png)")
+    for s in (t, sub.choices["sft"], sub.choices["demo"], e):
+        s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    from tppo.config import ConfigError
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the step lines
+
+    try:
+        return {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "plot": cmd_plot, "demo": cmd_demo}[args.cmd](args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"tppo {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_train(args) -> int:
+    from tppo.config import load_config
+    from tppo.trainer import Trainer, resume_config
+
+    overrides = list(args.overrides)
+    if args.resume:
+        requested = load_config(args.config, overrides) if (args.config or overrides) else None
+        cfg = resume_config(args.resume, requested)
+        run_dir = args.resume
+    else:
+        cfg = load_config(args.config, overrides)
+        run_dir = args.run_dir or cfg.log.run_dir
+    _train_and_report(cfg, run_dir, resume=bool(args.resume))
+    return 0
+
+
+def _train_and_report(cfg, run_dir, resume: bool) -> None:
+    from tppo.plots import plot_runs
+    from tppo.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir, resume=resume)
+    history = trainer.train()
+    plot = plot_runs([run_dir], Path(run_dir) / "plots.png")
+    final = history[-1] if history else {}
+    before = getattr(trainer, "start_eval", {}).get("eval/accuracy")
+    after = final.get("eval/accuracy")
+    if before is not None and after is not None:
+        print(f"held-out accuracy (avg@{cfg.log.eval_samples}): before RL {before:.3f} -> after RL {after:.3f} "
+              f"({100 * (after - before):+.1f} points)")
+    print(f"metrics: {Path(run_dir) / 'metrics.jsonl'}\nplots:   {plot}")
+
+
+def cmd_sft(args) -> int:
+    from tppo.config import load_config
+    from tppo.sft import run_sft
+
+    cfg = load_config(args.config, list(args.overrides))
+    out = run_sft(cfg)
+    print(f"saved SFT model to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tppo.config import load_config
+    from tppo.evaluation import engine_generate_fn, evaluate
+    from tppo.models import load_pretrained
+    from tppo.rewards import RewardScorer
+    from tppo.trainer import eval_examples, resolve_device
+
+    cfg = load_config(args.config, list(args.overrides))
+    device = resolve_device(cfg.train.device)
+    model, tok = load_pretrained(args.model)
+    model.to(device)
+    gen = engine_generate_fn(model, tok, max_response_tokens=cfg.rollout.max_response_tokens, temperature=cfg.rollout.temperature,
+                             seed=cfg.rollout.seed, template=cfg.task.template, max_prompt_tokens=cfg.task.max_prompt_tokens, device=device)
+    k = cfg.log.eval_samples
+    with RewardScorer(cfg.task.reward, timeout_s=cfg.task.reward_timeout_s, workers=cfg.task.reward_workers) as scorer:
+        res = evaluate(eval_examples(cfg), gen, scorer, samples=k, ks=(1, k))
+    print(f"avg@{k} {res.avg_at_k:.4f}  pass@1 {res.pass_at_k[1]:.4f}  pass@{k} {res.pass_at_k[k]:.4f}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from tppo.plots import plot_runs
+
+    out = plot_runs(args.runs, args.out or Path(args.runs[0]) / "plots.png")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from tppo.config import load_config
+
+    cfg = load_config(args.config, list(args.overrides))
+    _train_and_report(cfg, cfg.log.run_dir, resume=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
