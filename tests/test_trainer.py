@@ -70,7 +70,7 @@ def test_critic_is_trained_on_finished_rows_only(model_dir, tmp_path):
         rewards = trainer._score(wb)
         packed = wb.pack(trainer.tokenizer.pad_token_id)
         values = trainer._values(packed)
-        adv, pmask, ret, cmask, _ = compute_advantages(cfg, wb, packed, values, rewards)
+        adv, pmask, ret, cmask, _ = compute_advantages(cfg, packed, values, rewards)
         fin = [r.finished for r in wb.rows]
         for b, row in enumerate(wb.rows):
             assert int(cmask[b].sum()) == (len(row.response_ids) if fin[b] else 0)
@@ -102,7 +102,7 @@ def test_token_routing_by_hand():
     ])
     packed = wb.pack(0)
     values = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8, 0.9]])
-    adv, pmask, ret, cmask, lm = compute_advantages(cfg, wb, packed, values, [1.0, None])
+    adv, pmask, ret, cmask, lm = compute_advantages(cfg, packed, values, [1.0, None])
     # Shifted frame: column j is token j + 1.
     assert pmask.tolist() == [[False, False, True, True], [False, False, True, True]]
     assert cmask.tolist() == [[False, True, True, True], [False, False, False, False]]
@@ -132,7 +132,7 @@ def test_micro_batching_does_not_change_the_update(model_dir, tmp_path):
     wb = trainer.engine.generate_window(trainer.policy, 0)
     packed = wb.pack(trainer.tokenizer.pad_token_id)
     values = trainer._values(packed)
-    adv, pmask, ret, cmask, lm = compute_advantages(cfg, wb, packed, values, trainer._score(wb))
+    adv, pmask, ret, cmask, lm = compute_advantages(cfg, packed, values, trainer._score(wb))
     batch = StepBatch(packed.input_ids, packed.attention_mask, pmask, cmask, lm, packed.old_logprobs[:, 1:], values[:, :-1], adv, ret)
     out = []
     for rows in (1, 3, 64):
@@ -201,6 +201,9 @@ def test_config_yaml_roundtrip_and_types(tmp_path):
     assert cfg.algo.lam_policy == 0.97 and cfg.algo.dual_clip is None and cfg.train.betas == (0.9, 0.95)
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+    (tmp_path / "dup.yaml").write_text("algo:\n  gamma: 1.0\ntrain:\n  seed: 1\nalgo:\n  lam_min: 0.9\n")
+    with pytest.raises(ConfigError, match="duplicate key 'algo' at line 5"):
+        load_config(tmp_path / "dup.yaml")
     (tmp_path / "bad.yaml").write_text("rollout: [1, 2]\n")
     with pytest.raises(ConfigError, match="rollout: expected a mapping"):
         load_config(tmp_path / "bad.yaml")

@@ -330,6 +330,8 @@ class Config:
                 f"train.mini_batches ({t.mini_batches}) must divide the generation batch "
                 f"(rollout.prompts_per_step x rollout.samples_per_prompt = {r.num_slots})"
             )
+        if self.task.name == "file" and not self.model.path:
+            raise ConfigError("task.name 'file' needs model.path: the embedded SFT warm-start is for the chain task")
         if a.window_ignore_tokens >= r.window_tokens:
             raise ConfigError(f"algo.window_ignore_tokens ({a.window_ignore_tokens}) must be < rollout.window_tokens ({r.window_tokens})")
 
@@ -343,7 +345,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         text = Path(path).read_text()
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(data, dict):
@@ -354,6 +356,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     return from_dict(Config, data)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last
+    silently, which would drop half of a section without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicate key '{key}' at line {key_node.start_mark.line + 1}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

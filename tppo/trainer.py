@@ -116,13 +116,16 @@ def trimmed(batch: StepBatch, rows: list[int]) -> tuple[torch.Tensor, torch.Tens
     return batch.input_ids[rows, :S], batch.attention_mask[rows, :S], S
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature: float, with_entropy: bool = False):
-    """(B, S-1) log-probs of tokens 1..S-1 under the temperature-scaled policy (and entropy)."""
+def token_logprobs(model, input_ids, attention_mask, temperature: float, entropy: str = "none"):
+    """(B, S-1) log-probs of tokens 1..S-1 under the temperature-scaled policy, and their
+    entropies: ``entropy`` is "none", "metric" (no grad: cheap on large vocabularies) or "grad"."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     if temperature > 0:
         logits = logits / temperature
     lp = algos.logprobs_from_logits(logits, input_ids[:, 1:])
-    return lp, (algos.entropy_from_logits(logits) if with_entropy else None)
+    if entropy == "none":
+        return lp, None
+    return lp, algos.entropy_from_logits(logits if entropy == "grad" else logits.detach())
 
 
 def critic_values(critic, input_ids, attention_mask) -> torch.Tensor:
@@ -133,7 +136,7 @@ def critic_values(critic, input_ids, attention_mask) -> torch.Tensor:
 # ---------------------------------------------------------------------- steps 5-7 as functions
 
 
-def compute_advantages(cfg: Config, wb: WindowBatch, packed, values_full: torch.Tensor, rewards: list[float | None]):
+def compute_advantages(cfg: Config, packed, values_full: torch.Tensor, rewards: list[float | None]):
     """Step 5: per-token advantages (policy) and returns (critic), shifted frame.
 
     values_full: (B, S) critic outputs; rewards: per row, None if unfinished.
@@ -203,7 +206,7 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
             for micro in micro_batches(mb, t.micro_batch_rows):
                 ids, attn, S = trimmed(batch, micro)
                 with autocast(cfg, device):
-                    lp, ent = token_logprobs(policy, ids, attn, cfg.rollout.temperature, with_entropy=True)
+                    lp, ent = token_logprobs(policy, ids, attn, cfg.rollout.temperature, "grad" if a.entropy_coef else "metric")
                 pm = batch.policy_mask[micro, : S - 1]
                 loss, stats = algos.policy_loss(lp, batch.old_logprobs[micro, : S - 1], batch.advantages[micro, : S - 1], pm,
                                                 a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, n_tok)
@@ -311,7 +314,6 @@ class Trainer:
             raise FileNotFoundError(f"--resume {self.run_dir}: no checkpoint in {self.run_dir / 'checkpoints'}")
         self._seed_everything(cfg.train.seed)
         self._build_models(ckpt)
-        self.tokenizer.padding_side = "right"
         self.source = PromptSource(train_examples(cfg, cfg.train.seed), self.tokenizer, max_prompt_tokens=cfg.task.max_prompt_tokens,
                                    template=cfg.task.template, system=cfg.task.system)
         self.engine = EmbeddedEngine(cfg.rollout, self.source, eos_token_ids=self.tokenizer.eos_token_id,
@@ -398,7 +400,7 @@ class Trainer:
         values_full = self._values(packed)
         m["time/values_s"] = time.perf_counter() - t
         # 5. advantages (EGAE on this window; GAE for PPO) and critic targets.
-        adv, policy_mask, returns, critic_mask, lm_mask = compute_advantages(cfg, wb, packed, values_full, rewards)
+        adv, policy_mask, returns, critic_mask, lm_mask = compute_advantages(cfg, packed, values_full, rewards)
         batch = StepBatch(packed.input_ids.to(self.device), packed.attention_mask.to(self.device), policy_mask, critic_mask,
                           lm_mask, packed.old_logprobs[:, 1:], values_full[:, :-1], adv, returns)
         # 6. update the policy (after the critic-only warm-up).
@@ -465,6 +467,8 @@ class Trainer:
         return {
             "rollout/slot_utilization": wb.stats.slot_utilization,
             "rollout/tokens_per_s": wb.stats.tokens_per_s,
+            "time/prefill_s": wb.stats.prefill_s,
+            "time/decode_s": wb.stats.decode_s,
             "rollout/generated_tokens": wb.stats.generated_tokens,
             "rollout/total_generated_tokens": self.total_generated,
             "rollout/finished_rows": len(fin),

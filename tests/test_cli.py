@@ -1,0 +1,29 @@
+"""The command line: train + plot end to end, errors as messages with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+from tppo.cli import main
+from tppo.models import TinyModelSpec, build_tiny, save_pretrained
+
+
+def test_train_then_plot(tmp_path, capsys):
+    model, tok = build_tiny(TinyModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    save_pretrained(model, tok, tmp_path / "m")
+    run = tmp_path / "run"
+    code = main(["train", "--run-dir", str(run), f"model.path={tmp_path / 'm'}", "train.total_steps=2", "rollout.prompts_per_step=2",
+                 "rollout.samples_per_prompt=2", "rollout.window_tokens=8", "rollout.max_response_tokens=16",
+                 "task.eval_problems=2", "log.eval_samples=1", "log.tensorboard=false"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "step    2 |" in out and "held-out accuracy (avg@1): before RL" in out
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (run / "plots.png").stat().st_size > 10_000
+    assert main(["plot", str(run), str(run), "--out", str(tmp_path / "both.png")]) == 0
+    assert (tmp_path / "both.png").exists()
+
+
+def test_bad_override_is_a_clear_error(capsys):
+    assert main(["train", "rollout.windw_tokens=3"]) == 2
+    assert "unknown config key 'rollout.windw_tokens'" in capsys.readouterr().err
