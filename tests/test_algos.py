@@ -460,3 +460,11 @@ def test_algos_imports_only_torch():
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             roots.add(node.module.split(".")[0])
     assert roots <= {"torch", "__future__", "typing"}, roots
+
+
+def test_lm_loss_hand():
+    from tppo.algos import lm_loss
+
+    lp = torch.tensor([[math.log(0.5), math.log(0.25), 123.0]])
+    close(lm_loss(lp, T([[1, 1, 0]])), (math.log(2) + math.log(4)) / 2)
+    close(lm_loss(lp, T([[1, 1, 0]]), num_tokens=4), (math.log(2) + math.log(4)) / 4)

@@ -207,3 +207,36 @@ def test_config_yaml_roundtrip_and_types(tmp_path):
     (tmp_path / "bad.yaml").write_text("rollout: [1, 2]\n")
     with pytest.raises(ConfigError, match="rollout: expected a mapping"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_window_ignore_tokens_and_critic_on_all_by_hand():
+    cfg = Config()
+    cfg.algo.whiten_advantages = False
+    cfg.algo.lam_policy = 1.0
+    cfg.algo.window_ignore_tokens = 1
+    cfg.algo.critic_on = "all"
+    wb = window_batch([
+        ([5, 6], [7, 8, 9], 1, "eos", "x"),  # finished: its window keeps every advantage
+        ([5], [7, 7, 7, 7], 2, None, "x"),  # cut: the last window token's advantage is zeroed
+    ])
+    packed = wb.pack(0)
+    values = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8, 0.9]])
+    adv, pmask, ret, cmask, _ = compute_advantages(cfg, packed, values, [1.0, None])
+    torch.testing.assert_close(adv[0], torch.tensor([0.0, 0.0, 0.8, 0.7]))
+    torch.testing.assert_close(adv[1], torch.tensor([0.0, 0.0, 0.1, 0.0]))  # was 0.1, 0.0 anyway at the cut
+    cfg.algo.bootstrap = "next_value"  # V(s_l) = 0.9 (critic at the last token)
+    adv, _, ret, cmask, _ = compute_advantages(cfg, packed, values, [1.0, None])
+    torch.testing.assert_close(adv[1], torch.tensor([0.0, 0.0, 0.9 - 0.7, 0.0]))  # 0.9 - 0.8 zeroed by the ignore
+    # critic_on=all: the cut row's window tokens join the critic with bootstrapped targets.
+    assert cmask[1].tolist() == [False, False, True, True]
+    torch.testing.assert_close(ret[1][2:], torch.tensor([0.9, 0.9]))
+
+
+def test_optional_loss_terms_run_and_are_logged(model_dir, tmp_path):
+    cfg = make_cfg(model_dir, tmp_path, "algo.kl_coef=0.05", "algo.entropy_coef=0.01", "algo.lm_loss_coef=0.1",
+                   "train.total_steps=3", "rollout.window_tokens=18", "algo.algorithm=ppo", "train.mini_batches=2")
+    trainer = Trainer(cfg, tmp_path)
+    history = trainer.train()
+    assert trainer.ref is not None
+    assert all(m["policy/kl"] >= 0 and m["policy/kl"] == m["policy/kl"] for m in history)
+    assert history[-1]["policy/kl"] > 0  # the policy moved away from the reference

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tppo.metrics import read_metrics
 
 PANELS = [
-    ("reward/accuracy", "time/elapsed_s", "training accuracy vs wall-clock (s)"),
+    ("reward/accuracy", "time/elapsed_s", "training accuracy (finished rows) vs wall-clock (s)"),
     ("reward/accuracy", "step", "training accuracy vs step"),
     ("eval/accuracy", "time/elapsed_s", "held-out accuracy vs wall-clock (s)"),
     ("rollout/response_length", "step", "finished response length vs step"),
@@ -16,20 +17,33 @@ PANELS = [
 ]
 
 
-def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """Write a grid of the :data:`PANELS` for every run to ``out`` (a .png path)."""
+def plot_runs(run_dirs: list[str | Path], out: str | Path, smooth: int = 10) -> Path:
+    """Write a grid of the :data:`PANELS` for every run to ``out`` (a .png path).
+
+    Per-step series are drawn faint, with their ``smooth``-step rolling mean on top;
+    the held-out accuracy before RL (``eval_initial.json``) is the point at x = 0.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {Path(d).name: read_metrics(d) for d in run_dirs}
+    runs = {Path(d).name: (read_metrics(d), _initial_eval(d)) for d in run_dirs}
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for ax, (y, x, title) in zip(axes.flat, PANELS):
-        for name, rows in runs.items():
+        for i, (name, (rows, initial)) in enumerate(runs.items()):
             pts = [(r[x], r[y]) for r in rows if r.get(y) is not None and r.get(x) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="." if len(pts) < 40 else None, label=name)
+            if y in initial:
+                pts.insert(0, (0, initial[y]))
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            color = f"C{i}"
+            if y.startswith("eval/"):
+                ax.plot(xs, ys, marker="o", color=color, label=name)
+            else:
+                ax.plot(xs, ys, color=color, alpha=0.25)
+                ax.plot(xs, _rolling_mean(ys, smooth), color=color, label=name)
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes.flat[0].legend()
@@ -38,4 +52,17 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
     plt.close(fig)
+    return out
+
+
+def _initial_eval(run_dir) -> dict:
+    path = Path(run_dir) / "eval_initial.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _rolling_mean(ys, n: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y - (ys[i - n] if i >= n else 0.0)
+        out.append(acc / min(i + 1, n))
     return out

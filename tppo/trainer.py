@@ -21,6 +21,7 @@ V(s) (state = tokens 0..j) is the critic's output at j.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import time
@@ -373,6 +374,7 @@ class Trainer:
         history = []
         if self.step_idx == 0:
             self.start_eval = self.evaluate()
+            (self.run_dir / "eval_initial.json").write_text(json.dumps(self.start_eval) + "\n")
             print(f"held-out accuracy before RL: {self.start_eval['eval/accuracy']:.3f}")
         try:
             while self.step_idx < self.cfg.train.total_steps:
