@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args) -> int:
     from tppo.config import load_config
-    from tppo.trainer import Trainer, resume_config
+    from tppo.trainer import resume_config
 
     overrides = list(args.overrides)
     if args.resume:

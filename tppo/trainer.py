@@ -58,6 +58,9 @@ class StepBatch:
     advantages: torch.Tensor
     returns: torch.Tensor
 
+    def to(self, device: torch.device) -> "StepBatch":
+        return StepBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
 
 # ---------------------------------------------------------------------- building blocks
 
@@ -195,7 +198,7 @@ def _ignore_window_tail(adv, policy_mask, finished, k: int) -> torch.Tensor:
 def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.Generator, device, ref=None) -> dict[str, float]:
     """Step 6: PPO epochs of clipped-surrogate updates on the policy tokens."""
     a, t = cfg.algo, cfg.train
-    rows = [b for b in range(batch.input_ids.shape[0]) if batch.policy_mask[b].any()]
+    rows = batch.policy_mask.any(1).nonzero().flatten().tolist()
     sums = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "lm_loss": 0.0, "kl": 0.0}
     grad_norms, skipped, tokens_seen = [], 0, 0
     policy.train()
@@ -250,7 +253,7 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
 def update_critic(critic, opt, sched, batch: StepBatch, cfg: Config, gen: torch.Generator, device) -> dict[str, float]:
     """Step 7: clipped value regression on the critic tokens (finished rows for T-PPO)."""
     a, t = cfg.algo, cfg.train
-    rows = [b for b in range(batch.input_ids.shape[0]) if batch.critic_mask[b].any()]
+    rows = batch.critic_mask.any(1).nonzero().flatten().tolist()
     loss_sum, clip_sum, tokens_seen, grad_norms, skipped = 0.0, 0.0, 0, [], 0
     critic.train()
     for _ in range(t.ppo_epochs):
@@ -403,8 +406,8 @@ class Trainer:
         m["time/values_s"] = time.perf_counter() - t
         # 5. advantages (EGAE on this window; GAE for PPO) and critic targets.
         adv, policy_mask, returns, critic_mask, lm_mask = compute_advantages(cfg, packed, values_full, rewards)
-        batch = StepBatch(packed.input_ids.to(self.device), packed.attention_mask.to(self.device), policy_mask, critic_mask,
-                          lm_mask, packed.old_logprobs[:, 1:], values_full[:, :-1], adv, returns)
+        batch = StepBatch(packed.input_ids, packed.attention_mask, policy_mask, critic_mask, lm_mask,
+                          packed.old_logprobs[:, 1:], values_full[:, :-1], adv, returns).to(self.device)
         # 6. update the policy (after the critic-only warm-up).
         t = time.perf_counter()
         updated = self.step_idx >= cfg.train.critic_warmup_steps
@@ -420,7 +423,7 @@ class Trainer:
         self.version += updated
         self.step_idx += 1
         # 9. log, evaluate, checkpoint.
-        m.update(self._step_metrics(wb, rewards, batch, values_full, updated))
+        m.update(self._step_metrics(wb, rewards, batch, updated))
         m["time/step_s"] = time.perf_counter() - t0
         self.elapsed += m["time/step_s"]
         m["time/elapsed_s"] = self.elapsed
@@ -460,7 +463,7 @@ class Trainer:
             out[micro, :S] = v.cpu()
         return out
 
-    def _step_metrics(self, wb: WindowBatch, rewards, batch: StepBatch, values_full, updated: bool) -> dict[str, Any]:
+    def _step_metrics(self, wb: WindowBatch, rewards, batch: StepBatch, updated: bool) -> dict[str, Any]:
         fin = [r for r in wb.rows if r.finished]
         scored = [x for x in rewards if x is not None]
         self.total_generated += wb.stats.generated_tokens
@@ -489,7 +492,7 @@ class Trainer:
             "policy/tokens": int(batch.policy_mask.sum()),
             "policy/updated": int(updated),
             "value/tokens": int(cm.sum()),
-            "value/explained_variance": float(algos.explained_variance(values_full[:, :-1], batch.returns, cm)) if cm.any() else float("nan"),
+            "value/explained_variance": float(algos.explained_variance(batch.old_values, batch.returns, cm)) if cm.any() else float("nan"),
         }
 
     def evaluate(self) -> dict[str, float]:
