@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 from tppo.cli import main
-from tppo.models import TinyModelSpec, build_tiny, save_pretrained
+from tppo.config import TinyModelConfig
+from tppo.models import build_tiny, save_pretrained
 
 
 def test_train_then_plot(tmp_path, capsys):
-    model, tok = build_tiny(TinyModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    model, tok = build_tiny(TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
     save_pretrained(model, tok, tmp_path / "m")
     run = tmp_path / "run"
     code = main(["train", "--run-dir", str(run), f"model.path={tmp_path / 'm'}", "train.total_steps=2", "rollout.prompts_per_step=2",

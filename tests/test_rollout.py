@@ -11,7 +11,8 @@ import torch
 from mock_models import BOS, EOS, PAD, count_token, countdown_model
 from tppo.algos import logprobs_from_logits
 from tppo.config import ConfigError, RolloutConfig
-from tppo.models import build_tiny, TinyModelSpec
+from tppo.config import TinyModelConfig
+from tppo.models import build_tiny
 from tppo.rollout import EmbeddedEngine, PromptItem, sample_tokens
 
 
@@ -196,7 +197,7 @@ def test_empty_prompt_is_rejected(countdown):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tok = build_tiny(TinyModelSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    model, tok = build_tiny(TinyModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     return model.eval(), tok
 
 

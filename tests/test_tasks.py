@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from tppo.config import ChainConfig
 from tppo.evaluation import evaluate, pass_at_k
 from tppo.models import build_tiny_tokenizer
 from tppo.rewards import RewardScorer, exact_reward
 from tppo.tasks import (
     ChainTask,
-    ChainTaskSpec,
     DatasetError,
     Example,
     PromptSource,
@@ -57,14 +57,14 @@ def test_chain_injected_mistakes_stay_consistent_and_spoil_the_answer():
 
 
 def test_chain_steps_follow_the_lognormal_spec():
-    spec = ChainTaskSpec(median_steps=6, sigma=0.9, max_steps=1000)
+    spec = ChainConfig(median_steps=6, sigma=0.9, max_steps=1000)
     task, rng = ChainTask(spec), random.Random(1)
     ks = [task.sample_steps(rng) for _ in range(20000)]
     assert 5 <= statistics.median(ks) <= 7
     logs = [math.log(k) for k in ks if k > 1]
     # Rounding and the floor at 1 shrink the spread a little: sigma within 12 %.
     assert statistics.pstdev(logs) == pytest.approx(0.9, rel=0.12)
-    flat = ChainTask(ChainTaskSpec(median_steps=6, sigma=0.0))
+    flat = ChainTask(ChainConfig(median_steps=6, sigma=0.0))
     assert {flat.sample_steps(rng) for _ in range(100)} == {6}
 
 

@@ -10,11 +10,12 @@ import torch
 
 from tppo.config import Config, ConfigError, load_config
 from tppo.metrics import STEP_KEYS, read_metrics
-from tppo.models import TinyModelSpec, build_tiny, save_pretrained
+from tppo.config import TinyModelConfig
+from tppo.models import build_tiny, save_pretrained
 from tppo.rollout import PromptItem, Row, RolloutStats, WindowBatch
 from tppo.trainer import StepBatch, Trainer, compute_advantages, resume_config, update_policy
 
-TINY = TinyModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
 
 
 @pytest.fixture(scope="module")

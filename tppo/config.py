@@ -92,6 +92,54 @@ class RolloutConfig:
 
 
 @dataclasses.dataclass
+class TinyModelConfig:
+    """Sizes of the embedded tiny Llama (defaults: ~1.06M parameters).
+
+    Attributes:
+        hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+        num_key_value_heads, max_position_embeddings, tie_word_embeddings: as in
+            transformers' ``LlamaConfig``.
+    """
+
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 1024
+    tie_word_embeddings: bool = True
+
+
+@dataclasses.dataclass
+class ChainConfig:
+    """The embedded chain-subtraction task (``tppo.tasks.chain``).
+
+    Attributes:
+        median_steps: median number of subtraction steps k.
+        sigma: log-normal shape of k (0: every problem has ``median_steps`` steps).
+        min_steps, max_steps: clip range of k.
+        min_divisor, max_divisor: range of the digit d.
+        heldout_fraction: share of the problem space reserved for evaluation.
+    """
+
+    median_steps: float = 6.0
+    sigma: float = 0.9
+    min_steps: int = 1
+    max_steps: int = 60
+    min_divisor: int = 2
+    max_divisor: int = 9
+    heldout_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ConfigError(f"task.chain: need 1 <= min_steps <= max_steps (got {self.min_steps}, {self.max_steps})")
+        if not 2 <= self.min_divisor <= self.max_divisor <= 9:
+            raise ConfigError(f"task.chain: need 2 <= min_divisor <= max_divisor <= 9 (got {self.min_divisor}, {self.max_divisor})")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError(f"task.chain.heldout_fraction must be in (0, 1) (got {self.heldout_fraction})")
+
+
+@dataclasses.dataclass
 class ModelConfig:
     """Policy and critic models.
 
@@ -103,19 +151,14 @@ class ModelConfig:
         gguf_file: file name inside ``path`` when the checkpoint is a GGUF file.
         dtype: parameter dtype: float32 or bfloat16 (bf16 autocast is used on GPUs
             whatever this is; see ``train.bf16``).
-        hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
-        num_key_value_heads: sizes of the embedded tiny Llama (ignored with ``path``).
+        tiny: sizes of the embedded tiny Llama (ignored with ``path``).
     """
 
     path: str | None = None
     critic_path: str | None = None
     gguf_file: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
-    hidden_size: int = 128
-    intermediate_size: int = 512
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 4
+    tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
 
 
 @dataclasses.dataclass
@@ -128,8 +171,7 @@ class TaskConfig:
         reward_timeout_s: per-answer scoring limit; past it the reward is 0 (counted).
         reward_workers: scoring processes (0: inline).
         format_penalty: subtracted when a completion has no final answer (0: off).
-        chain_median_steps, chain_sigma, chain_max_steps: the chain task's length
-            distribution (see ``tppo.tasks.chain``).
+        chain: the embedded task's parameters (its length distribution above all).
         train_path, eval_path: dataset files for ``name: file``.
         prompt_field, answer_field, answer_format: dataset columns and answer format
             (gsm8k, boxed, integer, raw).
@@ -145,9 +187,7 @@ class TaskConfig:
     reward_timeout_s: float = 10.0
     reward_workers: int = 0
     format_penalty: float = 0.0
-    chain_median_steps: float = 6.0
-    chain_sigma: float = 0.9
-    chain_max_steps: int = 60
+    chain: ChainConfig = dataclasses.field(default_factory=ChainConfig)
     train_path: str | None = None
     eval_path: str | None = None
     prompt_field: str = "question"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tppo.config import TinyModelConfig
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForTokenClassification,
@@ -35,19 +36,6 @@ PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 TINY_ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
 
 
-@dataclasses.dataclass(frozen=True)
-class TinyModelSpec:
-    """Sizes of the embedded tiny Llama (defaults: ~1.1M parameters)."""
-
-    hidden_size: int = 128
-    intermediate_size: int = 512
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 4
-    max_position_embeddings: int = 1024
-    tie_word_embeddings: bool = True
-
-
 def build_tiny_tokenizer(alphabet: str = TINY_ALPHABET) -> PreTrainedTokenizerFast:
     """A character-level tokenizer: one id per character of ``alphabet`` plus
     ``<pad>`` (0), ``<bos>`` (1), ``<eos>`` (2), ``<unk>`` (3)."""
@@ -60,8 +48,9 @@ def build_tiny_tokenizer(alphabet: str = TINY_ALPHABET) -> PreTrainedTokenizerFa
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
 
 
-def build_tiny(spec: TinyModelSpec = TinyModelSpec(), seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+def build_tiny(spec: TinyModelConfig | None = None, seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """The embedded default: a randomly initialised tiny Llama and its tokenizer."""
+    spec = spec or TinyModelConfig()
     tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),

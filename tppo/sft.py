@@ -18,8 +18,8 @@ import torch
 
 from tppo import algos
 from tppo.config import Config
-from tppo.models import TinyModelSpec, build_tiny, save_pretrained
-from tppo.tasks import ChainTask, ChainTaskSpec
+from tppo.models import build_tiny, save_pretrained
+from tppo.tasks import ChainTask
 
 
 def sft_batch(task: ChainTask, tokenizer, rng: random.Random, size: int, mistake_rate: float, chunks: int = 4):
@@ -54,11 +54,9 @@ def _pad(traces, pad_id: int):
 
 def run_sft(cfg: Config, log_every: int = 50) -> Path:
     """Train the embedded model on chain traces and save it to ``cfg.sft.output_dir``."""
-    s, m, t = cfg.sft, cfg.model, cfg.task
-    spec = TinyModelSpec(hidden_size=m.hidden_size, intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
-                         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_key_value_heads)
-    model, tokenizer = build_tiny(spec, seed=s.seed)
-    task = ChainTask(ChainTaskSpec(median_steps=t.chain_median_steps, sigma=t.chain_sigma, max_steps=t.chain_max_steps))
+    s = cfg.sft
+    model, tokenizer = build_tiny(cfg.model.tiny, seed=s.seed)
+    task = ChainTask(cfg.task.chain)
     rng = random.Random(f"sft:{s.seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0, betas=(0.9, 0.98))
     warm = max(1, s.steps // 20)

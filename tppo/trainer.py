@@ -38,7 +38,7 @@ from tppo.metrics import MetricsLogger, summary_line
 from tppo.models import critic_from_policy, load_critic, load_pretrained, save_pretrained
 from tppo.rewards import RewardScorer
 from tppo.rollout import EmbeddedEngine, WindowBatch
-from tppo.tasks import ChainTask, ChainTaskSpec, Example, PromptSource, epoch_stream, load_examples
+from tppo.tasks import ChainTask, Example, PromptSource, epoch_stream, load_examples
 
 # Keys that may differ between a run and its resumption (they do not change results).
 RESUMABLE_CHANGES = ("train.total_steps", "log.")
@@ -75,15 +75,10 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
 
 
-def chain_task(cfg: Config) -> ChainTask:
-    t = cfg.task
-    return ChainTask(ChainTaskSpec(median_steps=t.chain_median_steps, sigma=t.chain_sigma, max_steps=t.chain_max_steps))
-
-
 def train_examples(cfg: Config, seed: int):
     """A factory of the deterministic training example stream (PromptSource replays it)."""
     if cfg.task.name == "chain":
-        task = chain_task(cfg)
+        task = ChainTask(cfg.task.chain)
         return lambda: task.stream("train", seed)
     ds = load_examples(cfg.task.train_path, prompt_field=cfg.task.prompt_field, answer_field=cfg.task.answer_field,
                        answer_format=cfg.task.answer_format, skip_bad_rows=cfg.task.skip_bad_rows)
@@ -95,7 +90,7 @@ def train_examples(cfg: Config, seed: int):
 def eval_examples(cfg: Config) -> list[Example]:
     n = cfg.task.eval_problems
     if cfg.task.name == "chain":
-        stream = chain_task(cfg).stream("heldout", seed=1234)
+        stream = ChainTask(cfg.task.chain).stream("heldout", seed=1234)
         return [next(stream) for _ in range(n)]
     path = cfg.task.eval_path or cfg.task.train_path
     ds = load_examples(path, prompt_field=cfg.task.prompt_field, answer_field=cfg.task.answer_field,

@@ -36,42 +36,13 @@ max/median 12.8.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import random
 from typing import Iterator
 
+from tppo.config import ChainConfig
 from tppo.tasks.base import Example
-
-
-@dataclasses.dataclass(frozen=True)
-class ChainTaskSpec:
-    """Parameters of the chain-subtraction task.
-
-    Attributes:
-        median_steps: median number of subtraction steps k.
-        sigma: log-normal shape of k (0: every problem has ``median_steps`` steps).
-        min_steps, max_steps: clip range of k.
-        min_divisor, max_divisor: range of the digit d.
-        heldout_fraction: share of the problem space reserved for evaluation.
-    """
-
-    median_steps: float = 6.0
-    sigma: float = 0.9
-    min_steps: int = 1
-    max_steps: int = 60
-    min_divisor: int = 2
-    max_divisor: int = 9
-    heldout_fraction: float = 0.1
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(f"chain task: need 1 <= min_steps <= max_steps (got {self.min_steps}, {self.max_steps})")
-        if not 2 <= self.min_divisor <= self.max_divisor <= 9:
-            raise ValueError(f"chain task: need 2 <= min_divisor <= max_divisor <= 9 (got {self.min_divisor}, {self.max_divisor})")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"chain task: heldout_fraction must be in (0, 1) (got {self.heldout_fraction})")
 
 
 def is_heldout(n: int, d: int, fraction: float) -> bool:
@@ -103,8 +74,8 @@ class ChainTask:
 
     name = "chain"
 
-    def __init__(self, spec: ChainTaskSpec = ChainTaskSpec()) -> None:
-        self.spec = spec
+    def __init__(self, spec: ChainConfig | None = None) -> None:
+        self.spec = spec or ChainConfig()
 
     def sample_steps(self, rng: random.Random) -> int:
         s = self.spec
