@@ -85,3 +85,23 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None  # JSON has no NaN; None reads as "undefined this step"
     return v
+
+
+def time_to_target(xs: list[float], accuracies: list[float], target: float) -> float | None:
+    """The first x (seconds, tokens, steps...) at which an accuracy curve reaches ``target``.
+
+    The curve is the evaluated points ``(xs[i], accuracies[i])`` in increasing x, joined
+    by straight lines: the crossing is interpolated between the last point below the
+    target and the first point at or above it (evaluations are sparse, so taking the
+    first point at or above would round every run up to its next evaluation). None when
+    the curve never reaches the target.
+    """
+    if len(xs) != len(accuracies):
+        raise ValueError(f"time_to_target: {len(xs)} x values but {len(accuracies)} accuracies")
+    for i, (x, acc) in enumerate(zip(xs, accuracies)):
+        if acc >= target:
+            if i == 0:
+                return float(x)
+            x0, a0 = xs[i - 1], accuracies[i - 1]
+            return float(x0 + (x - x0) * (target - a0) / (acc - a0))
+    return None

@@ -1,0 +1,344 @@
+"""T-PPO vs synchronous PPO: held-out accuracy against wall-clock, side by side.
+
+From one SFT checkpoint, with the same seeds and therefore the same prompts in the same
+order, every run trains on the same number of prompts (``--prompts``) and is evaluated
+on the held-out split each time it has consumed another ``--eval-every`` prompts:
+
+  * ppo        synchronous PPO (W = L), finished rows leave the decode batch (the strong
+               baseline: the engine's compaction, not padded ``generate``);
+  * tppo-W{w}  T-PPO with window w = L/2, L/4, L/8 (the demo's other settings);
+  * ablations  (seed 0, W = L/4): bootstrap next_value / zero, critic on all rows,
+               fixed lambda 0.95 instead of the length-adaptive one;
+  * short      PPO vs T-PPO W = L/4 on short, nearly uniform chains (where the gain
+               should vanish).
+
+Only training steps are timed (``time/elapsed_s``); evaluations are not. Runs execute as
+subprocesses, ``--workers`` at a time with one torch thread each, in an order that
+rotates algorithms across seeds so machine drift and the neighbour's load hit all of
+them. The summary: target = median over seeds of PPO's best accuracy minus ``--margin``;
+per seed, time to target (interpolated between evaluations, :func:`tppo.metrics.time_to_target`),
+PPO / T-PPO ratio; median, min and max over seeds for the best window.
+
+    python benchmarks/ppo_vs_tppo.py            # full: about an hour on 2 cores
+    python benchmarks/ppo_vs_tppo.py --quick    # smoke test of the whole pipeline: ~2 min
+    python benchmarks/ppo_vs_tppo.py --summarize-only   # redo the report from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, commit, machine, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo.yaml"
+L = 256  # the demo's max_response_tokens
+SHORT_TASK = ["task.chain.median_steps=6", "task.chain.sigma=0.15", "task.chain.max_steps=9"]
+PHASES = ("generate", "score", "values", "policy_update", "value_update")
+
+
+@dataclasses.dataclass
+class Job:
+    setting: str  # longtail | short
+    label: str  # init (evaluation only) | ppo | tppo-W64 | tppo-W64-zero ...
+    seed: int
+    overrides: list[str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}/{self.label}/s{self.seed}"
+
+
+def algo_overrides(label: str) -> list[str]:
+    """Config overrides of a run label."""
+    if label == "ppo":
+        return ["algo.algorithm=ppo", f"rollout.window_tokens={L}"]
+    parts = label.split("-")  # tppo-W64[-ablation]
+    ov = ["algo.algorithm=tppo", f"rollout.window_tokens={int(parts[1][1:])}"]
+    ablation = {"next_value": ["algo.bootstrap=next_value"], "zero": ["algo.bootstrap=zero"],
+                "critic_all": ["algo.critic_on=all"], "lam0.95": ["algo.lam_policy=0.95"]}
+    return ov + (ablation[parts[2]] if len(parts) > 2 else [])
+
+
+def build_jobs(seeds: int, windows: list[int], ablations: bool, short: bool) -> list[Job]:
+    """Evaluation-only jobs first, then the runs, algorithms rotated per seed."""
+    labels = ["ppo"] + [f"tppo-W{w}" for w in windows]
+    jobs = [Job("longtail", "init", 0, [])] + ([Job("short", "init", 0, SHORT_TASK)] if short else [])
+    for s in range(seeds):
+        rotated = labels[s % len(labels):] + labels[: s % len(labels)]
+        jobs += [Job("longtail", lab, s, algo_overrides(lab)) for lab in rotated]
+        if short:
+            mid = f"tppo-W{L // 4}"
+            jobs += [Job("short", lab, s, SHORT_TASK + algo_overrides(lab)) for lab in (["ppo", mid] if s % 2 == 0 else [mid, "ppo"])]
+    if ablations:
+        jobs += [Job("longtail", f"tppo-W{L // 4}-{a}", 0, algo_overrides(f"tppo-W{L // 4}-{a}"))
+                 for a in ("next_value", "zero", "critic_all", "lam0.95")]
+    return jobs
+
+
+# ---------------------------------------------------------------------- one run (in a subprocess)
+
+
+def run_job(spec: dict) -> dict:
+    """Train one configuration, evaluating every ``eval_every`` prompts; its curve and timings."""
+    import torch
+
+    from tppo.config import load_config
+    from tppo.trainer import Trainer
+
+    torch.set_num_threads(1)
+    seed = spec["seed"]
+    overrides = [f"model.path={spec['sft_dir']}", f"train.seed={seed}", f"rollout.seed={seed}", "train.total_steps=100000",
+                 "train.torch_threads=1", "log.eval_every=0", "log.checkpoint_every=0", "log.tensorboard=false",
+                 "log.progress=false", f"task.eval_problems={spec['eval_problems']}", f"log.eval_samples={spec['eval_samples']}",
+                 *spec["overrides"]]
+    cfg = load_config(DEMO, overrides)
+    with tempfile.TemporaryDirectory() as run_dir:
+        tr = Trainer(cfg, run_dir)
+        try:
+            if spec["label"] == "init":
+                return {"accuracy": tr.evaluate()["eval/accuracy"]}
+            return _train_curve(tr, spec["prompts"], spec["eval_every"])
+        finally:
+            tr.logger.close()
+            tr.scorer.close()
+
+
+def _train_curve(tr, prompts: int, eval_every: int) -> dict:
+    curve, steps, next_eval = [], [], eval_every
+    while tr.source.cursor < prompts:
+        m = tr.step()
+        steps.append({k: m[k] for k in ("rollout/slot_utilization", "rollout/generated_tokens", "reward/accuracy",
+                                         "rollout/response_length_max", *(f"time/{p}_s" for p in PHASES), "time/step_s")})
+        if tr.source.cursor >= next_eval or tr.source.cursor >= prompts:
+            while next_eval <= tr.source.cursor:
+                next_eval += eval_every
+            curve.append({"prompts": tr.source.cursor, "elapsed_s": tr.elapsed, "tokens": tr.total_generated,
+                          "step": tr.step_idx, "accuracy": tr.evaluate()["eval/accuracy"]})
+    gen = sum(s["rollout/generated_tokens"] for s in steps)
+    return {
+        "curve": curve,
+        "steps": len(steps),
+        "generated_tokens": gen,
+        # token-weighted: generated tokens / slot-steps over the whole run
+        "slot_utilization": gen / sum(s["rollout/generated_tokens"] / max(s["rollout/slot_utilization"], 1e-9) for s in steps),
+        "phase_s": {p: sum(s[f"time/{p}_s"] for s in steps) for p in PHASES},
+        "train_s": tr.elapsed,
+    }
+
+
+# ---------------------------------------------------------------------- the driver
+
+
+def run_all(jobs: list[Job], args, sft_dir: Path) -> dict[str, dict]:
+    def launch(job: Job) -> tuple[str, dict]:
+        spec = {**dataclasses.asdict(job), "sft_dir": str(sft_dir), "prompts": args.prompts, "eval_every": args.eval_every,
+                "eval_problems": args.eval_problems, "eval_samples": args.eval_samples}
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--job", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{job.name} failed:\n{proc.stderr[-3000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  {job.name:<32} {time.perf_counter() - t0:6.0f} s  {_brief(res)}", flush=True)
+        return job.name, res
+
+    inits = [j for j in jobs if j.label == "init"]
+    runs = [j for j in jobs if j.label != "init"]
+    results: dict[str, dict] = {}
+    with ThreadPoolExecutor(args.workers) as pool:
+        for batch in (inits, runs):
+            results.update(pool.map(launch, batch))
+    return results
+
+
+def _brief(res: dict) -> str:
+    if "curve" not in res:
+        return f"accuracy {res['accuracy']:.3f}"
+    last = res["curve"][-1]
+    return f"final {last['accuracy']:.3f} after {res['train_s']:.0f} s of training, {res['steps']} steps, util {res['slot_utilization']:.2f}"
+
+
+def ensure_sft(args) -> Path:
+    """The demo's SFT warm-start (trained once, cached); a tiny one for --quick."""
+    from tppo.config import load_config
+    from tppo.sft import run_sft
+
+    if args.quick:
+        out = Path(tempfile.mkdtemp()) / "sft"
+        return run_sft(load_config(DEMO, [f"sft.output_dir={out}", "sft.steps=30", "sft.batch_size=16"]), log_every=1000)
+    cfg = load_config(DEMO)
+    out = ROOT / cfg.sft.output_dir
+    if not (out / "config.json").exists():
+        print(f"training the SFT warm-start into {out}")
+        run_sft(load_config(DEMO, [f"sft.output_dir={out}"]))
+    return out
+
+
+# ---------------------------------------------------------------------- the summary
+
+
+def summarize(results: dict[str, dict], margin: float) -> dict:
+    """Targets, times to target and ratios per setting; see the module docstring."""
+    from tppo.metrics import time_to_target
+
+    out: dict = {}
+    for setting in sorted({k.split("/")[0] for k in results}):
+        runs = {k: v for k, v in results.items() if k.startswith(setting + "/") and "curve" in v}
+        init = results.get(f"{setting}/init/s0", {}).get("accuracy")
+        labels = sorted({k.split("/")[1] for k in runs})
+        seeds = sorted({int(k.split("/")[2][1:]) for k in runs})
+        ppo_best = [max(p["accuracy"] for p in runs[f"{setting}/ppo/s{s}"]["curve"]) for s in seeds if f"{setting}/ppo/s{s}" in runs]
+        if not ppo_best:
+            continue
+        target = statistics.median(ppo_best) - margin
+
+        def ttt(label: str, seed: int, axis: str) -> float | None:
+            r = runs.get(f"{setting}/{label}/s{seed}")
+            if r is None:
+                return None
+            pts = [{"prompts": 0, "elapsed_s": 0.0, "tokens": 0, "step": 0, "accuracy": init}] if init is not None else []
+            pts += r["curve"]
+            return time_to_target([p[axis] for p in pts], [p["accuracy"] for p in pts], target)
+
+        per_label = {}
+        for lab in labels:
+            these = [runs[f"{setting}/{lab}/s{s}"] for s in seeds if f"{setting}/{lab}/s{s}" in runs]
+            times = {s: ttt(lab, s, "elapsed_s") for s in seeds}
+            ratios = [ttt("ppo", s, "elapsed_s") / t for s, t in times.items() if t and ttt("ppo", s, "elapsed_s")]
+            per_label[lab] = {
+                "seeds": len(these),
+                "final_accuracy": statistics.median(r["curve"][-1]["accuracy"] for r in these),
+                "best_accuracy": statistics.median(max(p["accuracy"] for p in r["curve"]) for r in these),
+                "time_to_target_s": times,
+                "tokens_to_target": {s: ttt(lab, s, "tokens") for s in seeds},
+                "steps_to_target": {s: ttt(lab, s, "step") for s in seeds},
+                "reached_target": sum(t is not None for t in times.values()),
+                "time_to_target_ratio": _spread(ratios),
+                "train_s": statistics.median(r["train_s"] for r in these),
+                "steps": statistics.median(r["steps"] for r in these),
+                "generated_tokens": statistics.median(r["generated_tokens"] for r in these),
+                "slot_utilization": statistics.median(r["slot_utilization"] for r in these),
+                "phase_s": {p: statistics.median(r["phase_s"][p] for r in these) for p in PHASES},
+                "train_time_ratio": _spread([runs[f"{setting}/ppo/s{s}"]["train_s"] / runs[f"{setting}/{lab}/s{s}"]["train_s"]
+                                             for s in seeds if f"{setting}/{lab}/s{s}" in runs and f"{setting}/ppo/s{s}" in runs]),
+            }
+        main = [lab for lab in labels if lab.startswith("tppo") and lab.count("-") == 1]
+        best = max(main, key=lambda lab: (per_label[lab]["time_to_target_ratio"] or {}).get("median", 0.0), default=None)
+        out[setting] = {"initial_accuracy": init, "target_accuracy": target, "margin": margin, "best_window": best,
+                        "runs": per_label}
+    return out
+
+
+def _spread(xs: list[float]) -> dict | None:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)} if xs else None
+
+
+def headline(summary: dict) -> dict:
+    """The fields issue #6 asks for at the top of the JSON (the long-tail setting)."""
+    s = summary.get("longtail")
+    if not s:
+        return {}
+    best = s["best_window"]
+    return {
+        "target_accuracy": s["target_accuracy"],
+        "best_window": best,
+        "time_to_target_ratio": s["runs"][best]["time_to_target_ratio"] if best else None,
+        "final_accuracy": {lab: r["final_accuracy"] for lab, r in s["runs"].items()},
+        "slot_utilization": {lab: r["slot_utilization"] for lab, r in s["runs"].items()},
+    }
+
+
+def plot(results: dict[str, dict], summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(summary)
+    fig, axes = plt.subplots(len(settings), 4, figsize=(20, 4.2 * len(settings)), squeeze=False)
+    for row, setting in zip(axes, settings):
+        s = summary[setting]
+        labels = [lab for lab in s["runs"] if lab.count("-") <= 1]
+        for lab, color in zip(labels, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+            for key, r in results.items():
+                if not key.startswith(f"{setting}/{lab}/") or "curve" not in r:
+                    continue
+                pts = [{"elapsed_s": 0.0, "tokens": 0, "step": 0, "accuracy": s["initial_accuracy"]}] + r["curve"]
+                first = key.endswith("/s0")
+                for ax, axis in zip(row[:3], ("elapsed_s", "tokens", "step")):
+                    ax.plot([p[axis] for p in pts], [p["accuracy"] for p in pts], "-o", ms=3, color=color, alpha=0.8,
+                            label=lab if first else None)
+        for ax, xl in zip(row[:3], ("training wall-clock (s, evaluations excluded)", "generated tokens", "steps")):
+            ax.axhline(s["target_accuracy"], color="gray", ls="--", lw=1)
+            ax.set_xlabel(xl)
+            ax.set_ylabel("held-out avg@k")
+            ax.set_title(f"{setting}: accuracy vs {xl.split(' (')[0]}")
+            ax.legend(fontsize=8)
+        bottom = [0.0] * len(labels)
+        for p in PHASES:
+            vals = [s["runs"][lab]["phase_s"][p] for lab in labels]
+            row[3].bar(labels, vals, bottom=bottom, label=p)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        row[3].set_ylabel("seconds (median over seeds)")
+        row[3].set_title(f"{setting}: time per phase")
+        row[3].legend(fontsize=8)
+        row[3].tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny SFT, one seed, few prompts: checks the pipeline")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=1280, help="prompts each run trains on")
+    ap.add_argument("--eval-every", type=int, default=256, help="evaluate after every this many prompts")
+    ap.add_argument("--eval-problems", type=int, default=256)
+    ap.add_argument("--eval-samples", type=int, default=4)
+    ap.add_argument("--margin", type=float, default=0.02, help="target = PPO's best accuracy minus this")
+    ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--no-short", action="store_true")
+    ap.add_argument("--summarize-only", action="store_true")
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.job:
+        print(json.dumps(run_job(json.loads(args.job))))
+        return 0
+    name = "ppo_vs_tppo_quick" if args.quick else "ppo_vs_tppo"
+    if args.summarize_only:
+        payload = json.loads((RESULTS_DIR / f"{name}.json").read_text())
+        results = payload["results"]
+    else:
+        if args.quick:
+            args.seeds, args.prompts, args.eval_every, args.eval_problems, args.eval_samples = 1, 32, 16, 16, 2
+        jobs = build_jobs(args.seeds, [L // 2, L // 4, L // 8] if not args.quick else [L // 4],
+                          ablations=not (args.no_ablations or args.quick), short=not (args.no_short or args.quick))
+        sft_dir = ensure_sft(args)
+        print(f"{len(jobs)} runs, {args.workers} at a time, {args.prompts} prompts each")
+        t0 = time.perf_counter()
+        results = run_all(jobs, args, sft_dir)
+        payload = {"commit": commit(), "machine": machine(), "wall_s": time.perf_counter() - t0,
+                   "args": {k: v for k, v in vars(args).items() if k != "job"}, "results": results}
+    summary = summarize(results, args.margin)
+    payload.update(headline(summary), summary=summary)
+    path = write_json(f"{name}.json", payload)
+    plot(results, summary, RESULTS_DIR / f"{name}.png")
+    print(json.dumps(headline(summary), indent=1))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
