@@ -10,35 +10,9 @@ import torch
 
 from tppo.config import Config, ConfigError, load_config
 from tppo.metrics import STEP_KEYS, read_metrics
-from tppo.config import TinyModelConfig
-from tppo.models import build_tiny, save_pretrained
+from trainer_helpers import make_cfg, params
 from tppo.rollout import PromptItem, Row, RolloutStats, WindowBatch
 from tppo.trainer import StepBatch, Trainer, compute_advantages, resume_config, update_policy
-
-TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    model, tok = build_tiny(TINY, seed=0)
-    save_pretrained(model, tok, path)
-    return str(path)
-
-
-def make_cfg(model_dir, run_dir, *overrides):
-    base = [
-        f"model.path={model_dir}", f"log.run_dir={run_dir}", "log.tensorboard=false", "log.progress=false",
-        "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.window_tokens=6",
-        "rollout.max_response_tokens=18", "task.eval_problems=4", "log.eval_samples=2", "train.total_steps=2",
-        "train.micro_batch_rows=4", "train.policy_lr=1e-3", "train.critic_lr=1e-3", "log.checkpoint_every=0",
-    ]
-    return load_config(None, base + list(overrides))
-
-
-def params(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
 
 @pytest.mark.parametrize("algorithm", ["tppo", "ppo"])
 def test_two_step_smoke_run(model_dir, tmp_path, algorithm):

@@ -5,7 +5,8 @@ A checkpoint is a directory ``run_dir/checkpoints/step-NNNNNN`` holding ``policy
 else, including the engine's unfinished rows with their tokens, log-probs and
 versions). It is written under a temporary name, flushed, then renamed: a directory
 with the final name is always complete, and a crash mid-write leaves the previous
-checkpoint intact. Only the last ``keep`` checkpoints are kept.
+checkpoint intact (its half-written temporary directory is ignored by readers and
+removed by the next save). Only the last ``keep`` checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def save_checkpoint(run_dir: str | Path, step: int, write_models: Callable[[Path
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):  # left by a writer that was killed mid-save (one writer per run)
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp.mkdir()
         write_models(tmp)

@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config (default: built-in defaults)")
     t.add_argument("--run-dir", help="run directory (overrides log.run_dir)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) malformed dataset rows instead of stopping")
     for name, help_ in (("sft", "supervised warm-start of the embedded model"), ("demo", "SFT (cached) + T-PPO + plots")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", default=str(DEMO_CONFIG) if name == "demo" else None)
@@ -42,21 +43,26 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from tppo.config import ConfigError
+    from tppo.tasks import DatasetError
+    from tppo.trainer import CheckpointError, TrainingDiverged
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the step lines
 
     try:
         return {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "plot": cmd_plot, "demo": cmd_demo}[args.cmd](args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, FileNotFoundError) as e:  # bad input: nothing ran
         print(f"tppo {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except (TrainingDiverged, CheckpointError) as e:  # a run that stopped; its last checkpoint is resumable
+        print(f"tppo {args.cmd}: stopped: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_train(args) -> int:
     from tppo.config import load_config
     from tppo.trainer import resume_config
 
-    overrides = list(args.overrides)
+    overrides = list(args.overrides) + (["task.skip_bad_rows=true"] if args.skip_bad_rows else [])
     if args.resume:
         requested = load_config(args.config, overrides) if (args.config or overrides) else None
         cfg = resume_config(args.resume, requested)

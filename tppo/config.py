@@ -274,6 +274,8 @@ class TrainConfig:
         device: cpu, cuda, or auto.
         bf16: autocast in bfloat16 on CUDA (ignored on CPU).
         torch_threads: CPU threads for torch (0: torch's default).
+        max_nonfinite_steps: stop after this many steps in a row whose loss or gradient
+            was NaN/inf (each such optimizer step is skipped, weights unchanged).
     """
 
     total_steps: int = 100
@@ -291,9 +293,10 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True
     torch_threads: int = 0
+    max_nonfinite_steps: int = 5
 
     def __post_init__(self) -> None:
-        for key in ("total_steps", "ppo_epochs", "mini_batches", "micro_batch_rows"):
+        for key in ("total_steps", "ppo_epochs", "mini_batches", "micro_batch_rows", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1 (got {getattr(self, key)})")
 
@@ -383,19 +386,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """A :class:`Config` from a YAML file (None: the defaults) and ``key=value`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not valid UTF-8 (byte {e.start})") from None
         try:
             data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        except ConfigError as e:  # from _UniqueKeyLoader
+            raise ConfigError(f"{path}: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return from_dict(Config, data)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+        _set_dotted(data, key.strip(), value)
+    try:
+        return from_dict(Config, data)
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}{' + overrides' if overrides else ''}: {e}") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -406,6 +423,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):  # every config key is a name; `1:` or `[a]:` is a typo
+                raise ConfigError(f"key {key!r} at line {key_node.start_mark.line + 1} is a {type(key).__name__}, not a name")
             if key in seen:
                 raise ConfigError(f"duplicate key '{key}' at line {key_node.start_mark.line + 1}")
             seen.add(key)

@@ -17,6 +17,7 @@ STEP_KEYS = (
     "rollout/carried_rows", "rollout/windows_per_response", "rollout/windows_per_response_max",
     "rollout/versions_per_response", "rollout/response_length", "rollout/response_length_max",
     "rollout/truncated_at_cap", "rollout/prompts_consumed", "rollout/total_generated_tokens",
+    "data/skipped_long_prompts", "data/skipped_empty_prompts", "train/nonfinite_skips",
     "reward/mean", "reward/accuracy", "reward/errors", "reward/timeouts",
     "policy/loss", "policy/clipfrac", "policy/approx_kl", "policy/entropy", "policy/tokens", "policy/grad_norm",
     "policy/updated", "policy/skipped_steps",

@@ -12,6 +12,7 @@ embedded model.
 from __future__ import annotations
 
 import copy
+import itertools
 import dataclasses
 import string
 from pathlib import Path
@@ -114,6 +115,23 @@ def load_critic(path: str | Path, *, dtype: torch.dtype | None = None) -> torch.
     if critic.config.num_labels != 1:
         raise ValueError(f"critic checkpoint {path} has {critic.config.num_labels} labels; a critic has 1")
     return critic
+
+
+def own_aligned_memory(model: torch.nn.Module) -> torch.nn.Module:
+    """Copy CPU parameters and buffers that sit at unaligned addresses into fresh memory.
+
+    Weights loaded from safetensors live in a memory map at the file's offsets, which are
+    not 64-byte aligned; CPU kernels take other vectorisation paths on unaligned data and
+    round differently in the last bit. The same weights built in memory and loaded from a
+    checkpoint would then give different gradients, and a resumed run would drift from
+    the uninterrupted one (tests/test_reliability.py found this). Fresh allocations are
+    64-byte aligned. Tied weights are one Parameter, so they stay tied.
+    """
+    with torch.no_grad():
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            if t.device.type == "cpu" and t.data_ptr() % 64:
+                t.data = t.data.clone()
+    return model
 
 
 def save_pretrained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:

@@ -20,6 +20,7 @@ V(s) (state = tokens 0..j) is the critic's output at j.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,10 +36,18 @@ from tppo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoi
 from tppo.config import Config, ConfigError, diff_configs, load_config, save_config
 from tppo.evaluation import decode_response, engine_generate_fn, evaluate
 from tppo.metrics import MetricsLogger, summary_line
-from tppo.models import critic_from_policy, load_critic, load_pretrained, save_pretrained
+from tppo.models import critic_from_policy, load_critic, load_pretrained, own_aligned_memory, save_pretrained
 from tppo.rewards import RewardScorer
 from tppo.rollout import EmbeddedEngine, WindowBatch
 from tppo.tasks import ChainTask, Example, PromptSource, epoch_stream, load_examples
+
+class TrainingDiverged(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written (the previous one is intact)."""
+
 
 # Keys that may differ between a run and its resumption (they do not change results).
 RESUMABLE_CHANGES = ("train.total_steps", "log.")
@@ -322,6 +331,7 @@ class Trainer:
         self.eval_set = eval_examples(cfg)
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
         self.step_idx, self.version, self.elapsed, self.total_generated = 0, 0, 0.0, 0
+        self.nonfinite_skips, self.nonfinite_in_a_row = 0, 0
         if ckpt is not None:
             self._restore(load_trainer_state(ckpt))
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -345,12 +355,16 @@ class Trainer:
             self.critic = load_critic(cfg.model.critic_path, dtype=dtype)
         else:
             self.critic = critic_from_policy(self.policy)
-        self.policy.to(self.device)
-        self.critic.to(self.device)
+        if self.critic.config.vocab_size != self.policy.config.vocab_size:
+            raise ValueError(f"critic {cfg.model.critic_path} has a vocabulary of {self.critic.config.vocab_size} tokens but the "
+                             f"policy {init_path} has {self.policy.config.vocab_size}: the critic must read the policy's tokens "
+                             f"(a checkpoint from another model?)")
+        for model in (self.policy, self.critic):
+            own_aligned_memory(model.to(self.device))  # bit-exact resume on CPU (see own_aligned_memory)
         self.ref = None
         if cfg.algo.kl_coef:
             self.ref, _ = load_pretrained(init_path, dtype=dtype, **kwargs)
-            self.ref.to(self.device).eval().requires_grad_(False)
+            own_aligned_memory(self.ref.to(self.device).eval().requires_grad_(False))
         self.policy_opt, self.policy_sched = make_optimizer(self.policy, cfg.train.policy_lr, cfg)
         self.critic_opt, self.critic_sched = make_optimizer(self.critic, cfg.train.critic_lr, cfg)
 
@@ -386,7 +400,8 @@ class Trainer:
         cfg, t0 = self.cfg, time.perf_counter()
         m: dict[str, Any] = {"step": self.step_idx + 1}
         # 1-2. fill the batch and generate one window (the engine carries rows over: 8).
-        wb = self.engine.generate_window(self.policy, self.version)
+        with self._oom_hint("generation"):
+            wb = self.engine.generate_window(self.policy, self.version)
         m["time/generate_s"] = time.perf_counter() - t0
         if not wb.rows:
             raise RuntimeError("the prompt stream is exhausted and no row is in flight")
@@ -406,13 +421,15 @@ class Trainer:
         # 6. update the policy (after the critic-only warm-up).
         t = time.perf_counter()
         updated = self.step_idx >= cfg.train.critic_warmup_steps
-        m.update(update_policy(self.policy, self.policy_opt, self.policy_sched, batch, cfg, self.gen, self.device, self.ref)
-                 if updated else {"policy/loss": 0.0, "policy/clipfrac": 0.0, "policy/approx_kl": 0.0, "policy/entropy": 0.0,
-                                  "policy/grad_norm": 0.0, "policy/skipped_steps": 0})
+        with self._oom_hint("the policy update"):
+            m.update(update_policy(self.policy, self.policy_opt, self.policy_sched, batch, cfg, self.gen, self.device, self.ref)
+                     if updated else {"policy/loss": 0.0, "policy/clipfrac": 0.0, "policy/approx_kl": 0.0, "policy/entropy": 0.0,
+                                      "policy/grad_norm": 0.0, "policy/skipped_steps": 0})
         m["time/policy_update_s"] = time.perf_counter() - t
         # 7. update the critic on its tokens.
         t = time.perf_counter()
-        m.update(update_critic(self.critic, self.critic_opt, self.critic_sched, batch, cfg, self.gen, self.device))
+        with self._oom_hint("the critic update"):
+            m.update(update_critic(self.critic, self.critic_opt, self.critic_sched, batch, cfg, self.gen, self.device))
         m["time/value_update_s"] = time.perf_counter() - t
         # 8. carry over: the engine holds the unfinished rows for the next window.
         self.version += updated
@@ -424,12 +441,35 @@ class Trainer:
         m["time/elapsed_s"] = self.elapsed
         if self._due(cfg.log.eval_every) or self.step_idx == cfg.train.total_steps:
             m.update(self.evaluate())
+        m["train/nonfinite_skips"] = self._count_nonfinite(m["policy/skipped_steps"] + m["value/skipped_steps"])
         self.logger.log(m)
         if cfg.log.progress:
             print(summary_line(m), flush=True)
+        if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"step {self.step_idx}: {self.nonfinite_in_a_row} steps in a row had a NaN/inf loss or gradient "
+                f"(train.max_nonfinite_steps = {cfg.train.max_nonfinite_steps}); their updates were skipped, so the "
+                f"weights are those of the last finite update. Lower the learning rates or check the rewards and data.")
         if self._due(cfg.log.checkpoint_every) or self.step_idx == cfg.train.total_steps:
             self.save()
         return m
+
+    def _count_nonfinite(self, skipped: int) -> int:
+        """Count optimizer steps skipped for a non-finite gradient; the total so far."""
+        self.nonfinite_skips += skipped
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
+        return self.nonfinite_skips
+
+    @contextlib.contextmanager
+    def _oom_hint(self, phase: str):
+        """Turn a GPU out-of-memory error into one that says which knob to turn."""
+        try:
+            yield
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(
+                f"out of GPU memory during {phase} (train.micro_batch_rows = {self.cfg.train.micro_batch_rows}, "
+                f"{self.cfg.rollout.num_slots} generation slots): lower train.micro_batch_rows, or "
+                f"rollout.prompts_per_step / rollout.max_response_tokens") from e
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step_idx % every == 0
@@ -480,6 +520,8 @@ class Trainer:
             "rollout/response_length_max": max(lengths, default=0),
             "rollout/truncated_at_cap": sum(r.finish_reason == "length" for r in fin),
             "rollout/prompts_consumed": self.source.cursor,
+            "data/skipped_long_prompts": self.source.skipped_long,
+            "data/skipped_empty_prompts": self.source.skipped_empty,
             "reward/mean": _mean(scored),
             "reward/accuracy": _mean([float(x >= 1.0) for x in scored]),
             "reward/errors": self.scorer.errors + self.scorer.timeouts,
@@ -508,17 +550,25 @@ class Trainer:
 
         state = {
             "step": self.step_idx, "version": self.version, "elapsed": self.elapsed, "total_generated": self.total_generated,
+            "nonfinite": [self.nonfinite_skips, self.nonfinite_in_a_row],
             "policy_opt": self.policy_opt.state_dict(), "policy_sched": self.policy_sched.state_dict(),
             "critic_opt": self.critic_opt.state_dict(), "critic_sched": self.critic_sched.state_dict(),
             "engine": self.engine.state_dict(), "source": self.source.state_dict(),
             "scorer": {"calls": self.scorer.calls, "errors": self.scorer.errors, "timeouts": self.scorer.timeouts},
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "trainer": self.gen.get_state()},
         }
-        return save_checkpoint(self.run_dir, self.step_idx, write_models, state, keep=self.cfg.log.keep_checkpoints)
+        try:
+            return save_checkpoint(self.run_dir, self.step_idx, write_models, state, keep=self.cfg.log.keep_checkpoints)
+        except OSError as e:
+            prev = latest_checkpoint(self.run_dir)
+            raise CheckpointError(f"checkpoint of step {self.step_idx} not written ({e}); "
+                                  + (f"the previous checkpoint {prev} is intact: `tppo train --resume {self.run_dir}` restarts from it"
+                                     if prev else "no earlier checkpoint exists")) from e
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step_idx, self.version = state["step"], state["version"]
         self.elapsed, self.total_generated = state["elapsed"], state["total_generated"]
+        self.nonfinite_skips, self.nonfinite_in_a_row = state["nonfinite"]
         self.policy_opt.load_state_dict(state["policy_opt"])
         self.policy_sched.load_state_dict(state["policy_sched"])
         self.critic_opt.load_state_dict(state["critic_opt"])

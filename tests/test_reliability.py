@@ -1,0 +1,285 @@
+"""Reliability promises (docs/reliability.md): non-finite updates are skipped and
+counted and stop the run after N in a row; a failed or killed checkpoint write leaves
+the previous one loadable; bad models are refused with a named reason; carried rows are
+bounded; SIGKILL at random points followed by resume equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trainer_helpers import make_cfg, params
+
+import tppo.algos
+from tppo.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state
+from tppo.config import RolloutConfig, save_config
+from tppo.metrics import read_metrics
+from tppo.models import build_tiny, critic_from_policy, load_pretrained
+from tppo.rollout import EmbeddedEngine, PromptItem
+from tppo.trainer import CheckpointError, Trainer, TrainingDiverged
+
+
+def nan_policy_loss(monkeypatch, steps_with_nan: set[int], trainer_ref: list):
+    """Make the policy loss NaN on the given (1-based) steps."""
+    real = tppo.algos.policy_loss
+
+    def fake(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        if trainer_ref[0].step_idx + 1 in steps_with_nan:
+            loss = loss * float("nan")
+        return loss, stats
+
+    monkeypatch.setattr(tppo.algos, "policy_loss", fake)
+
+
+def test_nonfinite_loss_skips_the_update_keeps_weights_and_counts(model_dir, tmp_path, monkeypatch):
+    trainer = Trainer(make_cfg(model_dir, tmp_path, "train.total_steps=3"), tmp_path)
+    nan_policy_loss(monkeypatch, {1, 2}, [trainer])
+    before = params(trainer.policy)
+    m1, m2 = trainer.step(), trainer.step()
+    assert all(torch.equal(v, params(trainer.policy)[k]) for k, v in before.items()), "a NaN step must not move the weights"
+    assert not trainer.policy_opt.state, "nor Adam's moments"
+    assert (m1["policy/skipped_steps"], m1["train/nonfinite_skips"], m2["train/nonfinite_skips"]) == (1, 1, 2)
+    assert m1["value/skipped_steps"] == 0, "the critic's loss was finite: it still trains"
+    m3 = trainer.step()  # finite again: the update happens and the streak resets
+    assert m3["policy/skipped_steps"] == 0 and trainer.nonfinite_in_a_row == 0 and m3["train/nonfinite_skips"] == 2
+    assert any(not torch.equal(v, params(trainer.policy)[k]) for k, v in before.items())
+    trainer.scorer.close()
+
+
+def test_run_stops_after_n_nonfinite_steps_in_a_row(model_dir, tmp_path, monkeypatch):
+    trainer = Trainer(make_cfg(model_dir, tmp_path, "train.total_steps=6", "train.max_nonfinite_steps=2"), tmp_path)
+    nan_policy_loss(monkeypatch, set(range(1, 7)), [trainer])
+    with pytest.raises(TrainingDiverged, match=r"step 2: 2 steps in a row had a NaN/inf loss or gradient"):
+        trainer.train()
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2], "the failing steps are still logged"
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(model_dir, tmp_path, monkeypatch):
+    trainer = Trainer(make_cfg(model_dir, tmp_path, "train.total_steps=3", "log.checkpoint_every=1", "log.keep_checkpoints=2"), tmp_path)
+    trainer.step(), trainer.step()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("tppo.checkpoint.torch.save", disk_full)
+    with pytest.raises(CheckpointError, match=r"step 3 not written .*No space left.*step-000002 is intact"):
+        trainer.step()
+    monkeypatch.undo()
+    trainer.scorer.close()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*")), "the half-written directory is removed"
+    resumed = Trainer(make_cfg(model_dir, tmp_path, "train.total_steps=3", "log.checkpoint_every=1"), tmp_path, resume=True)
+    assert resumed.step_idx == 2
+    resumed.scorer.close()
+
+
+def test_a_save_killed_midway_is_invisible_and_cleaned_up(model_dir, tmp_path):
+    trainer = Trainer(make_cfg(model_dir, tmp_path, "train.total_steps=2", "log.checkpoint_every=1"), tmp_path)
+    trainer.step()
+    # What SIGKILL during a save leaves: a temporary directory with part of a checkpoint.
+    stale = tmp_path / "checkpoints" / ".tmp-step-000002-99999"
+    (stale / "policy").mkdir(parents=True)
+    (stale / "policy" / "model.safetensors").write_bytes(b"\x00" * 10)
+    assert latest_checkpoint(tmp_path).name == "step-000001"
+    load_trainer_state(latest_checkpoint(tmp_path))
+    trainer.step()  # the next save removes it
+    assert not stale.exists() and latest_checkpoint(tmp_path).name == "step-000002"
+    trainer.scorer.close()
+
+
+def test_tokenizer_without_eos_is_refused(tmp_path):
+    model, tok = build_tiny(seed=0)
+    tok.eos_token = None
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has no EOS token"):
+        load_pretrained(tmp_path)
+
+
+def test_critic_from_another_model_is_refused(model_dir, tmp_path):
+    policy, _ = load_pretrained(model_dir)
+    policy.resize_token_embeddings(policy.config.vocab_size + 8)  # "another model": a different vocabulary
+    critic_from_policy(policy).save_pretrained(tmp_path / "critic")
+    with pytest.raises(ValueError, match=r"vocabulary of \d+ tokens but the policy .* has \d+"):
+        Trainer(make_cfg(model_dir, tmp_path / "run", f"model.critic_path={tmp_path / 'critic'}"), tmp_path / "run")
+
+
+def test_a_response_spans_at_most_ceil_L_over_W_windows(model_dir):
+    """Carried rows cannot pile up: with EOS ignored every response runs to the cap L,
+    so each spans exactly ceil(L / W) windows, and the carried set never exceeds the slots."""
+    model, _ = load_pretrained(model_dir)
+    cfg = RolloutConfig(prompts_per_step=3, samples_per_prompt=2, window_tokens=5, max_response_tokens=17, ignore_eos=True)
+    prompts = iter([PromptItem(i, [5 + i, 6, 7], meta={}) for i in range(12)])
+    engine = EmbeddedEngine(cfg, prompts, eos_token_ids=0, pad_token_id=0)
+    finished = 0
+    for version in range(20):
+        wb = engine.generate_window(model, version)
+        if not wb.rows:
+            break
+        assert len(engine.carried) <= cfg.num_slots
+        for row in wb.rows:
+            assert row.windows <= math.ceil(17 / 5) and len(row.response_ids) <= 17
+            finished += row.finished
+            if row.finished:
+                assert row.windows == 4 and row.finish_reason == "length"
+    assert finished == 12 * 2
+
+
+# ---------------------------------------------------------------------- SIGKILL and resume
+
+
+def _train_cmd(cfg_path: Path, run_dir: Path, resume: bool) -> list[str]:
+    return [sys.executable, "-m", "tppo.cli", "train", *(["--resume", str(run_dir)] if resume else
+                                                         ["--config", str(cfg_path), "--run-dir", str(run_dir)])]
+
+
+def _lines(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def run_with_kills(cfg_path: Path, run_dir: Path, total_steps: int, kills: int, seed: int) -> int:
+    """Run training, SIGKILL it ``kills`` times at random points, resume each time; the
+    number of kills that landed while the run was alive."""
+    rng, landed = random.Random(seed), 0
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    for _ in range(kills):
+        proc = subprocess.Popen(_train_cmd(cfg_path, run_dir, latest_checkpoint(run_dir) is not None), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        target = min(total_steps - 1, _lines(run_dir) + rng.randint(1, 3))
+        while proc.poll() is None and _lines(run_dir) < target:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.15))  # somewhere in the next step: generation, update or checkpoint write
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            landed += 1
+        proc.wait()
+        proc.stderr.close()
+        for ckpt in list_checkpoints(run_dir):  # never a partial checkpoint under a final name
+            load_trainer_state(ckpt)
+            load_file(ckpt / "policy" / "model.safetensors")
+    final = subprocess.run(_train_cmd(cfg_path, run_dir, latest_checkpoint(run_dir) is not None), env=env,
+                           capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr[-2000:]
+    return landed
+
+
+def compare_runs(a: Path, b: Path) -> None:
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time/") and not k.endswith("tokens_per_s")}  # noqa: E731
+    for part in ("policy", "critic"):
+        wa = load_file(latest_checkpoint(a) / part / "model.safetensors")
+        wb = load_file(latest_checkpoint(b) / part / "model.safetensors")
+        assert wa.keys() == wb.keys()
+        diff = {k: float((wa[k] - wb[k]).abs().max()) for k in wa if not torch.equal(wa[k], wb[k])}
+        assert not diff, (part, diff)
+    ma, mb = [strip(m) for m in read_metrics(a)], [strip(m) for m in read_metrics(b)]
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for x, y in zip(ma, mb):
+        assert x == y, {k: (x.get(k), y.get(k)) for k in x.keys() | y.keys() if x.get(k) != y.get(k)}
+
+
+def kill_config(tmp_path: Path, model_dir: str, total_steps: int) -> Path:
+    cfg = make_cfg(model_dir, tmp_path / "unused", f"train.total_steps={total_steps}", "log.checkpoint_every=1",
+                   "log.keep_checkpoints=2", "train.torch_threads=1", "train.device=cpu")
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    return path
+
+
+def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(model_dir, tmp_path):
+    total = 8
+    cfg_path = kill_config(tmp_path, model_dir, total)
+    clean = subprocess.run(_train_cmd(cfg_path, tmp_path / "clean", False), capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": "0"})
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    landed = run_with_kills(cfg_path, tmp_path / "killed", total, kills=3, seed=1)
+    assert landed >= 2, f"only {landed} kills landed while the run was alive"
+    compare_runs(tmp_path / "clean", tmp_path / "killed")
+    assert json.loads((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == total
+
+
+
+# ---------------------------------------------------------------------- fuzzing bad input
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tppo.config import Config, ConfigError, load_config  # noqa: E402
+from tppo.tasks import DatasetError, load_examples  # noqa: E402
+
+_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                            max_leaves=6)
+_rows = st.one_of(
+    st.fixed_dictionaries({"question": st.text(max_size=30), "answer": st.text(max_size=30)}),  # maybe empty, maybe no ####
+    st.dictionaries(st.sampled_from(["question", "answer", "other"]), _json_values, max_size=3),
+    _json_values,
+)
+_jsonl_lines = st.lists(st.one_of(_rows.map(lambda r: json.dumps(r).encode()),
+                            st.binary(max_size=40).filter(lambda b: b"\n" not in b and b"\r" not in b),
+                            st.text(max_size=40).filter(lambda t: "\n" not in t and "\r" not in t).map(str.encode)),
+                  max_size=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=_jsonl_lines)
+def test_fuzzed_jsonl_is_loaded_or_refused_by_line_never_crashes(tmp_path, lines):
+    path = tmp_path / "fuzz.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    rows = sum(1 for raw in path.read_bytes().split(b"\n") if raw.decode("utf-8", "replace").strip())
+    try:
+        load_examples(path, answer_format="gsm8k")
+    except DatasetError as e:
+        assert str(path) in str(e) and ":" in str(e)
+    loaded = load_examples(path, answer_format="gsm8k", skip_bad_rows=True)
+    # Nothing silently lost: every non-blank line is an example or a counted skip.
+    assert len(loaded.examples) + len(loaded.skipped) == rows
+
+
+_KEYS = [f"{section}.{f.name}" for section in ("rollout", "algo", "train", "task", "log", "model", "sft")
+         for f in dataclasses.fields(type(getattr(Config(), section)))] + ["bogus.key", "rollout", "train.", ".x", "task.chain.sigma"]
+_VALUES = st.one_of(st.integers(-3, 600).map(str), st.floats(allow_nan=True, allow_infinity=True).map(str),
+                    st.sampled_from(["true", "null", "[1, 2]", "{a: 1}", "tppo", "ppo", "'", "[1,", "{", "adaptive", "-", "1e-3", ""]),
+                    st.text(max_size=12))
+
+
+@settings(max_examples=300, deadline=None)
+@given(overrides=st.lists(st.tuples(st.sampled_from(_KEYS), _VALUES).map("=".join), max_size=4))
+def test_fuzzed_overrides_give_a_config_or_a_config_error(overrides):
+    try:
+        assert isinstance(load_config(None, overrides), Config)
+    except ConfigError as e:
+        assert str(e)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(st.text(max_size=80), st.binary(max_size=80).map(lambda b: b.decode("latin-1")),
+                      st.sampled_from(["rollout: {window_tokens: 9999}", "[1]: 2", "rollout:\n  x: 1\n  x: 2", "- a\n- b",
+                                       "train: 5", "rollout: {window_tokens: 64}\nrollout: {}", "? [a]\n: 1"])))
+def test_fuzzed_yaml_files_give_a_config_or_a_config_error(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogateescape")
+    try:
+        load_config(path)
+    except ConfigError as e:
+        assert str(path) in str(e)
+
+
+def test_non_utf8_config_file_is_a_config_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"rollout:\n  window_tokens: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid UTF-8"):
+        load_config(path)

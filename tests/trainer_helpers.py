@@ -1,0 +1,31 @@
+"""Shared by the trainer and reliability tests: a tiny model and a small config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tppo.config import Config, TinyModelConfig, load_config
+from tppo.models import build_tiny, save_pretrained
+
+TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+
+BASE_OVERRIDES = (
+    "log.tensorboard=false", "log.progress=false",
+    "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.window_tokens=6",
+    "rollout.max_response_tokens=18", "task.eval_problems=4", "log.eval_samples=2", "train.total_steps=2",
+    "train.micro_batch_rows=4", "train.policy_lr=1e-3", "train.critic_lr=1e-3", "log.checkpoint_every=0",
+)
+
+
+def save_tiny(path: Path, seed: int = 0) -> str:
+    model, tok = build_tiny(TINY, seed=seed)
+    save_pretrained(model, tok, path)
+    return str(path)
+
+
+def make_cfg(model_dir, run_dir, *overrides) -> Config:
+    return load_config(None, [f"model.path={model_dir}", f"log.run_dir={run_dir}", *BASE_OVERRIDES, *overrides])
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
