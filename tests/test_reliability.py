@@ -10,25 +10,27 @@ import errno
 import json
 import math
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from trainer_helpers import make_cfg, params
 
 import tppo.algos
 from tppo.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state
-from tppo.config import RolloutConfig, save_config
+from tppo.config import Config, ConfigError, RolloutConfig, load_config
 from tppo.metrics import read_metrics
 from tppo.models import build_tiny, critic_from_policy, load_pretrained
 from tppo.rollout import EmbeddedEngine, PromptItem
+from tppo.tasks import DatasetError, load_examples
 from tppo.trainer import CheckpointError, Trainer, TrainingDiverged
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import soak  # noqa: E402  (the kill harness, shared with the long soak script)
 
 
 def nan_policy_loss(monkeypatch, steps_with_nan: set[int], trainer_ref: list):
@@ -141,84 +143,20 @@ def test_a_response_spans_at_most_ceil_L_over_W_windows(model_dir):
 # ---------------------------------------------------------------------- SIGKILL and resume
 
 
-def _train_cmd(cfg_path: Path, run_dir: Path, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "tppo.cli", "train", *(["--resume", str(run_dir)] if resume else
-                                                         ["--config", str(cfg_path), "--run-dir", str(run_dir)])]
-
-
-def _lines(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def run_with_kills(cfg_path: Path, run_dir: Path, total_steps: int, kills: int, seed: int) -> int:
-    """Run training, SIGKILL it ``kills`` times at random points, resume each time; the
-    number of kills that landed while the run was alive."""
-    rng, landed = random.Random(seed), 0
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    for _ in range(kills):
-        proc = subprocess.Popen(_train_cmd(cfg_path, run_dir, latest_checkpoint(run_dir) is not None), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        target = min(total_steps - 1, _lines(run_dir) + rng.randint(1, 3))
-        while proc.poll() is None and _lines(run_dir) < target:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.15))  # somewhere in the next step: generation, update or checkpoint write
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            landed += 1
-        proc.wait()
-        proc.stderr.close()
-        for ckpt in list_checkpoints(run_dir):  # never a partial checkpoint under a final name
-            load_trainer_state(ckpt)
-            load_file(ckpt / "policy" / "model.safetensors")
-    final = subprocess.run(_train_cmd(cfg_path, run_dir, latest_checkpoint(run_dir) is not None), env=env,
-                           capture_output=True, text=True)
-    assert final.returncode == 0, final.stderr[-2000:]
-    return landed
-
-
-def compare_runs(a: Path, b: Path) -> None:
-    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time/") and not k.endswith("tokens_per_s")}  # noqa: E731
-    for part in ("policy", "critic"):
-        wa = load_file(latest_checkpoint(a) / part / "model.safetensors")
-        wb = load_file(latest_checkpoint(b) / part / "model.safetensors")
-        assert wa.keys() == wb.keys()
-        diff = {k: float((wa[k] - wb[k]).abs().max()) for k in wa if not torch.equal(wa[k], wb[k])}
-        assert not diff, (part, diff)
-    ma, mb = [strip(m) for m in read_metrics(a)], [strip(m) for m in read_metrics(b)]
-    assert [m["step"] for m in ma] == [m["step"] for m in mb]
-    for x, y in zip(ma, mb):
-        assert x == y, {k: (x.get(k), y.get(k)) for k in x.keys() | y.keys() if x.get(k) != y.get(k)}
-
-
-def kill_config(tmp_path: Path, model_dir: str, total_steps: int) -> Path:
-    cfg = make_cfg(model_dir, tmp_path / "unused", f"train.total_steps={total_steps}", "log.checkpoint_every=1",
-                   "log.keep_checkpoints=2", "train.torch_threads=1", "train.device=cpu")
-    path = tmp_path / "config.yaml"
-    save_config(cfg, path)
-    return path
-
-
-def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(model_dir, tmp_path):
+def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """The kill harness of benchmarks/soak.py (which runs it longer): 3 random SIGKILLs."""
     total = 8
-    cfg_path = kill_config(tmp_path, model_dir, total)
-    clean = subprocess.run(_train_cmd(cfg_path, tmp_path / "clean", False), capture_output=True, text=True,
+    cfg_path = soak.small_config(tmp_path, total)
+    clean = subprocess.run(soak.train_cmd(cfg_path, tmp_path / "clean", False), capture_output=True, text=True,
                            env={**os.environ, "PYTHONHASHSEED": "0"})
     assert clean.returncode == 0, clean.stderr[-2000:]
-    landed = run_with_kills(cfg_path, tmp_path / "killed", total, kills=3, seed=1)
+    landed = soak.run_with_kills(cfg_path, tmp_path / "killed", total, kills=3, seed=1)
     assert landed >= 2, f"only {landed} kills landed while the run was alive"
-    compare_runs(tmp_path / "clean", tmp_path / "killed")
+    soak.compare_runs(tmp_path / "clean", tmp_path / "killed")
     assert json.loads((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == total
 
 
-
 # ---------------------------------------------------------------------- fuzzing bad input
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from tppo.config import Config, ConfigError, load_config  # noqa: E402
-from tppo.tasks import DatasetError, load_examples  # noqa: E402
 
 _json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
                             lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
