@@ -18,7 +18,7 @@ the T-PPO spec (Fan et al., arXiv 2506.15050) onto these names.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -90,16 +90,27 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Normalise ``x`` to unit variance (and zero mean if ``shift_mean``) over mask == 1.
 
     x, mask: same shape; statistics are global over every masked-in position (the
     spec whitens advantages over the step's policy tokens). Positions where mask == 0
     are returned as 0. With ``shift_mean=False`` the mean is kept:
-    ``(x - mu) / sigma + mu``.
+    ``(x - mu) / sigma + mu``. ``all_reduce`` (a sum over processes, e.g. of
+    torch.distributed) makes the statistics those of every process's tokens together:
+    two passes (mean, then squared deviations), as in the single-process formula.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask)
+    if all_reduce is None:
+        mean = masked_mean(x, mask)
+        var = masked_var(x, mask)
+    else:
+        m = mask.to(x.dtype)
+        total = all_reduce(torch.stack([(x * m).sum(), m.sum()]))
+        n = total[1]
+        mean = total[0] / n.clamp_min(1.0)
+        sq = all_reduce(((x - mean) ** 2 * m).sum())
+        var = sq / (n - 1.0 if n >= 2 else n.clamp_min(1.0))
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -64,7 +64,8 @@ def cmd_train(args) -> int:
 
     overrides = list(args.overrides) + (["task.skip_bad_rows=true"] if args.skip_bad_rows else [])
     if args.resume:
-        requested = load_config(args.config, overrides) if (args.config or overrides) else None
+        # overrides without --config apply to the run's own saved config
+        requested = load_config(args.config or Path(args.resume) / "config.yaml", overrides) if (args.config or overrides) else None
         cfg = resume_config(args.resume, requested)
         run_dir = args.resume
     else:
@@ -78,8 +79,25 @@ def _train_and_report(cfg, run_dir, resume: bool) -> None:
     from tppo.plots import plot_runs
     from tppo.trainer import Trainer
 
-    trainer = Trainer(cfg, run_dir, resume=resume)
-    history = trainer.train()
+    from tppo import distributed
+
+    trainer = None
+    try:
+        trainer = Trainer(cfg, run_dir, resume=resume)
+        history = trainer.train()
+    except RuntimeError as e:
+        from tppo.trainer import TrainingDiverged
+
+        if not distributed.active() or isinstance(e, TrainingDiverged):
+            raise
+        # gloo/NCCL report a dead peer as a closed connection or a timeout: say what it means
+        print(f"tppo train: rank {distributed.rank()} of {distributed.world_size()}: a collective failed ({str(e).splitlines()[0]}); "
+              f"another rank probably died (see its log) or took longer than train.dist_timeout_s", file=sys.stderr)
+        sys.exit(1)
+    if trainer.rank != 0:
+        distributed.shutdown()
+        return
+    distributed.shutdown()
     plot = plot_runs([run_dir], Path(run_dir) / "plots.png")
     final = history[-1] if history else {}
     before = getattr(trainer, "start_eval", {}).get("eval/accuracy")

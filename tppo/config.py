@@ -276,6 +276,8 @@ class TrainConfig:
         torch_threads: CPU threads for torch (0: torch's default).
         max_nonfinite_steps: stop after this many steps in a row whose loss or gradient
             was NaN/inf (each such optimizer step is skipped, weights unchanged).
+        dist_timeout_s: data-parallel runs: the longest a collective waits for the other
+            ranks; a rank that died makes the others fail after this long, not hang.
     """
 
     total_steps: int = 100
@@ -294,6 +296,7 @@ class TrainConfig:
     bf16: bool = True
     torch_threads: int = 0
     max_nonfinite_steps: int = 5
+    dist_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         for key in ("total_steps", "ppo_epochs", "mini_batches", "micro_batch_rows", "max_nonfinite_steps"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from tppo import algos
+from tppo import algos, distributed
 from tppo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from tppo.config import Config, ConfigError, diff_configs, load_config, save_config
 from tppo.evaluation import decode_response, engine_generate_fn, evaluate
@@ -144,10 +145,11 @@ def critic_values(critic, input_ids, attention_mask) -> torch.Tensor:
 # ---------------------------------------------------------------------- steps 5-7 as functions
 
 
-def compute_advantages(cfg: Config, packed, values_full: torch.Tensor, rewards: list[float | None]):
+def compute_advantages(cfg: Config, packed, values_full: torch.Tensor, rewards: list[float | None], all_reduce=None):
     """Step 5: per-token advantages (policy) and returns (critic), shifted frame.
 
-    values_full: (B, S) critic outputs; rewards: per row, None if unfinished.
+    values_full: (B, S) critic outputs; rewards: per row, None if unfinished;
+    all_reduce: a sum over data-parallel ranks, for whitening with global statistics.
     Returns (advantages, policy_mask, returns, critic_mask, lm_mask).
     """
     a = cfg.algo
@@ -166,7 +168,7 @@ def compute_advantages(cfg: Config, packed, values_full: torch.Tensor, rewards: 
     estimator = algos.ADVANTAGE_ESTIMATORS["gae" if a.algorithm == "ppo" else "egae"]
     adv, _ = estimator(reward_t, values, policy_mask, finished, gamma=a.gamma, lam=lam, bootstrap=a.bootstrap, next_values=next_values)
     if a.whiten_advantages:
-        adv = algos.masked_whiten(adv, policy_mask)
+        adv = algos.masked_whiten(adv, policy_mask, all_reduce=all_reduce)
     if a.window_ignore_tokens:
         adv = _ignore_window_tail(adv, policy_mask, finished, a.window_ignore_tokens)
     critic_mask = response_mask & finished.unsqueeze(1)
@@ -208,8 +210,9 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
     policy.train()
     for _ in range(t.ppo_epochs):
         for mb in _mini_batches(rows, t.mini_batches, gen):
-            n_tok = int(batch.policy_mask[mb].sum())
-            n_lm = int(batch.lm_mask[mb].sum())
+            # global-token denominators: summed over data-parallel ranks
+            n_tok = distributed.sum_int(int(batch.policy_mask[mb].sum()))
+            n_lm = distributed.sum_int(int(batch.lm_mask[mb].sum()))
             opt.zero_grad(set_to_none=True)
             for micro in micro_batches(mb, t.micro_batch_rows):
                 ids, attn, S = trimmed(batch, micro)
@@ -238,6 +241,7 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
                     sums[k] += float(stats[k]) * share
                 sums["entropy"] += float(entropy.detach())
                 tokens_seen += share
+            distributed.all_reduce_grads(policy)
             norm, ok = _clip_and_step(policy, opt, sched, t.grad_clip)
             grad_norms.append(norm)
             skipped += not ok
@@ -262,7 +266,7 @@ def update_critic(critic, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
     critic.train()
     for _ in range(t.ppo_epochs):
         for mb in _mini_batches(rows, t.mini_batches, gen):
-            n_tok = int(batch.critic_mask[mb].sum())
+            n_tok = distributed.sum_int(int(batch.critic_mask[mb].sum()))
             opt.zero_grad(set_to_none=True)
             for micro in micro_batches(mb, t.micro_batch_rows):
                 ids, attn, S = trimmed(batch, micro)
@@ -276,6 +280,7 @@ def update_critic(critic, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
                 loss_sum += float(loss.detach())
                 clip_sum += float(stats["clipfrac"]) * share
                 tokens_seen += share
+            distributed.all_reduce_grads(critic)
             norm, ok = _clip_and_step(critic, opt, sched, t.grad_clip)
             grad_norms.append(norm)
             skipped += not ok
@@ -286,12 +291,18 @@ def update_critic(critic, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
 
 
 def _mini_batches(rows: list[int], n: int, gen: torch.Generator) -> list[list[int]]:
-    """Shuffle ``rows`` with the trainer's generator and split into n near-equal groups."""
-    if not rows:
+    """Shuffle ``rows`` with the trainer's generator and split into n near-equal groups.
+
+    Alone, a step without rows makes no group (no optimizer step). Data-parallel, every
+    rank makes exactly n groups, empty ones included, so all ranks take the same
+    optimizer steps and meet in the same gradient all-reduces.
+    """
+    if not rows and not distributed.active():
         return []
     order = [rows[i] for i in torch.randperm(len(rows), generator=gen).tolist()]
-    size = math.ceil(len(order) / n)
-    return [order[i : i + size] for i in range(0, len(order), size)]
+    size = max(1, math.ceil(len(order) / n))
+    groups = [order[i : i + size] for i in range(0, len(order), size)]
+    return groups + [[] for _ in range(n - len(groups))] if distributed.active() else groups
 
 
 def _clip_and_step(model, opt, sched, max_norm: float) -> tuple[float, bool]:
@@ -320,11 +331,13 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir) if resume else None
         if resume and ckpt is None:
             raise FileNotFoundError(f"--resume {self.run_dir}: no checkpoint in {self.run_dir / 'checkpoints'}")
+        distributed.init_from_env(self.device, cfg.train.dist_timeout_s)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
         self._seed_everything(cfg.train.seed)
         self._build_models(ckpt)
-        self.source = PromptSource(train_examples(cfg, cfg.train.seed), self.tokenizer, max_prompt_tokens=cfg.task.max_prompt_tokens,
-                                   template=cfg.task.template, system=cfg.task.system)
-        self.engine = EmbeddedEngine(cfg.rollout, self.source, eos_token_ids=self.tokenizer.eos_token_id,
+        self.source = PromptSource(self._rank_share(train_examples(cfg, cfg.train.seed)), self.tokenizer,
+                                   max_prompt_tokens=cfg.task.max_prompt_tokens, template=cfg.task.template, system=cfg.task.system)
+        self.engine = EmbeddedEngine(self._rank_rollout(), self.source, eos_token_ids=self.tokenizer.eos_token_id,
                                      pad_token_id=self.tokenizer.pad_token_id, device=self.device)
         self.scorer = RewardScorer(cfg.task.reward, timeout_s=cfg.task.reward_timeout_s, workers=cfg.task.reward_workers,
                                    format_penalty=cfg.task.format_penalty)
@@ -334,11 +347,28 @@ class Trainer:
         self.nonfinite_skips, self.nonfinite_in_a_row = 0, 0
         if ckpt is not None:
             self._restore(load_trainer_state(ckpt))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
-        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, resume_step=self.step_idx if ckpt else None)
+        self.logger = None  # rank 0 logs
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, resume_step=self.step_idx if ckpt else None)
 
     # ------------------------------------------------------------------ setup
+
+    def _rank_rollout(self):
+        """This rank's rollout config: its share of the prompts, its own sampling seed."""
+        r = self.cfg.rollout
+        if self.world == 1:
+            return r
+        if r.prompts_per_step % self.world:
+            raise ConfigError(f"rollout.prompts_per_step ({r.prompts_per_step}) must be divisible by the {self.world} ranks")
+        return dataclasses.replace(r, prompts_per_step=r.prompts_per_step // self.world, seed=r.seed + 1000003 * self.rank)
+
+    def _rank_share(self, make_stream):
+        """Every world-th example of the stream, from this rank's offset (disjoint shares)."""
+        if self.world == 1:
+            return make_stream
+        return lambda: itertools.islice(make_stream(), self.rank, None, self.world)
 
     def _seed_everything(self, seed: int) -> None:
         random.seed(seed)
@@ -373,18 +403,19 @@ class Trainer:
         if self.cfg.model.path:
             return Path(self.cfg.model.path)
         out = Path(self.cfg.sft.output_dir)
-        if not (out / "config.json").exists():
+        if not (out / "config.json").exists() and self.rank == 0:
             from tppo.sft import run_sft
 
             print(f"no SFT warm-start at {out}: training one (cached for later runs)")
             run_sft(self.cfg)
+        distributed.barrier()  # the other ranks wait for rank 0's SFT model
         return out
 
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> list[dict[str, Any]]:
         history = []
-        if self.step_idx == 0:
+        if self.step_idx == 0 and self.rank == 0:
             self.start_eval = self.evaluate()
             (self.run_dir / "eval_initial.json").write_text(json.dumps(self.start_eval) + "\n")
             print(f"held-out accuracy before RL: {self.start_eval['eval/accuracy']:.3f}")
@@ -392,7 +423,8 @@ class Trainer:
             while self.step_idx < self.cfg.train.total_steps:
                 history.append(self.step())
         finally:
-            self.logger.close()
+            if self.logger is not None:
+                self.logger.close()
             self.scorer.close()
         return history
 
@@ -415,7 +447,8 @@ class Trainer:
         values_full = self._values(packed)
         m["time/values_s"] = time.perf_counter() - t
         # 5. advantages (EGAE on this window; GAE for PPO) and critic targets.
-        adv, policy_mask, returns, critic_mask, lm_mask = compute_advantages(cfg, packed, values_full, rewards)
+        adv, policy_mask, returns, critic_mask, lm_mask = compute_advantages(
+            cfg, packed, values_full, rewards, all_reduce=distributed.sum_ if self.world > 1 else None)
         batch = StepBatch(packed.input_ids, packed.attention_mask, policy_mask, critic_mask, lm_mask,
                           packed.old_logprobs[:, 1:], values_full[:, :-1], adv, returns).to(self.device)
         # 6. update the policy (after the critic-only warm-up).
@@ -439,11 +472,12 @@ class Trainer:
         m["time/step_s"] = time.perf_counter() - t0
         self.elapsed += m["time/step_s"]
         m["time/elapsed_s"] = self.elapsed
-        if self._due(cfg.log.eval_every) or self.step_idx == cfg.train.total_steps:
+        if (self._due(cfg.log.eval_every) or self.step_idx == cfg.train.total_steps) and self.rank == 0:
             m.update(self.evaluate())
         m["train/nonfinite_skips"] = self._count_nonfinite(m["policy/skipped_steps"] + m["value/skipped_steps"])
-        self.logger.log(m)
-        if cfg.log.progress:
+        if self.logger is not None:
+            self.logger.log(m)
+        if cfg.log.progress and self.rank == 0:
             print(summary_line(m), flush=True)
         if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
             raise TrainingDiverged(
@@ -501,16 +535,14 @@ class Trainer:
     def _step_metrics(self, wb: WindowBatch, rewards, batch: StepBatch, updated: bool) -> dict[str, Any]:
         fin = [r for r in wb.rows if r.finished]
         scored = [x for x in rewards if x is not None]
-        self.total_generated += wb.stats.generated_tokens
         lengths = [len(r.response_ids) for r in fin]
         cm = batch.critic_mask
-        return {
+        m = {
             "rollout/slot_utilization": wb.stats.slot_utilization,
             "rollout/tokens_per_s": wb.stats.tokens_per_s,
             "time/prefill_s": wb.stats.prefill_s,
             "time/decode_s": wb.stats.decode_s,
             "rollout/generated_tokens": wb.stats.generated_tokens,
-            "rollout/total_generated_tokens": self.total_generated,
             "rollout/finished_rows": len(fin),
             "rollout/carried_rows": len(self.engine.carried),
             "rollout/windows_per_response": _mean([r.windows for r in fin]),
@@ -531,6 +563,22 @@ class Trainer:
             "value/tokens": int(cm.sum()),
             "value/explained_variance": float(algos.explained_variance(batch.old_values, batch.returns, cm)) if cm.any() else float("nan"),
         }
+        if self.world > 1:
+            self._sum_over_ranks(m, scored)
+        self.total_generated += m["rollout/generated_tokens"]
+        m["rollout/total_generated_tokens"] = self.total_generated
+        return m
+
+    def _sum_over_ranks(self, m: dict[str, Any], scored: list[float]) -> None:
+        """Counts and reward statistics of the whole data-parallel batch (the other
+        metrics stay rank 0's: utilization, lengths, losses, timings)."""
+        counts = ("rollout/generated_tokens", "rollout/finished_rows", "rollout/carried_rows", "policy/tokens", "value/tokens")
+        local = [float(m[k]) for k in counts] + [sum(scored), float(len(scored)), float(sum(x >= 1.0 for x in scored))]
+        total = distributed.sum_(torch.tensor(local, dtype=torch.float64)).tolist()
+        m.update({k: int(v) for k, v in zip(counts, total)})
+        n = total[-2]
+        m["reward/mean"] = total[-3] / n if n else float("nan")
+        m["reward/accuracy"] = total[-1] / n if n else float("nan")
 
     def evaluate(self) -> dict[str, float]:
         """Held-out avg@k (``eval/accuracy``) and pass@k of the current policy."""
@@ -543,29 +591,41 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Rank 0 writes one checkpoint holding the (identical) models and optimizers and
+        every rank's own state: its rows in flight, prompt cursor, scorer counts, RNGs."""
         def write_models(d: Path) -> None:
             save_pretrained(self.policy, self.tokenizer, d / "policy")
             self.critic.save_pretrained(d / "critic", safe_serialization=True)
 
-        state = {
-            "step": self.step_idx, "version": self.version, "elapsed": self.elapsed, "total_generated": self.total_generated,
-            "nonfinite": [self.nonfinite_skips, self.nonfinite_in_a_row],
-            "policy_opt": self.policy_opt.state_dict(), "policy_sched": self.policy_sched.state_dict(),
-            "critic_opt": self.critic_opt.state_dict(), "critic_sched": self.critic_sched.state_dict(),
+        ranks = distributed.gather_to_main({
             "engine": self.engine.state_dict(), "source": self.source.state_dict(),
             "scorer": {"calls": self.scorer.calls, "errors": self.scorer.errors, "timeouts": self.scorer.timeouts},
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "trainer": self.gen.get_state()},
-        }
-        try:
-            return save_checkpoint(self.run_dir, self.step_idx, write_models, state, keep=self.cfg.log.keep_checkpoints)
-        except OSError as e:
-            prev = latest_checkpoint(self.run_dir)
-            raise CheckpointError(f"checkpoint of step {self.step_idx} not written ({e}); "
-                                  + (f"the previous checkpoint {prev} is intact: `tppo train --resume {self.run_dir}` restarts from it"
-                                     if prev else "no earlier checkpoint exists")) from e
+        })
+        path = None
+        if self.rank == 0:
+            state = {
+                "step": self.step_idx, "version": self.version, "elapsed": self.elapsed, "total_generated": self.total_generated,
+                "nonfinite": [self.nonfinite_skips, self.nonfinite_in_a_row],
+                "policy_opt": self.policy_opt.state_dict(), "policy_sched": self.policy_sched.state_dict(),
+                "critic_opt": self.critic_opt.state_dict(), "critic_sched": self.critic_sched.state_dict(),
+                "world_size": self.world, "ranks": ranks,
+            }
+            try:
+                path = save_checkpoint(self.run_dir, self.step_idx, write_models, state, keep=self.cfg.log.keep_checkpoints)
+            except OSError as e:
+                prev = latest_checkpoint(self.run_dir)
+                raise CheckpointError(f"checkpoint of step {self.step_idx} not written ({e}); "
+                                      + (f"the previous checkpoint {prev} is intact: `tppo train --resume {self.run_dir}` restarts from it"
+                                         if prev else "no earlier checkpoint exists")) from e
+        distributed.barrier()
+        return path
 
     def _restore(self, state: dict[str, Any]) -> None:
+        if state["world_size"] != self.world:
+            raise ConfigError(f"the checkpoint was written by {state['world_size']} ranks; resume it with the same number "
+                              f"(this run has {self.world}): each rank's rows in flight and prompt cursor are its own")
         self.step_idx, self.version = state["step"], state["version"]
         self.elapsed, self.total_generated = state["elapsed"], state["total_generated"]
         self.nonfinite_skips, self.nonfinite_in_a_row = state["nonfinite"]
@@ -573,13 +633,14 @@ class Trainer:
         self.policy_sched.load_state_dict(state["policy_sched"])
         self.critic_opt.load_state_dict(state["critic_opt"])
         self.critic_sched.load_state_dict(state["critic_sched"])
-        self.source.load_state_dict(state["source"])
-        self.engine.load_state_dict(state["engine"])
-        for k, v in state["scorer"].items():
+        mine = state["ranks"][self.rank]
+        self.source.load_state_dict(mine["source"])
+        self.engine.load_state_dict(mine["engine"])
+        for k, v in mine["scorer"].items():
             setattr(self.scorer, k, v)
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        self.gen.set_state(state["rng"]["trainer"])
+        torch.set_rng_state(mine["rng"]["torch"])
+        random.setstate(mine["rng"]["python"])
+        self.gen.set_state(mine["rng"]["trainer"])
 
 
 def _mean(xs) -> float:
