@@ -311,3 +311,17 @@ def test_rollout_config_errors():
         RolloutConfig(samples_per_prompt=0)
     with pytest.raises(ConfigError, match="top_p"):
         RolloutConfig(top_p=0.0)
+
+
+def test_vllm_engine_imports_without_vllm_and_says_how_to_get_it():
+    import importlib.util
+
+    from tppo.config import RolloutConfig
+    from tppo.rollout.vllm_engine import VLLMEngine
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(ImportError, match=r"pip install 'tppo\[vllm\]'"):
+        VLLMEngine(RolloutConfig(), [], model_path="unused", eos_token_ids=0)
+    with pytest.raises(ValueError, match="top_p=1"):
+        VLLMEngine(RolloutConfig(top_p=0.9), [], model_path="unused", eos_token_ids=0)

@@ -48,6 +48,10 @@ class RolloutConfig:
             Requires ``remove_finished``.
         ignore_eos: never stop on EOS (benchmarks force lengths with per-prompt caps).
         seed: seed of the engine's sampling generator.
+        engine: ``embedded`` (tppo's own, the default) or ``vllm`` (GPU; ``tppo[vllm]``).
+        vllm_gpu_memory_utilization, vllm_tensor_parallel_size: passed to ``vllm.LLM``.
+        vllm_sleep: put vLLM to sleep (weights offloaded, KV cache freed) while the
+            trainer updates, waking it for the next window.
     """
 
     prompts_per_step: int = 8
@@ -61,6 +65,10 @@ class RolloutConfig:
     refill_within_window: bool = False
     ignore_eos: bool = False
     seed: int = 0
+    engine: Literal["embedded", "vllm"] = "embedded"
+    vllm_gpu_memory_utilization: float = 0.4
+    vllm_tensor_parallel_size: int = 1
+    vllm_sleep: bool = False
 
     def __post_init__(self) -> None:
         for key in ("prompts_per_step", "samples_per_prompt", "window_tokens", "max_response_tokens"):

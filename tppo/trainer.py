@@ -337,8 +337,7 @@ class Trainer:
         self._build_models(ckpt)
         self.source = PromptSource(self._rank_share(train_examples(cfg, cfg.train.seed)), self.tokenizer,
                                    max_prompt_tokens=cfg.task.max_prompt_tokens, template=cfg.task.template, system=cfg.task.system)
-        self.engine = EmbeddedEngine(self._rank_rollout(), self.source, eos_token_ids=self.tokenizer.eos_token_id,
-                                     pad_token_id=self.tokenizer.pad_token_id, device=self.device)
+        self.engine = self._make_engine(ckpt)
         self.scorer = RewardScorer(cfg.task.reward, timeout_s=cfg.task.reward_timeout_s, workers=cfg.task.reward_workers,
                                    format_penalty=cfg.task.format_penalty)
         self.eval_set = eval_examples(cfg)
@@ -354,6 +353,17 @@ class Trainer:
             self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, resume_step=self.step_idx if ckpt else None)
 
     # ------------------------------------------------------------------ setup
+
+    def _make_engine(self, ckpt: Path | None):
+        r = self._rank_rollout()
+        if r.engine == "vllm":
+            from tppo.rollout.vllm_engine import VLLMEngine
+
+            return VLLMEngine(r, self.source, model_path=str(ckpt / "policy" if ckpt else self.initial_policy_path()),
+                              eos_token_ids=self.tokenizer.eos_token_id, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                              tensor_parallel_size=r.vllm_tensor_parallel_size, sleep_between_windows=r.vllm_sleep)
+        return EmbeddedEngine(r, self.source, eos_token_ids=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                              device=self.device)
 
     def _rank_rollout(self):
         """This rank's rollout config: its share of the prompts, its own sampling seed."""

@@ -23,10 +23,9 @@ max_response_tokens`` (every row finishes in its only window), and the naive
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 from transformers import StaticCache
@@ -34,13 +33,14 @@ from transformers import StaticCache
 from tppo.config import RolloutConfig
 from tppo.rollout.base import PromptItem, RolloutStats, Row, WindowBatch
 from tppo.rollout.sampling import sample_tokens
+from tppo.rollout.slots import SlotFiller
 
 _REASONS = {1: "eos", 2: "length"}
 # Compact the decode batch once this share of its entries is done (see _Window._compact).
 COMPACT_FRACTION = 0.125
 
 
-class EmbeddedEngine:
+class EmbeddedEngine(SlotFiller):
     """Windowed generation engine (see module docstring); implements ``RolloutEngine``."""
 
     def __init__(
@@ -52,90 +52,30 @@ class EmbeddedEngine:
         pad_token_id: int,
         device: str | torch.device = "cpu",
     ) -> None:
-        self.cfg = cfg
-        self.prompts: Iterator[PromptItem] = iter(prompts)
+        super().__init__(cfg, prompts)
         eos = {eos_token_ids} if isinstance(eos_token_ids, int) else set(eos_token_ids)
         self.eos_token_ids = torch.tensor(sorted(eos))
         self.pad_token_id = pad_token_id
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self._carried: list[Row] = []
-        self._pending: list[Row] = []  # admitted from the stream, waiting for room in a window
-        self._next_uid = 0
-        self.exhausted = False
 
     # ------------------------------------------------------------------ public API
-
-    @property
-    def carried(self) -> list[Row]:
-        return list(self._carried)
 
     def generate_window(self, model: torch.nn.Module, version: int) -> WindowBatch:
         rows = self._take_rows(self.cfg.num_slots, list(self._carried))
         if not rows:
-            return WindowBatch(rows=[], window_start=[], stats=RolloutStats(self.cfg.num_slots, 0, 0, 0, 0.0, 0.0))
+            return self._empty_window()
         starts = [len(r.response_ids) for r in rows]
         stats = self._run_window(model, rows, version)
         starts += [0] * (len(rows) - len(starts))  # rows admitted mid-window start at 0
-        for row in rows:
-            row.windows += 1
-        # Later windows extend copies, so the returned batch stays as it is.
-        self._carried = [r.copy() for r in rows if not r.finished]
-        return WindowBatch(rows=rows, window_start=starts, stats=stats)
+        return self._close_window(rows, starts, stats)
 
     def state_dict(self) -> dict[str, Any]:
-        # Snapshots: the live rows keep growing in the next window.
-        return {
-            "carried": [dataclasses.asdict(r) for r in self._carried],
-            "pending": [dataclasses.asdict(r) for r in self._pending],
-            "next_uid": self._next_uid,
-            "generator": self.generator.get_state(),
-            "exhausted": self.exhausted,
-        }
+        return {**super().state_dict(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._carried = [Row(**d).copy() for d in state["carried"]]
-        self._pending = [Row(**d).copy() for d in state.get("pending", [])]
-        self._next_uid = state["next_uid"]
+        super().load_state_dict(state)
         self.generator.set_state(state["generator"])
-        self.exhausted = state["exhausted"]
-
-    # ------------------------------------------------------------------ step 1: fill
-
-    def _take_rows(self, slots: int, rows: list[Row]) -> list[Row]:
-        """Append whole groups of G rows (pending first, then the stream) while they fit in ``slots``."""
-        G = self.cfg.samples_per_prompt
-        while slots - len(rows) >= G:
-            group = self._next_group()
-            if group is None:
-                break
-            rows.extend(group)
-        return rows
-
-    def _next_group(self) -> list[Row] | None:
-        if self._pending:
-            group, self._pending = self._pending[: self.cfg.samples_per_prompt], self._pending[self.cfg.samples_per_prompt :]
-            return group
-        if self.exhausted:
-            return None
-        try:
-            item = next(self.prompts)
-        except StopIteration:
-            self.exhausted = True
-            return None
-        return self._new_rows(item)
-
-    def _new_rows(self, item: PromptItem) -> list[Row]:
-        if not item.prompt_ids:
-            raise ValueError(f"prompt {item.prompt_id} is empty: every prompt needs at least one token")
-        cap = min(item.max_response_tokens or self.cfg.max_response_tokens, self.cfg.max_response_tokens)
-        if cap < 1:
-            raise ValueError(f"prompt {item.prompt_id}: max_response_tokens must be >= 1 (got {cap})")
-        rows = []
-        for k in range(self.cfg.samples_per_prompt):
-            rows.append(Row(self._next_uid, item.prompt_id, k, list(item.prompt_ids), dict(item.meta), cap))
-            self._next_uid += 1
-        return rows
 
     # ------------------------------------------------------------------ step 2: generate
 
