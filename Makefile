@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup demo test test-slow bench bench-rollout clean
+.PHONY: setup demo test test-slow bench bench-rollout bench-ppo-vs-tppo soak clean
 
 setup: $(VENV)/.installed
 
@@ -29,7 +29,15 @@ test-slow: setup
 bench-rollout: setup
 	$(PY) benchmarks/bench_rollout.py
 
-bench: bench-rollout
+bench-ppo-vs-tppo: setup
+	$(PY) benchmarks/ppo_vs_tppo.py
+	$(PY) benchmarks/gpu_projection.py
+
+bench: bench-rollout bench-ppo-vs-tppo
+
+soak: setup
+	$(PY) benchmarks/soak.py kills --kills 20
+	$(PY) benchmarks/soak.py memory --steps 300
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
