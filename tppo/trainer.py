@@ -42,6 +42,7 @@ from tppo.rewards import RewardScorer
 from tppo.rollout import EmbeddedEngine, WindowBatch
 from tppo.tasks import ChainTask, Example, PromptSource, epoch_stream, load_examples
 
+
 class TrainingDiverged(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient."""
 
