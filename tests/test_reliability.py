@@ -221,3 +221,15 @@ def test_non_utf8_config_file_is_a_config_error(tmp_path):
     path.write_bytes(b"rollout:\n  window_tokens: \xff\xfe\n")
     with pytest.raises(ConfigError, match=r"c.yaml: not valid UTF-8"):
         load_config(path)
+
+
+def test_loaded_weights_are_moved_to_aligned_memory_unchanged(model_dir):
+    from tppo.models import own_aligned_memory
+
+    model, _ = load_pretrained(model_dir)
+    before = params(model)
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    own_aligned_memory(model)
+    assert all(t.data_ptr() % 64 == 0 for t in [*model.parameters(), *model.buffers()])
+    assert all(torch.equal(v, params(model)[k]) for k, v in before.items())
+    assert (model.get_input_embeddings().weight is model.get_output_embeddings().weight) == tied
