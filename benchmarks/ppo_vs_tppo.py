@@ -212,16 +212,17 @@ def summarize(results: dict[str, dict], margin: float) -> dict:
 
         per_label = {}
         for lab in labels:
-            these = [runs[f"{setting}/{lab}/s{s}"] for s in seeds if f"{setting}/{lab}/s{s}" in runs]
-            times = {s: ttt(lab, s, "elapsed_s") for s in seeds}
+            ran = [s for s in seeds if f"{setting}/{lab}/s{s}" in runs]  # ablations ran seed 0 only
+            these = [runs[f"{setting}/{lab}/s{s}"] for s in ran]
+            times = {s: ttt(lab, s, "elapsed_s") for s in ran}
             ratios = [ttt("ppo", s, "elapsed_s") / t for s, t in times.items() if t and ttt("ppo", s, "elapsed_s")]
             per_label[lab] = {
                 "seeds": len(these),
                 "final_accuracy": statistics.median(r["curve"][-1]["accuracy"] for r in these),
                 "best_accuracy": statistics.median(max(p["accuracy"] for p in r["curve"]) for r in these),
                 "time_to_target_s": times,
-                "tokens_to_target": {s: ttt(lab, s, "tokens") for s in seeds},
-                "steps_to_target": {s: ttt(lab, s, "step") for s in seeds},
+                "tokens_to_target": {s: ttt(lab, s, "tokens") for s in ran},
+                "steps_to_target": {s: ttt(lab, s, "step") for s in ran},
                 "reached_target": sum(t is not None for t in times.values()),
                 "time_to_target_ratio": _spread(ratios),
                 "train_s": statistics.median(r["train_s"] for r in these),
@@ -233,7 +234,9 @@ def summarize(results: dict[str, dict], margin: float) -> dict:
                                              for s in seeds if f"{setting}/{lab}/s{s}" in runs and f"{setting}/ppo/s{s}" in runs]),
             }
         main = [lab for lab in labels if lab.startswith("tppo") and lab.count("-") == 1]
-        best = max(main, key=lambda lab: (per_label[lab]["time_to_target_ratio"] or {}).get("median", 0.0), default=None)
+        # the best window reaches the target in the most seeds, then has the highest median ratio
+        best = max(main, key=lambda lab: (per_label[lab]["reached_target"], (per_label[lab]["time_to_target_ratio"] or {}).get("median", 0.0)),
+                   default=None)
         out[setting] = {"initial_accuracy": init, "target_accuracy": target, "margin": margin, "best_window": best,
                         "runs": per_label}
     return out

@@ -81,7 +81,6 @@ def _train_and_report(cfg, run_dir, resume: bool) -> None:
 
     from tppo import distributed
 
-    trainer = None
     try:
         trainer = Trainer(cfg, run_dir, resume=resume)
         history = trainer.train()
@@ -94,10 +93,9 @@ def _train_and_report(cfg, run_dir, resume: bool) -> None:
         print(f"tppo train: rank {distributed.rank()} of {distributed.world_size()}: a collective failed ({str(e).splitlines()[0]}); "
               f"another rank probably died (see its log) or took longer than train.dist_timeout_s", file=sys.stderr)
         sys.exit(1)
-    if trainer.rank != 0:
-        distributed.shutdown()
-        return
     distributed.shutdown()
+    if trainer.rank != 0:  # rank 0 reports
+        return
     plot = plot_runs([run_dir], Path(run_dir) / "plots.png")
     final = history[-1] if history else {}
     before = getattr(trainer, "start_eval", {}).get("eval/accuracy")
