@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tppo.cli import main
 from tppo.config import TinyModelConfig
 from tppo.models import build_tiny, save_pretrained
@@ -28,3 +30,15 @@ def test_train_then_plot(tmp_path, capsys):
 def test_bad_override_is_a_clear_error(capsys):
     assert main(["train", "rollout.windw_tokens=3"]) == 2
     assert "unknown config key 'rollout.windw_tokens'" in capsys.readouterr().err
+
+
+def test_vllm_engine_without_vllm_is_a_clear_error(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    from trainer_helpers import save_tiny
+
+    code = main(["train", "--run-dir", str(tmp_path / "run"), f"model.path={save_tiny(tmp_path / 'm')}", "rollout.engine=vllm",
+                 "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "task.eval_problems=2", "log.tensorboard=false"])
+    assert code == 2 and "pip install 'tppo[vllm]'" in capsys.readouterr().err

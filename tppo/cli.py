@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "plot": cmd_plot, "demo": cmd_demo}[args.cmd](args)
-    except (ConfigError, DatasetError, FileNotFoundError) as e:  # bad input: nothing ran
+    except (ConfigError, DatasetError, FileNotFoundError, ImportError) as e:  # bad input or a missing extra: nothing ran
         print(f"tppo {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except (TrainingDiverged, CheckpointError) as e:  # a run that stopped; its last checkpoint is resumable
