@@ -91,14 +91,17 @@ def test_failed_checkpoint_write_keeps_the_previous_one(model_dir, tmp_path, mon
 def test_a_save_killed_midway_is_invisible_and_cleaned_up(model_dir, tmp_path):
     trainer = Trainer(make_cfg(model_dir, tmp_path, "train.total_steps=2", "log.checkpoint_every=1"), tmp_path)
     trainer.step()
-    # What SIGKILL during a save leaves: a temporary directory with part of a checkpoint.
+    # What SIGKILL during a save leaves: a temporary directory with part of a checkpoint;
+    # during the pruning of an old one: that one half deleted, already renamed away.
     stale = tmp_path / "checkpoints" / ".tmp-step-000002-99999"
-    (stale / "policy").mkdir(parents=True)
-    (stale / "policy" / "model.safetensors").write_bytes(b"\x00" * 10)
-    assert latest_checkpoint(tmp_path).name == "step-000001"
+    pruned = tmp_path / "checkpoints" / ".del-step-000000-99999"
+    for d in (stale, pruned):
+        (d / "policy").mkdir(parents=True)
+        (d / "policy" / "model.safetensors").write_bytes(b"\x00" * 10)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001"]
     load_trainer_state(latest_checkpoint(tmp_path))
-    trainer.step()  # the next save removes it
-    assert not stale.exists() and latest_checkpoint(tmp_path).name == "step-000002"
+    trainer.step()  # the next save removes both
+    assert not stale.exists() and not pruned.exists() and latest_checkpoint(tmp_path).name == "step-000002"
     trainer.scorer.close()
 
 
@@ -158,8 +161,11 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
 
 # ---------------------------------------------------------------------- fuzzing bad input
 
-_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+def _containers(inner):
+    return st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3))
+
+
+_json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20), _containers,
                             max_leaves=6)
 _rows = st.one_of(
     st.fixed_dictionaries({"question": st.text(max_size=30), "answer": st.text(max_size=30)}),  # maybe empty, maybe no ####

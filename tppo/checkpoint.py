@@ -6,7 +6,9 @@ else, including the engine's unfinished rows with their tokens, log-probs and
 versions). It is written under a temporary name, flushed, then renamed: a directory
 with the final name is always complete, and a crash mid-write leaves the previous
 checkpoint intact (its half-written temporary directory is ignored by readers and
-removed by the next save). Only the last ``keep`` checkpoints are kept.
+removed by the next save). Only the last ``keep`` checkpoints are kept; an old one is
+renamed out of sight before it is deleted, so a kill mid-prune leaves no partial
+checkpoint under a final name either.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def save_checkpoint(run_dir: str | Path, step: int, write_models: Callable[[Path
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    for stale in root.glob(".tmp-step-*"):  # left by a writer that was killed mid-save (one writer per run)
+    for stale in [*root.glob(".tmp-step-*"), *root.glob(".del-step-*")]:  # left by a writer killed mid-save or mid-prune
         shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp.mkdir()
@@ -44,15 +46,23 @@ def save_checkpoint(run_dir: str | Path, step: int, write_models: Callable[[Path
         torch.save(state, tmp / "trainer_state.pt")
         _fsync_tree(tmp)
         if final.exists():  # re-saving a step (after a resume): replace it whole
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(tmp, final)
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint so that no half-deleted one ever carries a final name: rename
+    it out of the readers' sight (atomic), then delete it."""
+    doomed = path.with_name(f".del-{path.name}-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
