@@ -210,12 +210,13 @@ def summarize(results: dict[str, dict], margin: float) -> dict:
             pts += r["curve"]
             return time_to_target([p[axis] for p in pts], [p["accuracy"] for p in pts], target)
 
+        ppo_times = {s: ttt("ppo", s, "elapsed_s") for s in seeds}
         per_label = {}
         for lab in labels:
             ran = [s for s in seeds if f"{setting}/{lab}/s{s}" in runs]  # ablations ran seed 0 only
             these = [runs[f"{setting}/{lab}/s{s}"] for s in ran]
             times = {s: ttt(lab, s, "elapsed_s") for s in ran}
-            ratios = [ttt("ppo", s, "elapsed_s") / t for s, t in times.items() if t and ttt("ppo", s, "elapsed_s")]
+            ratios = [ppo_times[s] / t for s, t in times.items() if t and ppo_times[s]]
             per_label[lab] = {
                 "seeds": len(these),
                 "final_accuracy": statistics.median(r["curve"][-1]["accuracy"] for r in these),
@@ -231,7 +232,7 @@ def summarize(results: dict[str, dict], margin: float) -> dict:
                 "slot_utilization": statistics.median(r["slot_utilization"] for r in these),
                 "phase_s": {p: statistics.median(r["phase_s"][p] for r in these) for p in PHASES},
                 "train_time_ratio": _spread([runs[f"{setting}/ppo/s{s}"]["train_s"] / runs[f"{setting}/{lab}/s{s}"]["train_s"]
-                                             for s in seeds if f"{setting}/{lab}/s{s}" in runs and f"{setting}/ppo/s{s}" in runs]),
+                                             for s in ran if f"{setting}/ppo/s{s}" in runs]),
             }
         main = [lab for lab in labels if lab.startswith("tppo") and lab.count("-") == 1]
         # the best window reaches the target in the most seeds, then has the highest median ratio

@@ -34,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit, machine, write_json  # noqa: E402
 
 from tppo.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state  # noqa: E402
-from tppo.metrics import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from trainer_helpers import deterministic_metrics, make_cfg, save_tiny  # noqa: E402
 
 
 # ---------------------------------------------------------------------- the kill harness
@@ -89,8 +90,7 @@ def compare_runs(a: Path, b: Path) -> None:
         assert wa.keys() == wb.keys()
         diff = {k: float((wa[k] - wb[k]).abs().max()) for k in wa if not torch.equal(wa[k], wb[k])}
         assert not diff, (part, diff)
-    strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time/") and not k.endswith("tokens_per_s")}  # noqa: E731
-    ma, mb = [strip(m) for m in read_metrics(a)], [strip(m) for m in read_metrics(b)]
+    ma, mb = deterministic_metrics(a), deterministic_metrics(b)
     assert [m["step"] for m in ma] == [m["step"] for m in mb]
     for x, y in zip(ma, mb):
         assert x == y, {k: (x.get(k), y.get(k)) for k in x.keys() | y.keys() if x.get(k) != y.get(k)}
@@ -98,9 +98,6 @@ def compare_runs(a: Path, b: Path) -> None:
 
 def small_config(tmp: Path, total_steps: int) -> Path:
     """A tiny random model and a config that checkpoints every step."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from trainer_helpers import make_cfg, save_tiny
-
     from tppo.config import save_config
 
     cfg = make_cfg(save_tiny(tmp / "model"), tmp / "unused", f"train.total_steps={total_steps}", "log.checkpoint_every=1",

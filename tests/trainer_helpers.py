@@ -27,5 +27,14 @@ def make_cfg(model_dir, run_dir, *overrides) -> Config:
     return load_config(None, [f"model.path={model_dir}", f"log.run_dir={run_dir}", *BASE_OVERRIDES, *overrides])
 
 
+def deterministic_metrics(run_dir, also_ignore: tuple[str, ...] = ()) -> list[dict]:
+    """The run's metrics.jsonl without what legitimately differs between equal runs:
+    timings (``time/``, ``*tokens_per_s``) and any key starting with ``also_ignore``."""
+    from tppo.metrics import read_metrics
+
+    skip = ("time/", *also_ignore)
+    return [{k: v for k, v in m.items() if not k.startswith(skip) and not k.endswith("tokens_per_s")} for m in read_metrics(run_dir)]
+
+
 def params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

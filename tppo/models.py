@@ -12,8 +12,8 @@ embedded model.
 from __future__ import annotations
 
 import copy
-import itertools
 import dataclasses
+import itertools
 import string
 from pathlib import Path
 
