@@ -162,11 +162,11 @@ def chain_lengths(n: int, cap: int, seed: int = 0) -> np.ndarray:
     """Response lengths of the embedded chain task's correct solutions, scaled from its
     L = 256 to ``cap`` (the shape of the embedded long tail at another scale)."""
     from tppo.config import ChainConfig
-    from tppo.tasks.chain import ChainTask, solution_text
+    from tppo.tasks.chain import Chain, ChainTask, solution_text
 
     stream = ChainTask(ChainConfig()).stream("train", seed)
     metas = [next(stream).meta for _ in range(min(n, 20_000))]
-    base = np.array([len(solution_text(m["n"], m["d"])) + 1 for m in metas])  # characters = tokens, + EOS
+    base = np.array([len(solution_text(Chain(**m))) + 1 for m in metas])  # characters = tokens, + EOS
     rng = np.random.default_rng(seed)
     return np.clip(np.round(rng.choice(base, n) * cap / 256), 1, cap).astype(np.int64)
 

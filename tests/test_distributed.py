@@ -1,5 +1,5 @@
 """Data parallelism on 2 CPU ranks (gloo): one update on 2 ranks equals one process on
-the concatenated batch; global whitening; a 2-rank training run with checkpoint and
+the concatenated batch, with replicas and with FSDP2 sharding; global whitening; a 2-rank training run with checkpoint and
 resume through torchrun; a dead rank makes the other fail instead of hanging."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from trainer_helpers import deterministic_metrics, make_cfg
 
-from tppo import algos, distributed
+from tppo import algos, distributed, sharding
 from tppo.config import save_config
 from tppo.models import critic_from_policy, load_pretrained
 from tppo.trainer import StepBatch, update_critic, update_policy
@@ -44,32 +44,39 @@ def rows(batch: StepBatch, sl: slice) -> StepBatch:
     return StepBatch(**{k: v[sl] for k, v in vars(batch).items()})
 
 
-def one_update(model_dir: str, batch: StepBatch, cfg_dir: Path):
+def one_update(model_dir: str, batch: StepBatch, cfg_dir: Path, fsdp: bool = False):
+    """The updated weights (gathered to rank 0 when sharded; None on rank 1 then)."""
     cfg = make_cfg(model_dir, cfg_dir, "train.micro_batch_rows=2", "algo.lm_loss_coef=0.1", "train.grad_clip=0.5")
     policy, _ = load_pretrained(model_dir)
     critic = critic_from_policy(policy)
     out = {}
     for name, model, fn, lr in (("policy", policy, update_policy, 1e-2), ("critic", critic, update_critic, 1e-2)):
+        if fsdp:
+            sharding.shard(model, torch.device("cpu"))
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
         fn(model, opt, sched, batch, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
-        out[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = sharding.full_model_state(model) if fsdp else model.state_dict()
+        out[name] = state and {k: v.detach().clone() for k, v in state.items()}
     return out
 
 
-def _rank_worker(rank: int, model_dir: str, tmp: str) -> None:
+def _rank_worker(rank: int, model_dir: str, tmp: str, fsdp: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     batch = fixed_batch(load_pretrained(model_dir)[0].config.vocab_size)
     half = rows(batch, slice(4 * rank, 4 * rank + 4))
     whitened = algos.masked_whiten(half.advantages, half.policy_mask, all_reduce=distributed.sum_)
-    torch.save({"whitened": whitened, **one_update(model_dir, half, Path(tmp))}, f"{tmp}/rank{rank}.pt")
+    torch.save({"whitened": whitened, **one_update(model_dir, half, Path(tmp), fsdp)}, f"{tmp}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_two_ranks_update_equals_one_process_on_the_whole_batch(model_dir, tmp_path):
-    mp.spawn(_rank_worker, args=(model_dir, str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicas", "fsdp2"])
+def test_two_ranks_update_equals_one_process_on_the_whole_batch(model_dir, tmp_path, fsdp):
+    """Rank 1's half has no critic rows: the critic update pads its micro-batches
+    (FSDP) or contributes a zero gradient (replicas)."""
+    mp.spawn(_rank_worker, args=(model_dir, str(tmp_path), fsdp), nprocs=2, join=True)
     batch = fixed_batch(load_pretrained(model_dir)[0].config.vocab_size)
     single = one_update(model_dir, batch, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -78,7 +85,8 @@ def test_two_ranks_update_equals_one_process_on_the_whole_batch(model_dir, tmp_p
     for part in ("policy", "critic"):
         for k, v in single[part].items():
             torch.testing.assert_close(ranks[0][part][k], v, atol=1e-5, rtol=1e-4, msg=f"{part} {k}")
-            assert torch.equal(ranks[0][part][k], ranks[1][part][k]), "ranks must hold identical weights"
+            if not fsdp:
+                assert torch.equal(ranks[0][part][k], ranks[1][part][k]), "ranks must hold identical weights"
     assert any(not torch.equal(single["critic"][k], v) for k, v in critic_from_policy(load_pretrained(model_dir)[0]).state_dict().items())
 
 
@@ -115,9 +123,10 @@ def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_two_rank_run_checkpoints_and_resumes_exactly(model_dir, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicas", "fsdp2"])
+def test_two_rank_run_checkpoints_and_resumes_exactly(model_dir, tmp_path, fsdp):
     cfg = make_cfg(model_dir, tmp_path / "unused", "train.total_steps=3", "log.checkpoint_every=1", "train.device=cpu",
-                   "train.torch_threads=1")
+                   "train.torch_threads=1", f"train.fsdp={str(fsdp).lower()}")
     save_config(cfg, tmp_path / "c.yaml")
     full = _torchrun("--config", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-3000:]
@@ -132,4 +141,4 @@ def test_two_rank_run_checkpoints_and_resumes_exactly(model_dir, tmp_path):
     assert a[0]["rollout/finished_rows"] + a[0]["rollout/carried_rows"] == 8
     single = subprocess.run([sys.executable, "-m", "tppo.cli", "train", "--resume", str(tmp_path / "cut"), "train.total_steps=4"],
                             capture_output=True, text=True)
-    assert single.returncode == 2 and "written by 2 ranks" in single.stderr
+    assert single.returncode == 2 and ("train.fsdp shards" if fsdp else "written by 2 ranks") in single.stderr

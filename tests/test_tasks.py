@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tppo.config import ChainConfig
+from tppo.config import ChainConfig, ConfigError
 from tppo.evaluation import evaluate, pass_at_k
 from tppo.models import build_tiny_tokenizer
 from tppo.rewards import RewardScorer, exact_reward
@@ -24,7 +24,7 @@ from tppo.tasks import (
     load_examples,
     normalize_answer,
 )
-from tppo.tasks.chain import is_heldout, prompt_text, solution_text
+from tppo.tasks.chain import Chain, is_heldout, prompt_text, solution_text
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -33,48 +33,65 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_chain_solution_hand_example():
-    assert prompt_text(47, 9) == "47-9:"
-    assert solution_text(47, 9) == "38 29 20 11 2=2"
-    ex = ChainTask().example(47, 9)
-    assert ex.answer == "2" and ex.meta["steps"] == 5
-    assert exact_reward(ex.prompt, solution_text(47, 9), ex.answer) == 1.0
+    problem = Chain(174, 9, 6)
+    assert prompt_text(problem) == "174-9*6:"
+    assert solution_text(problem) == "165 156 147 138 129 120=120"
+    ex = ChainTask().example(problem)
+    assert ex.answer == "120" and ex.meta == {"n": 174, "d": 9, "k": 6}
+    assert exact_reward(ex.prompt, solution_text(problem), ex.answer) == 1.0
 
 
 def test_chain_injected_mistakes_stay_consistent_and_spoil_the_answer():
     rng = random.Random(0)
     wrong = 0
     for _ in range(200):
-        n, d = rng.randint(30, 90), rng.randint(2, 9)
-        text = solution_text(n, d, rng, mistake_rate=1.0)
+        problem = Chain(rng.randint(300, 999), rng.randint(2, 9), rng.randint(1, 20))
+        text = solution_text(problem, rng, mistake_rate=1.0)
         values = [int(v) for v in text.split("=")[0].split()]
-        prev = n
-        for v in values:  # every step is off by exactly one (or clipped at 0)
-            assert abs(v - (prev - d)) == 1 or v == 0
+        assert len(values) == problem.k
+        prev = problem.n
+        for v in values:  # every step is off by exactly one, from the previous (wrong) value
+            assert abs(v - (prev - problem.d)) == 1
             prev = v
-        wrong += text.split("=")[1] != str(n % d)
-    # The wrong chain still ends in [0, d): right by chance ~1/d of the time (E[1/d] ~ 0.22).
-    assert wrong > 0.6 * 200
+        wrong += text.split("=")[1] != str(problem.answer)
+    # The end is off by a sum of k signs: zero only when they cancel (k even, ~C(k, k/2) / 2^k).
+    assert wrong > 0.7 * 200
 
 
 def test_chain_steps_follow_the_lognormal_spec():
-    spec = ChainConfig(median_steps=6, sigma=0.9, max_steps=1000)
+    spec = ChainConfig(median_steps=6, sigma=0.9, max_steps=60, max_start=10_000)
     task, rng = ChainTask(spec), random.Random(1)
     ks = [task.sample_steps(rng) for _ in range(20000)]
     assert 5 <= statistics.median(ks) <= 7
-    logs = [math.log(k) for k in ks if k > 1]
-    # Rounding and the floor at 1 shrink the spread a little: sigma within 12 %.
-    assert statistics.pstdev(logs) == pytest.approx(0.9, rel=0.12)
+    logs = [math.log(k) for k in ks if 1 < k < 60]
+    # Rounding, the floor at 1 and the cap at 60 shrink the spread: sigma within 15 %.
+    assert statistics.pstdev(logs) == pytest.approx(0.9, rel=0.15)
     flat = ChainTask(ChainConfig(median_steps=6, sigma=0.0))
     assert {flat.sample_steps(rng) for _ in range(100)} == {6}
 
 
-def test_chain_clip_and_long_tail_of_response_lengths():
+def test_chain_problems_respect_the_spec_and_have_a_long_tail():
     task, rng = ChainTask(), random.Random(2)
     problems = [task.sample_problem(rng, "train") for _ in range(20000)]
-    ks = [n // d for n, d in problems]
-    assert min(ks) >= 1 and max(ks) <= task.spec.max_steps
-    lengths = sorted(len(solution_text(n, d)) + 1 for n, d in problems)
+    spec = task.spec
+    assert all(spec.min_steps <= p.k <= spec.max_steps and spec.min_divisor <= p.d <= spec.max_divisor for p in problems)
+    assert all(spec.min_end <= p.answer and p.n <= spec.max_start for p in problems)
+    lengths = sorted(len(solution_text(p)) + 1 for p in problems)
+    assert all(len(solution_text(p)) + 1 == 4 * p.k + 4 for p in problems[:200])  # k values, '=', answer, EOS
     assert lengths[-1] / statistics.median(lengths) >= 8  # the long tail T-PPO targets
+
+
+def test_chain_problem_space_is_large_at_every_length():
+    """The start is independent of the length: short chains are not a handful of
+    problems repeated (the first version's flaw), so a stream rarely repeats itself."""
+    task = ChainTask()
+    stream = task.stream("train", 0)
+    prompts = [next(stream).prompt for _ in range(2000)]
+    assert len(set(prompts)) > 0.9 * len(prompts)
+    short = [p for p in prompts if p.endswith("*1:")]
+    assert len(short) > 50 and len(set(short)) > 0.9 * len(short)
+    evaluation = task.distinct("heldout", 1234, 300)
+    assert len({e.prompt for e in evaluation}) == 300
 
 
 def test_chain_splits_never_overlap_and_have_the_stated_share():
@@ -83,9 +100,14 @@ def test_chain_splits_never_overlap_and_have_the_stated_share():
     train = {task.sample_problem(rng, "train") for _ in range(5000)}
     heldout = {task.sample_problem(rng, "heldout") for _ in range(2000)}
     assert not train & heldout
-    space = [(n, d) for d in range(2, 10) for n in range(d, 60 * d + d)]
-    share = sum(is_heldout(n, d, 0.1) for n, d in space) / len(space)
+    space = [Chain(n, d, k) for d in range(2, 10) for k in (1, 7, 40) for n in range(d * k + 100, 1000, 7)]
+    share = sum(is_heldout(p, 0.1) for p in space) / len(space)
     assert share == pytest.approx(0.1, abs=0.02)
+
+
+def test_chain_spec_rejects_lengths_without_problems():
+    with pytest.raises(ConfigError, match="min_end"):
+        ChainConfig(max_steps=100)  # 100 * 9 + 100 > 999: the longest chains would not fit
 
 
 def test_chain_streams_are_seeded():

@@ -127,6 +127,9 @@ class ChainConfig:
         sigma: log-normal shape of k (0: every problem has ``median_steps`` steps).
         min_steps, max_steps: clip range of k.
         min_divisor, max_divisor: range of the digit d.
+        min_end: smallest answer ``n - d*k`` (every value of a chain is >= it; 100 keeps
+            them three digits, a fixed 4 tokens per step).
+        max_start: largest start ``n``.
         heldout_fraction: share of the problem space reserved for evaluation.
     """
 
@@ -136,6 +139,8 @@ class ChainConfig:
     max_steps: int = 60
     min_divisor: int = 2
     max_divisor: int = 9
+    min_end: int = 100
+    max_start: int = 999
     heldout_fraction: float = 0.1
 
     def __post_init__(self) -> None:
@@ -143,6 +148,10 @@ class ChainConfig:
             raise ConfigError(f"task.chain: need 1 <= min_steps <= max_steps (got {self.min_steps}, {self.max_steps})")
         if not 2 <= self.min_divisor <= self.max_divisor <= 9:
             raise ConfigError(f"task.chain: need 2 <= min_divisor <= max_divisor <= 9 (got {self.min_divisor}, {self.max_divisor})")
+        if not 0 <= self.min_end <= self.max_start - self.max_steps * self.max_divisor:
+            raise ConfigError(f"task.chain: need 0 <= min_end <= max_start - max_steps * max_divisor so every length has "
+                              f"problems (got min_end={self.min_end}, max_start={self.max_start}, "
+                              f"max_steps * max_divisor = {self.max_steps * self.max_divisor})")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ConfigError(f"task.chain.heldout_fraction must be in (0, 1) (got {self.heldout_fraction})")
 
@@ -286,6 +295,9 @@ class TrainConfig:
             was NaN/inf (each such optimizer step is skipped, weights unchanged).
         dist_timeout_s: data-parallel runs: the longest a collective waits for the other
             ranks; a rank that died makes the others fail after this long, not hang.
+        fsdp: data-parallel runs: shard the policy, critic and reference with FSDP2
+            (``fully_shard``, one unit per decoder layer) instead of holding a full
+            replica per rank; see tppo/sharding.py.
     """
 
     total_steps: int = 100
@@ -305,6 +317,7 @@ class TrainConfig:
     torch_threads: int = 0
     max_nonfinite_steps: int = 5
     dist_timeout_s: float = 600.0
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         for key in ("total_steps", "ppo_epochs", "mini_batches", "micro_batch_rows", "max_nonfinite_steps"):

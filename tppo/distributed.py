@@ -18,8 +18,8 @@ Gradients are reduced explicitly, one flattened all-reduce per optimizer step, r
 than by DDP's backward hooks: DDP needs every rank to run the same number of
 backward passes, and T-PPO's critic trains on the finished rows only, which differ in
 number from rank to rank (a rank may have none). The collective is torch.distributed's
-(gloo on CPU, NCCL on GPUs); TODO: FSDP2 ``fully_shard`` for models that do not fit
-on one device (the explicit reduction then becomes FSDP's reduce-scatter).
+(gloo on CPU, NCCL on GPUs). With ``train.fsdp`` the models are sharded instead
+(tppo.sharding) and the reduction is FSDP's reduce-scatter.
 """
 
 from __future__ import annotations
@@ -74,6 +74,15 @@ def sum_(x: torch.Tensor) -> torch.Tensor:
 def sum_int(n: int) -> int:
     """An integer count summed over ranks."""
     return int(sum_(torch.tensor(n, dtype=torch.int64)).item()) if active() else n
+
+
+def max_int(n: int) -> int:
+    """The largest of an integer over ranks."""
+    if not active():
+        return n
+    t = torch.tensor(n, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def all_reduce_grads(model: torch.nn.Module) -> None:

@@ -134,11 +134,13 @@ def own_aligned_memory(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save_pretrained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
-    """Save model (safetensors) and tokenizer side by side in ``path``."""
+def save_pretrained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Save model (safetensors) and tokenizer side by side in ``path``; ``state_dict``
+    replaces the model's own (the gathered full weights of a sharded model)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(path)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from tppo import algos, distributed
+from tppo import algos, distributed, sharding
 from tppo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from tppo.config import Config, ConfigError, diff_configs, load_config, save_config
 from tppo.evaluation import decode_response, engine_generate_fn, evaluate
@@ -101,8 +101,7 @@ def train_examples(cfg: Config, seed: int):
 def eval_examples(cfg: Config) -> list[Example]:
     n = cfg.task.eval_problems
     if cfg.task.name == "chain":
-        stream = ChainTask(cfg.task.chain).stream("heldout", seed=1234)
-        return [next(stream) for _ in range(n)]
+        return ChainTask(cfg.task.chain).distinct("heldout", seed=1234, count=n)
     path = cfg.task.eval_path or cfg.task.train_path
     ds = load_examples(path, prompt_field=cfg.task.prompt_field, answer_field=cfg.task.answer_field,
                        answer_format=cfg.task.answer_format, skip_bad_rows=cfg.task.skip_bad_rows)
@@ -215,7 +214,7 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
             n_tok = distributed.sum_int(int(batch.policy_mask[mb].sum()))
             n_lm = distributed.sum_int(int(batch.lm_mask[mb].sum()))
             opt.zero_grad(set_to_none=True)
-            for micro in micro_batches(mb, t.micro_batch_rows):
+            for micro, real in sharding.padded_micro_batches(micro_batches(mb, t.micro_batch_rows), policy):
                 ids, attn, S = trimmed(batch, micro)
                 with autocast(cfg, device):
                     lp, ent = token_logprobs(policy, ids, attn, cfg.rollout.temperature, "grad" if a.entropy_coef else "metric")
@@ -230,11 +229,14 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
                         ref_lp, _ = token_logprobs(ref, ids, attn, cfg.rollout.temperature)
                     kl_term = algos.agg_loss(algos.kl(lp, ref_lp, a.kl_kind), pm, "token-mean", n_tok)
                     loss = loss + a.kl_coef * kl_term
-                    sums["kl"] += float(kl_term.detach())
+                    sums["kl"] += float(kl_term.detach()) * real
                 if a.lm_loss_coef and n_lm:
                     lm = algos.lm_loss(lp, batch.lm_mask[micro, : S - 1], "token-mean", n_lm)
                     loss = loss + a.lm_loss_coef * lm
-                    sums["lm_loss"] += float(lm.detach())
+                    sums["lm_loss"] += float(lm.detach()) * real
+                if not real:  # FSDP padding: same collectives, no contribution
+                    (loss * 0.0).backward()
+                    continue
                 loss.backward()
                 share = int(pm.sum())  # stats are per-micro means: weight them by tokens
                 sums["loss"] += float(loss.detach())
@@ -242,7 +244,7 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
                     sums[k] += float(stats[k]) * share
                 sums["entropy"] += float(entropy.detach())
                 tokens_seen += share
-            distributed.all_reduce_grads(policy)
+            sharding.sync_gradients(policy)
             norm, ok = _clip_and_step(policy, opt, sched, t.grad_clip)
             grad_norms.append(norm)
             skipped += not ok
@@ -269,10 +271,13 @@ def update_critic(critic, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
         for mb in _mini_batches(rows, t.mini_batches, gen):
             n_tok = distributed.sum_int(int(batch.critic_mask[mb].sum()))
             opt.zero_grad(set_to_none=True)
-            for micro in micro_batches(mb, t.micro_batch_rows):
+            for micro, real in sharding.padded_micro_batches(micro_batches(mb, t.micro_batch_rows), critic):
                 ids, attn, S = trimmed(batch, micro)
                 with autocast(cfg, device):
                     v = critic_values(critic, ids, attn)[:, :-1]
+                if not real:  # FSDP padding: same collectives, no contribution
+                    (v.sum() * 0.0).backward()
+                    continue
                 cm = batch.critic_mask[micro, : S - 1]
                 loss, stats = algos.value_loss(v, batch.old_values[micro, : S - 1], batch.returns[micro, : S - 1], cm,
                                                a.value_clip_low, a.value_clip_high, a.loss_agg, n_tok)
@@ -281,7 +286,7 @@ def update_critic(critic, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
                 loss_sum += float(loss.detach())
                 clip_sum += float(stats["clipfrac"]) * share
                 tokens_seen += share
-            distributed.all_reduce_grads(critic)
+            sharding.sync_gradients(critic)
             norm, ok = _clip_and_step(critic, opt, sched, t.grad_clip)
             grad_norms.append(norm)
             skipped += not ok
@@ -310,6 +315,8 @@ def _clip_and_step(model, opt, sched, max_norm: float) -> tuple[float, bool]:
     """Clip the gradient and step; a non-finite gradient skips the step (weights unchanged)."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor of the global norm
+        norm = norm.full_tensor()
     if not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
         return float("nan"), False
@@ -334,6 +341,9 @@ class Trainer:
             raise FileNotFoundError(f"--resume {self.run_dir}: no checkpoint in {self.run_dir / 'checkpoints'}")
         distributed.init_from_env(self.device, cfg.train.dist_timeout_s)
         self.rank, self.world = distributed.rank(), distributed.world_size()
+        if cfg.train.fsdp and self.world == 1:
+            raise ConfigError("train.fsdp shards the models over data-parallel ranks: launch with "
+                              "`torchrun --nproc_per_node N -m tppo.cli train ...` (N >= 2), or set train.fsdp=false")
         self._seed_everything(cfg.train.seed)
         self._build_models(ckpt)
         self.source = PromptSource(self._rank_share(train_examples(cfg, cfg.train.seed)), self.tokenizer,
@@ -406,6 +416,9 @@ class Trainer:
         if cfg.algo.kl_coef:
             self.ref, _ = load_pretrained(init_path, dtype=dtype, **kwargs)
             own_aligned_memory(self.ref.to(self.device).eval().requires_grad_(False))
+        if cfg.train.fsdp:  # before the optimizers: they hold the sharded parameters
+            for model in filter(None, (self.policy, self.critic, self.ref)):
+                sharding.shard(model, self.device)
         self.policy_opt, self.policy_sched = make_optimizer(self.policy, cfg.train.policy_lr, cfg)
         self.critic_opt, self.critic_sched = make_optimizer(self.critic, cfg.train.critic_lr, cfg)
 
@@ -426,8 +439,8 @@ class Trainer:
 
     def train(self) -> list[dict[str, Any]]:
         history = []
-        if self.step_idx == 0 and self.rank == 0:
-            self.start_eval = self.evaluate()
+        if self.step_idx == 0 and (start := self._evaluate_on_main()) is not None:
+            self.start_eval = start
             (self.run_dir / "eval_initial.json").write_text(json.dumps(self.start_eval) + "\n")
             print(f"held-out accuracy before RL: {self.start_eval['eval/accuracy']:.3f}")
         try:
@@ -444,7 +457,8 @@ class Trainer:
         m: dict[str, Any] = {"step": self.step_idx + 1}
         # 1-2. fill the batch and generate one window (the engine carries rows over: 8).
         with self._oom_hint("generation"):
-            wb = self.engine.generate_window(self.policy, self.version)
+            with sharding.gathered(self.policy):
+                wb = self.engine.generate_window(self.policy, self.version)
         m["time/generate_s"] = time.perf_counter() - t0
         if not wb.rows:
             raise RuntimeError("the prompt stream is exhausted and no row is in flight")
@@ -483,8 +497,8 @@ class Trainer:
         m["time/step_s"] = time.perf_counter() - t0
         self.elapsed += m["time/step_s"]
         m["time/elapsed_s"] = self.elapsed
-        if (self._due(cfg.log.eval_every) or self.step_idx == cfg.train.total_steps) and self.rank == 0:
-            m.update(self.evaluate())
+        if self._due(cfg.log.eval_every) or self.step_idx == cfg.train.total_steps:
+            m.update(self._evaluate_on_main() or {})
         m["train/nonfinite_skips"] = self._count_nonfinite(m["policy/skipped_steps"] + m["value/skipped_steps"])
         if self.logger is not None:
             self.logger.log(m)
@@ -536,12 +550,16 @@ class Trainer:
         self.critic.eval()
         out = torch.zeros(packed.input_ids.shape)
         rows = list(range(packed.input_ids.shape[0]))
+        with sharding.gathered(self.critic):
+            self._values_into(out, packed, rows)
+        return out
+
+    def _values_into(self, out: torch.Tensor, packed, rows: list[int]) -> None:
         for micro in micro_batches(rows, self.cfg.train.micro_batch_rows):
             S = int(packed.attention_mask[micro].sum(1).max())
             with autocast(self.cfg, self.device):
                 v = critic_values(self.critic, packed.input_ids[micro, :S].to(self.device), packed.attention_mask[micro, :S].to(self.device))
             out[micro, :S] = v.cpu()
-        return out
 
     def _step_metrics(self, wb: WindowBatch, rewards, batch: StepBatch, updated: bool) -> dict[str, Any]:
         fin = [r for r in wb.rows if r.finished]
@@ -591,6 +609,12 @@ class Trainer:
         m["reward/mean"] = total[-3] / n if n else float("nan")
         m["reward/accuracy"] = total[-1] / n if n else float("nan")
 
+    def _evaluate_on_main(self) -> dict[str, float] | None:
+        """Rank 0 evaluates (None elsewhere); all ranks call it (a sharded policy is
+        gathered for it)."""
+        with sharding.gathered(self.policy):
+            return self.evaluate() if self.rank == 0 else None
+
     def evaluate(self) -> dict[str, float]:
         """Held-out avg@k (``eval/accuracy``) and pass@k of the current policy."""
         cfg, k = self.cfg, self.cfg.log.eval_samples
@@ -605,9 +629,13 @@ class Trainer:
     def save(self) -> Path | None:
         """Rank 0 writes one checkpoint holding the (identical) models and optimizers and
         every rank's own state: its rows in flight, prompt cursor, scorer counts, RNGs."""
+        policy_state, critic_state = sharding.full_model_state(self.policy), sharding.full_model_state(self.critic)
+        policy_opt = sharding.full_optimizer_state(self.policy, self.policy_opt)
+        critic_opt = sharding.full_optimizer_state(self.critic, self.critic_opt)
+
         def write_models(d: Path) -> None:
-            save_pretrained(self.policy, self.tokenizer, d / "policy")
-            self.critic.save_pretrained(d / "critic", safe_serialization=True)
+            save_pretrained(self.policy, self.tokenizer, d / "policy", state_dict=policy_state)
+            self.critic.save_pretrained(d / "critic", state_dict=critic_state, safe_serialization=True)
 
         ranks = distributed.gather_to_main({
             "engine": self.engine.state_dict(), "source": self.source.state_dict(),
@@ -619,8 +647,8 @@ class Trainer:
             state = {
                 "step": self.step_idx, "version": self.version, "elapsed": self.elapsed, "total_generated": self.total_generated,
                 "nonfinite": [self.nonfinite_skips, self.nonfinite_in_a_row],
-                "policy_opt": self.policy_opt.state_dict(), "policy_sched": self.policy_sched.state_dict(),
-                "critic_opt": self.critic_opt.state_dict(), "critic_sched": self.critic_sched.state_dict(),
+                "policy_opt": policy_opt, "policy_sched": self.policy_sched.state_dict(),
+                "critic_opt": critic_opt, "critic_sched": self.critic_sched.state_dict(),
                 "world_size": self.world, "ranks": ranks,
             }
             try:
@@ -640,9 +668,9 @@ class Trainer:
         self.step_idx, self.version = state["step"], state["version"]
         self.elapsed, self.total_generated = state["elapsed"], state["total_generated"]
         self.nonfinite_skips, self.nonfinite_in_a_row = state["nonfinite"]
-        self.policy_opt.load_state_dict(state["policy_opt"])
+        sharding.load_optimizer_state(self.policy, self.policy_opt, state["policy_opt"])
         self.policy_sched.load_state_dict(state["policy_sched"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
+        sharding.load_optimizer_state(self.critic, self.critic_opt, state["critic_opt"])
         self.critic_sched.load_state_dict(state["critic_sched"])
         mine = state["ranks"][self.rank]
         self.source.load_state_dict(mine["source"])
