@@ -550,16 +550,14 @@ class Trainer:
         self.critic.eval()
         out = torch.zeros(packed.input_ids.shape)
         rows = list(range(packed.input_ids.shape[0]))
-        with sharding.gathered(self.critic):
-            self._values_into(out, packed, rows)
+        with sharding.gathered(self.critic):  # ranks have different row counts: no collectives inside
+            for micro in micro_batches(rows, self.cfg.train.micro_batch_rows):
+                S = int(packed.attention_mask[micro].sum(1).max())
+                with autocast(self.cfg, self.device):
+                    v = critic_values(self.critic, packed.input_ids[micro, :S].to(self.device),
+                                      packed.attention_mask[micro, :S].to(self.device))
+                out[micro, :S] = v.cpu()
         return out
-
-    def _values_into(self, out: torch.Tensor, packed, rows: list[int]) -> None:
-        for micro in micro_batches(rows, self.cfg.train.micro_batch_rows):
-            S = int(packed.attention_mask[micro].sum(1).max())
-            with autocast(self.cfg, self.device):
-                v = critic_values(self.critic, packed.input_ids[micro, :S].to(self.device), packed.attention_mask[micro, :S].to(self.device))
-            out[micro, :S] = v.cpu()
 
     def _step_metrics(self, wb: WindowBatch, rewards, batch: StepBatch, updated: bool) -> dict[str, Any]:
         fin = [r for r in wb.rows if r.finished]
