@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tppo.cli import main
-from tppo.config import TinyModelConfig
+from tppo.config import TinyModelConfig, diff_configs, load_config
 from tppo.models import build_tiny, save_pretrained
 
 
@@ -42,3 +43,16 @@ def test_vllm_engine_without_vllm_is_a_clear_error(tmp_path, capsys):
     code = main(["train", "--run-dir", str(tmp_path / "run"), f"model.path={save_tiny(tmp_path / 'm')}", "rollout.engine=vllm",
                  "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "task.eval_problems=2", "log.tensorboard=false"])
     assert code == 2 and "pip install 'tppo[vllm]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_pair_up(path):
+    """Every config in configs/ loads (no stale key after a rename); the PPO baseline
+    differs from the demo only where the algorithm does."""
+    needs_model = path.name == "gsm8k.yaml"  # a real-model config: model.path is the user's
+    cfg = load_config(path, ["model.path=/models/any"] if needs_model else [])
+    if path.name == "ppo.yaml":
+        demo = load_config(path.parent / "demo.yaml")
+        differing = diff_configs(demo, cfg, ignore=("log.",))
+        assert sorted(differing) == ["algo.algorithm", "rollout.window_tokens"]
+        assert cfg.algo.algorithm == "ppo" and cfg.rollout.window_tokens == cfg.rollout.max_response_tokens
