@@ -315,12 +315,13 @@ def main() -> int:
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--no-short", action="store_true")
     ap.add_argument("--summarize-only", action="store_true")
+    ap.add_argument("--name", help="results file stem (default: ppo_vs_tppo, ppo_vs_tppo_quick with --quick)")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.job:
         print(json.dumps(run_job(json.loads(args.job))))
         return 0
-    name = "ppo_vs_tppo_quick" if args.quick else "ppo_vs_tppo"
+    name = args.name or ("ppo_vs_tppo_quick" if args.quick else "ppo_vs_tppo")
     if args.summarize_only:
         payload = json.loads((RESULTS_DIR / f"{name}.json").read_text())
         results = payload["results"]
