@@ -18,13 +18,12 @@ Why it has the properties T-PPO needs:
 * **A controllable long tail**: ``k`` is drawn from a discretised log-normal with median
   ``median_steps`` and shape ``sigma``, clipped to ``[min_steps, max_steps]``; then
   ``d`` uniformly in ``[min_divisor, max_divisor]`` and the start ``n`` uniformly in
-  ``[d*k + min_end, max_start]``. ``sigma = 0`` gives uniform lengths, ``sigma >= 1`` a
+  ``[d*k + min_end, max_start]``. ``sigma = 0`` gives every problem ``median_steps`` steps, ``sigma >= 1`` a
   tail with max/median >= 8.
 * **A large problem space at every length**: the start is independent of the length,
   so every length has thousands of problems (~7,000 at ``k = 1``, ~4,500 at
-  ``k = 60``); the
-  held-out split (by hash) has the training distribution, and evaluation sets are
-  distinct problems. (The first version, ``n-d:`` answered ``n mod d``, had ~44
+  ``k = 60``); the held-out split (by hash) has the training distribution, and
+  evaluation sets are distinct problems. (The first version, ``n-d:`` answered ``n mod d``, had ~44
   problems per length, so RL learnt frequent training problems and a 256-problem
   evaluation held ~80 distinct ones; see benchmarks/RESULTS.md.)
 * **A visible difficulty**: ``k`` is in the prompt, so the critic can learn the value
