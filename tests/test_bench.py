@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import chain_failures as cf  # noqa: E402
 import gpu_projection as gp  # noqa: E402
 import ppo_vs_tppo as pvt  # noqa: E402
 
 from tppo.metrics import time_to_target  # noqa: E402
+from tppo.tasks.chain import Chain  # noqa: E402
 
 
 def test_time_to_target_interpolates_between_evaluations():
@@ -76,3 +78,14 @@ def test_windowing_helps_a_long_tail_when_decode_steps_dominate():
     ppo = gp.simulate_ppo(lengths, s, hw, steps=20)
     tppo = gp.simulate_tppo(lengths, s, hw, window=32, steps=60)
     assert tppo["prompts_per_hour"] > 2 * ppo["prompts_per_hour"]
+
+
+def test_chain_failure_modes_by_hand():
+    p = Chain(174, 9, 3)  # 165 156 147 = 147
+    assert cf.failure_mode(p, "165 156 147=147") == "correct"
+    assert cf.failure_mode(p, "165 157 148=148") == "arith"  # off by one, then consistent
+    assert cf.failure_mode(p, "165 157=157") == "arith"  # a slip and a wrong count: the slip counts
+    assert cf.failure_mode(p, "165 156=156") == "count"
+    assert cf.failure_mode(p, "165 156 147=174") == "copy"
+    assert cf.failure_mode(p, "165 156 147 138") == "unfinished"
+    assert cf.failure_mode(p, "165 15x 147=1") == "malformed"
