@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup demo test test-slow bench bench-rollout bench-ppo-vs-tppo soak clean
+.PHONY: setup demo test test-slow mutants bench bench-rollout bench-ppo-vs-tppo soak clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# Plausible bugs applied one at a time; the tests must fail on each (tests/mutations.py).
+mutants: setup
+	$(PY) tests/mutations.py
 
 bench-rollout: setup
 	$(PY) benchmarks/bench_rollout.py

@@ -4,15 +4,17 @@ micro-batch invariance of the update, exact resume, config errors."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
+from tppo import algos
 from tppo.config import Config, ConfigError, load_config
 from tppo.metrics import STEP_KEYS, read_metrics
 from trainer_helpers import deterministic_metrics, make_cfg, params
 from tppo.rollout import PromptItem, Row, RolloutStats, WindowBatch
-from tppo.trainer import StepBatch, Trainer, compute_advantages, resume_config, update_policy
+from tppo.trainer import StepBatch, Trainer, compute_advantages, policy_lambda, resume_config, token_logprobs, update_critic, update_policy
 
 @pytest.mark.parametrize("algorithm", ["tppo", "ppo"])
 def test_two_step_smoke_run(model_dir, tmp_path, algorithm):
@@ -89,39 +91,72 @@ def test_token_routing_by_hand():
     assert lm.tolist() == [[False, True, True, True], [False, False, False, False]]
 
 
-def test_tppo_step_equals_ppo_step_when_the_window_covers_every_response(model_dir, tmp_path):
+def capped_prompts(trainer, cap_of) -> None:
+    """Give every prompt of the trainer's stream the per-prompt cap ``cap_of(prompt_id)``."""
+    trainer.engine.prompts = (dataclasses.replace(p, max_response_tokens=cap_of(p.prompt_id)) for p in trainer.source)
+
+
+@pytest.mark.parametrize("tppo_window", [18, 6])
+def test_tppo_step_equals_ppo_step_when_every_response_fits_in_the_first_window(model_dir, tmp_path, tppo_window):
+    """With every response finishing inside its first window, EGAE is GAE and T-PPO's step
+    is PPO's, also at W < L (W = 6, L = 18, responses of 1-6 tokens). lam_alpha = 1 makes
+    the adaptive lambda 1 - 1/l depend on each length, so a length estimate that differs
+    between the two (W / 2 added to a finished row) changes the update."""
     results = {}
-    for algorithm in ("tppo", "ppo"):
-        cfg = make_cfg(model_dir, tmp_path / algorithm, f"algo.algorithm={algorithm}", "rollout.window_tokens=18", "train.total_steps=1")
+    for algorithm, window in (("tppo", tppo_window), ("ppo", 18)):
+        cfg = make_cfg(model_dir, tmp_path / algorithm, f"algo.algorithm={algorithm}", f"rollout.window_tokens={window}",
+                       "train.total_steps=1", "algo.lam_policy=adaptive", "algo.lam_alpha=1.0", "algo.lam_min=0.0")
         trainer = Trainer(cfg, tmp_path / algorithm)
-        trainer.step()
+        capped_prompts(trainer, lambda pid: 1 + pid % 6)
+        m = trainer.step()
+        assert m["rollout/carried_rows"] == 0 and m["rollout/finished_rows"] == cfg.rollout.num_slots
+        assert m["rollout/response_length_max"] > 1
         results[algorithm] = (params(trainer.policy), params(trainer.critic))
     for a, b in zip(results["tppo"], results["ppo"]):
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
 
 
-def test_micro_batching_does_not_change_the_update(model_dir, tmp_path):
-    cfg = make_cfg(model_dir, tmp_path)
-    trainer = Trainer(cfg, tmp_path)
+def one_window_batch(trainer, cfg) -> StepBatch:
     wb = trainer.engine.generate_window(trainer.policy, 0)
     packed = wb.pack(trainer.tokenizer.pad_token_id)
     values = trainer._values(packed)
     adv, pmask, ret, cmask, lm = compute_advantages(cfg, packed, values, trainer._score(wb))
-    batch = StepBatch(packed.input_ids, packed.attention_mask, pmask, cmask, lm, packed.old_logprobs[:, 1:], values[:, :-1], adv, ret)
-    out = []
-    for rows in (1, 3, 64):
-        policy = copy.deepcopy(trainer.policy)
-        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-        c = copy.deepcopy(cfg)
-        c.train.micro_batch_rows = rows
-        c.train.grad_clip = 0.0
-        update_policy(policy, opt, sched, batch, c, torch.Generator().manual_seed(0), torch.device("cpu"))
-        out.append(params(policy))
-    for other in out[1:]:
-        for k in out[0]:
-            torch.testing.assert_close(other[k], out[0][k], atol=1e-5, rtol=1e-4)
+    return StepBatch(packed.input_ids, packed.attention_mask, pmask, cmask, lm, packed.old_logprobs[:, 1:], values[:, :-1], adv, ret)
+
+
+def sgd_update(model, update, batch, cfg, *, ref=None, **overrides):
+    """A copy of ``model`` after ``update`` (update_policy / update_critic) with SGD at lr 1,
+    no gradient clipping; ``overrides`` set config fields, ``section__name=value``."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    c = copy.deepcopy(cfg)
+    c.train.grad_clip = 0.0
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(c, section), name, value)
+    extra = {"ref": ref} if ref is not None else {}
+    update(model, opt, sched, batch, c, torch.Generator().manual_seed(0), torch.device("cpu"), **extra)
+    return model
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_micro_batching_does_not_change_the_update(model_dir, tmp_path, loss_agg):
+    """Policy and critic updates are the same for 1, 3 or all rows per micro-batch, in every
+    aggregation mode (the seq modes divide by the mini-batch's row count)."""
+    cfg = make_cfg(model_dir, tmp_path, f"algo.loss_agg={loss_agg}", "train.total_steps=3")
+    trainer = Trainer(cfg, tmp_path)
+    trainer.step()  # a second window: carried rows, and rows finishing at the cap
+    batch = one_window_batch(trainer, cfg)
+    assert batch.critic_mask.any() and (batch.critic_mask.any(1) != batch.policy_mask.any(1)).any()
+    for model, update in ((trainer.policy, update_policy), (trainer.critic, update_critic)):
+        before = params(model)
+        out = [params(sgd_update(model, update, batch, cfg, train__micro_batch_rows=rows)) for rows in (1, 3, 64)]
+        assert any(not torch.equal(out[0][k], before[k]) for k in before)
+        for other in out[1:]:
+            for k in out[0]:
+                torch.testing.assert_close(other[k], out[0][k], atol=1e-5, rtol=1e-4)
 
 
 def test_resume_is_exact(model_dir, tmp_path):
@@ -187,23 +222,82 @@ def test_window_ignore_tokens_and_critic_on_all_by_hand():
     cfg = Config()
     cfg.algo.whiten_advantages = False
     cfg.algo.lam_policy = 1.0
-    cfg.algo.window_ignore_tokens = 1
+    cfg.algo.window_ignore_tokens = 2
     cfg.algo.critic_on = "all"
     wb = window_batch([
         ([5, 6], [7, 8, 9], 1, "eos", "x"),  # finished: its window keeps every advantage
-        ([5], [7, 7, 7, 7], 2, None, "x"),  # cut: the last window token's advantage is zeroed
+        ([5], [7, 7, 7, 7, 7], 2, None, "x"),  # cut: the last 2 of its 3 window tokens are zeroed
     ])
     packed = wb.pack(0)
-    values = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8, 0.9]])
+    values = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4, 0.0], [0.5, 0.6, 0.7, 0.8, 0.9, 1.3]])
     adv, pmask, ret, cmask, _ = compute_advantages(cfg, packed, values, [1.0, None])
-    torch.testing.assert_close(adv[0], torch.tensor([0.0, 0.0, 0.8, 0.7]))
-    torch.testing.assert_close(adv[1], torch.tensor([0.0, 0.0, 0.1, 0.0]))  # was 0.1, 0.0 anyway at the cut
-    cfg.algo.bootstrap = "next_value"  # V(s_l) = 0.9 (critic at the last token)
+    torch.testing.assert_close(adv[0], torch.tensor([0.0, 0.0, 0.8, 0.7, 0.0]))
+    # prev_value: A_t = V(s_{l-1}) - V(s_t) = 0.9 - (0.7, 0.8, 0.9) = (0.2, 0.1, 0); the ignore zeroes 0.1 and 0.
+    torch.testing.assert_close(adv[1], torch.tensor([0.0, 0.0, 0.2, 0.0, 0.0]))
+    cfg.algo.bootstrap = "next_value"  # V(s_l) = 1.3 (critic at the last token): 1.3 - V
     adv, _, ret, cmask, _ = compute_advantages(cfg, packed, values, [1.0, None])
-    torch.testing.assert_close(adv[1], torch.tensor([0.0, 0.0, 0.9 - 0.7, 0.0]))  # 0.9 - 0.8 zeroed by the ignore
+    torch.testing.assert_close(adv[1], torch.tensor([0.0, 0.0, 1.3 - 0.7, 0.0, 0.0]))
     # critic_on=all: the cut row's window tokens join the critic with bootstrapped targets.
-    assert cmask[1].tolist() == [False, False, True, True]
-    torch.testing.assert_close(ret[1][2:], torch.tensor([0.9, 0.9]))
+    assert cmask[1].tolist() == [False, False, True, True, True]
+    torch.testing.assert_close(ret[1][2:], torch.tensor([1.3, 1.3, 1.3]))
+
+
+def test_advantages_are_whitened_over_this_windows_tokens_only():
+    """Whitening statistics come from the policy tokens (this window), not from every
+    response token: earlier-window tokens of a carried row have no advantage at all."""
+    cfg = Config()
+    cfg.algo.lam_policy = 1.0
+    wb = window_batch([
+        ([5, 6], [7, 8, 9], 1, "eos", "x"),
+        ([5], [7, 7, 7, 7, 7], 2, None, "x"),  # tokens 0-1 of the response are an earlier window's
+    ])
+    packed = wb.pack(0)
+    values = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4, 0.0], [0.5, 0.6, 0.7, 0.8, 0.9, 1.3]])
+    cfg.algo.whiten_advantages = False
+    raw, pmask, *_ = compute_advantages(cfg, packed, values, [1.0, None])
+    cfg.algo.whiten_advantages = True
+    adv, *_ = compute_advantages(cfg, packed, values, [1.0, None])
+    x = raw[pmask]  # 0.8, 0.7 | 0.2, 0.1, 0.0
+    expected = (x - x.mean()) / x.std(unbiased=True)
+    torch.testing.assert_close(adv[pmask], expected, atol=1e-6, rtol=1e-5)
+    assert torch.all(adv[~pmask] == 0)
+
+
+def test_adaptive_lambda_estimates_only_unfinished_lengths_by_hand():
+    """VAPO's lambda = max(lam_min, 1 - 1/(alpha l)); a cut row's l is its length so far
+    + W/2, a finished row's its true length."""
+    cfg = Config()
+    cfg.algo.lam_policy, cfg.algo.lam_alpha, cfg.algo.lam_min = "adaptive", 0.1, 0.1
+    cfg.rollout.window_tokens = 8
+    wb = window_batch([([5], [7] * 25, 20, "eos", "x"), ([5], [7] * 16, 8, None, "x"), ([5], [7] * 4, 0, "length", "x")])
+    lam = policy_lambda(cfg, wb.pack(0))
+    torch.testing.assert_close(lam, torch.tensor([1 - 1 / (0.1 * 25), 1 - 1 / (0.1 * (16 + 4)), 0.1]))
+
+
+def test_kl_coef_adds_exactly_its_gradient(model_dir, tmp_path):
+    """update(kl_coef = c) - update(kl_coef = 0) = -c * grad of the token-mean k3 KL to the
+    reference (SGD at lr 1, one mini-batch), computed here independently."""
+    cfg = make_cfg(model_dir, tmp_path, "algo.kl_coef=0.5", "rollout.temperature=0.8")
+    trainer = Trainer(cfg, tmp_path)
+    batch = one_window_batch(trainer, cfg)
+    ref = copy.deepcopy(trainer.policy)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    with_kl = params(sgd_update(trainer.policy, update_policy, batch, cfg, ref=ref, algo__kl_coef=0.5))
+    without = params(sgd_update(trainer.policy, update_policy, batch, cfg, ref=ref, algo__kl_coef=0.0))
+    policy = copy.deepcopy(trainer.policy).train()
+    S = batch.input_ids.shape[1]
+    lp, _ = token_logprobs(policy, batch.input_ids, batch.attention_mask, 0.8)
+    with torch.no_grad():
+        ref_lp, _ = token_logprobs(ref, batch.input_ids, batch.attention_mask, 0.8)
+    kl_mean = algos.masked_mean(algos.kl(lp, ref_lp, "k3"), batch.policy_mask[:, : S - 1])
+    assert kl_mean > 0
+    kl_mean.backward()
+    grads = {k: p.grad for k, p in policy.named_parameters() if p.grad is not None}
+    assert grads
+    for k, g in grads.items():
+        torch.testing.assert_close(with_kl[k] - without[k], -0.5 * g, atol=1e-6, rtol=1e-4)
 
 
 def test_optional_loss_terms_run_and_are_logged(model_dir, tmp_path):
@@ -214,3 +308,56 @@ def test_optional_loss_terms_run_and_are_logged(model_dir, tmp_path):
     assert trainer.ref is not None
     assert all(m["policy/kl"] >= 0 and m["policy/kl"] == m["policy/kl"] for m in history)
     assert history[-1]["policy/kl"] > 0  # the policy moved away from the reference
+
+
+# ---------------------------------------------------------------------- tests that each listed mutation fails
+# (tests/mutations.py applies the mutations one at a time and checks that these catch them)
+
+
+def capture_windows(trainer) -> list:
+    """Record every WindowBatch the trainer's engine returns."""
+    seen, generate = [], trainer.engine.generate_window
+    trainer.engine.generate_window = lambda model, version: seen.append(generate(model, version)) or seen[-1]
+    return seen
+
+
+def critic_loss_by_hand(trainer, wb) -> float:
+    """0.5 * mean over finished rows' response tokens of (V(s_t) - R)^2, V(s_t) read off
+    the critic at the token before t (a naive loop over rows and tokens)."""
+    values = trainer._values(wb.pack(trainer.tokenizer.pad_token_id))
+    rewards = trainer._score(wb)
+    errs = []
+    for b, (row, r) in enumerate(zip(wb.rows, rewards)):
+        if r is not None:
+            P = len(row.prompt_ids)
+            errs += [(float(values[b, P - 1 + t]) - r) ** 2 for t in range(len(row.response_ids))]
+    return 0.5 * sum(errs) / len(errs)
+
+
+@pytest.mark.parametrize("precision,source", [("fp32", "auto"), ("bf16", "auto"), ("bf16", "engine")])
+def test_frozen_models_give_ratio_one_and_the_hand_value_loss(model_dir, tmp_path, monkeypatch, precision, source):
+    """lr 0, T != 1, W < L with carried rows: the policy has not moved, so every PPO ratio
+    is 1 and nothing is clipped; the value loss is the hand-computed one with the
+    pre-update values as v_old. bf16 forces the GPU's autocast path on the CPU: the
+    engine's fp32 log-probs then differ from the update's, unless they are recomputed."""
+    import tppo.trainer as trainer_mod
+
+    if precision == "bf16":
+        monkeypatch.setattr(trainer_mod, "mixed_precision", lambda cfg, device: True)
+    cfg = make_cfg(model_dir, tmp_path, "train.policy_lr=0", "train.critic_lr=0", "rollout.temperature=0.7",
+                   "train.total_steps=4", "train.ppo_epochs=2", "algo.value_clip_low=0.001", "algo.value_clip_high=0.001",
+                   f"algo.old_logprobs={source}")
+    trainer = Trainer(cfg, tmp_path)
+    windows = capture_windows(trainer)
+    history = trainer.train()
+    assert any(m["rollout/carried_rows"] for m in history) and any(m["rollout/finished_rows"] for m in history)
+    assert any(wb.window_start[i] > 0 for wb in windows for i in range(len(wb.rows))), "no carried row reached the update"
+    ratio_err = max(max(abs(m["policy/ratio_max"] - 1), abs(m["policy/ratio_min"] - 1)) for m in history)
+    if source == "engine":  # the guard: this path must show the mismatch the recomputation removes
+        assert ratio_err > 1e-4
+        return
+    assert ratio_err < (1e-5 if precision == "fp32" else 1e-6)
+    assert all(m["policy/clipfrac"] == 0 and m["policy/approx_kl"] < 1e-10 for m in history)
+    for m, wb in zip(history, windows):
+        if m["rollout/finished_rows"] and precision == "fp32":
+            assert m["value/loss"] == pytest.approx(critic_loss_by_hand(trainer, wb), rel=1e-5)

@@ -365,7 +365,7 @@ def policy_loss(
         (loss, stats) with detached 0-dim stats over this call's mask: ``clipfrac``
         (fraction of tokens where the clipped branch is active), ``dual_clipfrac``,
         ``approx_kl`` (k3 estimate of KL(pi_old || pi_theta)), ``ratio_mean``,
-        ``ratio_max``.
+        ``ratio_max``, ``ratio_min`` (1 for an empty mask).
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"policy_loss: dual_clip must be > 1 (got {dual_clip})")
@@ -381,13 +381,14 @@ def policy_loss(
         loss_mat = torch.where(advantages < 0, torch.minimum(loss_mat, dual_bound), loss_mat)
     loss = agg_loss(loss_mat, mask, agg, num_tokens, num_seqs=num_seqs)
     with torch.no_grad():
-        ratio_masked = torch.where(mask.bool(), ratio, torch.zeros_like(ratio))
+        m, ratio = mask.bool(), ratio.detach()
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
             "dual_clipfrac": masked_mean(dual_active.to(ratio.dtype), mask),
             "approx_kl": masked_mean(kl(old_logprobs, logprobs.detach(), "k3"), mask),
             "ratio_mean": masked_mean(ratio, mask),
-            "ratio_max": ratio_masked.max() if mask.any() else ratio.new_zeros(()),
+            "ratio_max": ratio[m].max() if m.any() else ratio.new_ones(()),
+            "ratio_min": ratio[m].min() if m.any() else ratio.new_ones(()),
         }
     return loss, stats
 

@@ -249,6 +249,11 @@ class AlgoConfig:
             responses (0: off; 0.1 in the authors' port).
         window_ignore_tokens: zero the advantage of the last k tokens of an unfinished
             row's window (8 in the authors' port).
+        old_logprobs: where PPO's old log-probs come from: ``recompute`` (the trainer's
+            own forward before the update, so the ratio compares the same numerics),
+            ``engine`` (the sampling log-probs), or ``auto``: recompute under bf16
+            autocast, bf16 weights or the vLLM engine, engine's otherwise (the fp32
+            embedded path, where both agree to ~1e-6).
     """
 
     algorithm: Literal["tppo", "ppo"] = "tppo"
@@ -270,6 +275,7 @@ class AlgoConfig:
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
     lm_loss_coef: float = 0.0
     window_ignore_tokens: int = 0
+    old_logprobs: Literal["auto", "recompute", "engine"] = "auto"
 
 
 @dataclasses.dataclass

@@ -20,9 +20,9 @@ STEP_KEYS = (
     "data/skipped_long_prompts", "data/skipped_empty_prompts", "train/nonfinite_skips",
     "reward/mean", "reward/accuracy", "reward/errors", "reward/timeouts",
     "policy/loss", "policy/clipfrac", "policy/approx_kl", "policy/entropy", "policy/tokens", "policy/grad_norm",
-    "policy/updated", "policy/skipped_steps",
+    "policy/updated", "policy/skipped_steps", "policy/ratio_min", "policy/ratio_max",
     "value/loss", "value/explained_variance", "value/tokens", "value/clipfrac", "value/grad_norm",
-    "time/generate_s", "time/score_s", "time/values_s", "time/policy_update_s", "time/value_update_s",
+    "time/generate_s", "time/score_s", "time/values_s", "time/old_logprobs_s", "time/policy_update_s", "time/value_update_s",
     "time/step_s", "time/elapsed_s",
 )
 TIME_PREFIX = "time/"

@@ -82,8 +82,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def mixed_precision(cfg: Config, device: torch.device) -> bool:
+    """Whether the trainer's forwards run under bf16 autocast (``train.bf16`` on CUDA)."""
+    return device.type == "cuda" and cfg.train.bf16
+
+
 def autocast(cfg: Config, device: torch.device):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.bf16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=mixed_precision(cfg, device))
+
+
+def recompute_old_logprobs(cfg: Config, device: torch.device) -> bool:
+    """Whether step 4 recomputes the old log-probs with the trainer's own forward.
+
+    PPO's ratio must compare the same numerics: under bf16 autocast, in bf16 weights or
+    with another engine, the engine's sampling log-probs differ from the update's by
+    ~1e-3 and clip tokens of a policy that has not moved. ``auto`` recomputes exactly
+    then (verl's default); on the fp32 embedded path the two already agree (to ~1e-6,
+    pinned by tests) and the extra forward is skipped.
+    """
+    mode = cfg.algo.old_logprobs
+    if mode != "auto":
+        return mode == "recompute"
+    return mixed_precision(cfg, device) or cfg.model.dtype != "float32" or cfg.rollout.engine != "embedded"
 
 
 def train_examples(cfg: Config, seed: int):
@@ -164,7 +184,7 @@ def compute_advantages(cfg: Config, packed, values_full: torch.Tensor, rewards: 
     for b, r in enumerate(rewards):
         if r is not None:
             reward_t[b, last[b] - 1] = r  # the reward sits on the last response token
-    lam = _policy_lambda(cfg, packed)
+    lam = policy_lambda(cfg, packed)
     estimator = algos.ADVANTAGE_ESTIMATORS["gae" if a.algorithm == "ppo" else "egae"]
     adv, _ = estimator(reward_t, values, policy_mask, finished, gamma=a.gamma, lam=lam, bootstrap=a.bootstrap, next_values=next_values)
     if a.whiten_advantages:
@@ -183,7 +203,7 @@ def compute_advantages(cfg: Config, packed, values_full: torch.Tensor, rewards: 
     return adv, policy_mask, returns, critic_mask, lm_mask
 
 
-def _policy_lambda(cfg: Config, packed) -> float | torch.Tensor:
+def policy_lambda(cfg: Config, packed) -> float | torch.Tensor:
     """VAPO's length-adaptive lambda; an unfinished row's length is estimated as the
     length so far + W / 2 (the authors' port)."""
     a = cfg.algo
@@ -201,17 +221,28 @@ def _ignore_window_tail(adv, policy_mask, finished, k: int) -> torch.Tensor:
     return torch.where(tail, torch.zeros_like(adv), adv)
 
 
+def loss_denominators(mask: torch.Tensor, mode: str, n_tok: int) -> dict[str, int]:
+    """The whole mini-batch's denominator of ``algos.agg_loss`` for ``mode``: its token
+    count ``n_tok`` (token-mean) or its count of rows with a token in ``mask``
+    (seq-mean-*), summed over ranks, so that micro-batching and data parallelism leave
+    the gradient unchanged (spec, "Losses")."""
+    if mode == "token-mean":
+        return {"num_tokens": n_tok}
+    return {"num_seqs": distributed.sum_int(int(mask.any(1).sum()))}
+
+
 def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.Generator, device, ref=None) -> dict[str, float]:
     """Step 6: PPO epochs of clipped-surrogate updates on the policy tokens."""
     a, t = cfg.algo, cfg.train
     rows = batch.policy_mask.any(1).nonzero().flatten().tolist()
     sums = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "lm_loss": 0.0, "kl": 0.0}
-    grad_norms, skipped, tokens_seen = [], 0, 0
+    grad_norms, skipped, tokens_seen, ratio_range = [], 0, 0, [math.inf, -math.inf]
     policy.train()
     for _ in range(t.ppo_epochs):
         for mb in _mini_batches(rows, t.mini_batches, gen):
             # global-token denominators: summed over data-parallel ranks
             n_tok = distributed.sum_int(int(batch.policy_mask[mb].sum()))
+            denom = loss_denominators(batch.policy_mask[mb], a.loss_agg, n_tok)
             n_lm = distributed.sum_int(int(batch.lm_mask[mb].sum()))
             opt.zero_grad(set_to_none=True)
             for micro, real in sharding.padded_micro_batches(micro_batches(mb, t.micro_batch_rows), policy):
@@ -220,7 +251,7 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
                     lp, ent = token_logprobs(policy, ids, attn, cfg.rollout.temperature, "grad" if a.entropy_coef else "metric")
                 pm = batch.policy_mask[micro, : S - 1]
                 loss, stats = algos.policy_loss(lp, batch.old_logprobs[micro, : S - 1], batch.advantages[micro, : S - 1], pm,
-                                                a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, n_tok)
+                                                a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, **denom)
                 entropy = algos.agg_loss(ent, pm, "token-mean", n_tok)
                 if a.entropy_coef:
                     loss = loss - a.entropy_coef * entropy
@@ -244,6 +275,7 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
                     sums[k] += float(stats[k]) * share
                 sums["entropy"] += float(entropy.detach())
                 tokens_seen += share
+                ratio_range = [min(ratio_range[0], float(stats["ratio_min"])), max(ratio_range[1], float(stats["ratio_max"]))]
             sharding.sync_gradients(policy)
             norm, ok = _clip_and_step(policy, opt, sched, t.grad_clip)
             grad_norms.append(norm)
@@ -258,6 +290,8 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
         "policy/kl": sums["kl"] / n_updates,
         "policy/grad_norm": max(grad_norms) if grad_norms else 0.0,
         "policy/skipped_steps": skipped,
+        "policy/ratio_min": ratio_range[0] if tokens_seen else 1.0,
+        "policy/ratio_max": ratio_range[1] if tokens_seen else 1.0,
     }
 
 
@@ -269,7 +303,7 @@ def update_critic(critic, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
     critic.train()
     for _ in range(t.ppo_epochs):
         for mb in _mini_batches(rows, t.mini_batches, gen):
-            n_tok = distributed.sum_int(int(batch.critic_mask[mb].sum()))
+            denom = loss_denominators(batch.critic_mask[mb], a.loss_agg, distributed.sum_int(int(batch.critic_mask[mb].sum())))
             opt.zero_grad(set_to_none=True)
             for micro, real in sharding.padded_micro_batches(micro_batches(mb, t.micro_batch_rows), critic):
                 ids, attn, S = trimmed(batch, micro)
@@ -280,7 +314,7 @@ def update_critic(critic, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
                     continue
                 cm = batch.critic_mask[micro, : S - 1]
                 loss, stats = algos.value_loss(v, batch.old_values[micro, : S - 1], batch.returns[micro, : S - 1], cm,
-                                               a.value_clip_low, a.value_clip_high, a.loss_agg, n_tok)
+                                               a.value_clip_low, a.value_clip_high, a.loss_agg, **denom)
                 loss.backward()
                 share = int(cm.sum())
                 loss_sum += float(loss.detach())
@@ -466,23 +500,28 @@ class Trainer:
         t = time.perf_counter()
         rewards = self._score(wb)
         m["time/score_s"] = time.perf_counter() - t
-        # 4. critic values over prompt + response so far.
+        # 4. critic values over prompt + response so far (and the old log-probs, recomputed
+        #    with the update's numerics where the engine's differ).
         t = time.perf_counter()
         packed = wb.pack(self.tokenizer.pad_token_id)
         values_full = self._values(packed)
         m["time/values_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        old_logprobs = self._old_logprobs(packed) if recompute_old_logprobs(cfg, self.device) else packed.old_logprobs[:, 1:]
+        m["time/old_logprobs_s"] = time.perf_counter() - t
         # 5. advantages (EGAE on this window; GAE for PPO) and critic targets.
         adv, policy_mask, returns, critic_mask, lm_mask = compute_advantages(
             cfg, packed, values_full, rewards, all_reduce=distributed.sum_ if self.world > 1 else None)
         batch = StepBatch(packed.input_ids, packed.attention_mask, policy_mask, critic_mask, lm_mask,
-                          packed.old_logprobs[:, 1:], values_full[:, :-1], adv, returns).to(self.device)
+                          old_logprobs, values_full[:, :-1], adv, returns).to(self.device)
         # 6. update the policy (after the critic-only warm-up).
         t = time.perf_counter()
         updated = self.step_idx >= cfg.train.critic_warmup_steps
         with self._oom_hint("the policy update"):
             m.update(update_policy(self.policy, self.policy_opt, self.policy_sched, batch, cfg, self.gen, self.device, self.ref)
                      if updated else {"policy/loss": 0.0, "policy/clipfrac": 0.0, "policy/approx_kl": 0.0, "policy/entropy": 0.0,
-                                      "policy/grad_norm": 0.0, "policy/skipped_steps": 0})
+                                      "policy/grad_norm": 0.0, "policy/skipped_steps": 0, "policy/ratio_min": 1.0,
+                                      "policy/ratio_max": 1.0})
         m["time/policy_update_s"] = time.perf_counter() - t
         # 7. update the critic on its tokens.
         t = time.perf_counter()
@@ -545,18 +584,29 @@ class Trainer:
             rewards[i] = s
         return rewards
 
-    @torch.no_grad()
     def _values(self, packed) -> torch.Tensor:
-        self.critic.eval()
+        """(B, S) critic values of every row's states (step 4)."""
+        return self._forward_rows(self.critic, packed, critic_values)
+
+    def _old_logprobs(self, packed) -> torch.Tensor:
+        """(B, S - 1) log-probs of every token under the current policy, computed with the
+        update's own forward and numerics (shifted frame; see recompute_old_logprobs)."""
+        T = self.cfg.rollout.temperature
+        return self._forward_rows(self.policy, packed, lambda m, ids, attn: token_logprobs(m, ids, attn, T)[0])[:, :-1]
+
+    @torch.no_grad()
+    def _forward_rows(self, model, packed, fn) -> torch.Tensor:
+        """(B, S) on the CPU: ``fn(model, ids, attn)`` ((b, s') with s' <= s) over every row,
+        micro-batched, in eval mode and the trainer's autocast; zeros past each output."""
+        model.eval()
         out = torch.zeros(packed.input_ids.shape)
         rows = list(range(packed.input_ids.shape[0]))
-        with sharding.gathered(self.critic):  # ranks have different row counts: no collectives inside
+        with sharding.gathered(model):  # ranks have different row counts: no collectives inside
             for micro in micro_batches(rows, self.cfg.train.micro_batch_rows):
                 S = int(packed.attention_mask[micro].sum(1).max())
                 with autocast(self.cfg, self.device):
-                    v = critic_values(self.critic, packed.input_ids[micro, :S].to(self.device),
-                                      packed.attention_mask[micro, :S].to(self.device))
-                out[micro, :S] = v.cpu()
+                    v = fn(model, packed.input_ids[micro, :S].to(self.device), packed.attention_mask[micro, :S].to(self.device))
+                out[micro, : v.shape[1]] = v.float().cpu()
         return out
 
     def _step_metrics(self, wb: WindowBatch, rewards, batch: StepBatch, updated: bool) -> dict[str, Any]:
