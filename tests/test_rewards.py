@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +35,31 @@ MATH_TABLE = [
 @pytest.mark.parametrize("completion,gold,expected", MATH_TABLE)
 def test_math_reward_table(completion, gold, expected):
     assert math_reward("", completion, gold) == expected
+
+
+def test_math_reward_tuples_split_over_boxes():
+    """One box per solution is read as the set of them, and every tuple has to match."""
+    completion = "\\boxed{(2, 2)} and \\boxed{(6, 2)}"
+    assert math_reward("", completion, "(2, 2), (6, 2)") == 1.0
+    assert math_reward("", completion, "(2, 2), (6, 3)") == 0.0
+
+
+MATH_CASES = Path(__file__).parent / "data" / "math_cases.jsonl"
+
+
+def test_math_reward_agrees_with_math_verify_verdicts_on_written_cases():
+    """Cases of our own writing, in the kinds math-verify's suites test, right and wrong. Each
+    expected verdict is both math-verify's (gold and completion parsed as math_reward parses
+    them, a bare gold in $...$) and the mathematically right one. Scored inline under the
+    scorer's alarm, so a hang fails its case instead of the run."""
+    cases = [json.loads(line) for line in MATH_CASES.read_text().splitlines() if line.strip()]
+    scorer = RewardScorer("math", workers=0, timeout_s=10.0)
+    rewards = scorer.score([""] * len(cases), [c["completion"] for c in cases], [c["gold"] for c in cases])
+    failures = collections.defaultdict(list)
+    for case, reward in zip(cases, rewards):
+        if reward != case["expected"]:
+            failures[case["category"]].append((case["completion"], case["gold"], case["expected"], reward))
+    assert not failures, "\n".join(f"{category}: {len(f)} wrong: {f}" for category, f in sorted(failures.items()))
 
 
 EXACT_TABLE = [

@@ -19,6 +19,7 @@ import concurrent.futures as cf
 import logging
 import math
 import multiprocessing
+import re
 import signal
 from typing import Callable
 
@@ -64,28 +65,54 @@ def exact_reward(prompt: str, completion: str, answer: str) -> float:
     return float(final_answer(completion) == answer.strip())
 
 
+# Gold answers in a dataset row are bare ("(2, 2), (6, 2)", "\\frac{1}{2}", "3\\pi"): math-verify only
+# reads them whole inside a LaTeX environment. A gold that already has one (or a \\boxed,
+# e.g. a full worked solution) is parsed as it is. Numbers written with separators are
+# the exception: "1 000" is 1 * 000 inside $...$ but 1000 to math-verify's number rules,
+# and "1,22" / "1,000" is a decimal or thousands comma to those rules and a list inside
+# $...$, so a bare gold of that shape is scored under both readings.
+_LATEX_ENV = ("$", "\\(", "\\[", "\\boxed")
+_SPACED_NUMBER = re.compile(r"[+-]?\d{1,3}( \d{3})+([.,]\d+)?")
+_COMMA_NUMBER = re.compile(r"[+-]?\d+(,\d+)+(\.\d+)?")
+
+
 def math_reward(prompt: str, completion: str, answer: str) -> float:
     """1.0 iff the completion's final answer equals ``answer`` mathematically.
 
-    Uses math-verify (symbolic and numeric comparison: ``\\frac{1}{2}`` == ``0.5``). The
-    answer is taken from the last ``\\boxed{}`` or ``#### x`` line when there is one,
-    else math-verify's own extraction of the last expression. Timeouts are the
-    scorer's job, so math-verify's signal-based ones are off (they fail off the main
-    thread).
+    Both sides go through math-verify's own extraction, as its test suites define the
+    verdicts (``compare_strings`` in math-verify's tests/test_all.py): LaTeX first with
+    ``\\boxed{}`` at top priority, then plain expressions. So an answer split over several
+    boxes (``\\boxed{(2, 2)} and \\boxed{(6, 2)}``, one box per solution) is read as the set
+    of them, and units, thousands separators and ``#### 18`` lines are handled by
+    math-verify. ``answer`` is a bare answer (wrapped in ``$...$`` to parse it whole) or
+    LaTeX text / a worked solution (parsed as it is). Agreement with math-verify's
+    suites is measured by benchmarks/math_reward_agreement.py. Timeouts are the scorer's
+    job, so math-verify's signal-based ones are off (they fail off the main thread).
     """
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify import verify
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" warning: ours is on
-    configs = [LatexExtractionConfig(), ExprExtractionConfig()]
-    marked = last_boxed(completion)
-    if marked is None and "####" in completion:
-        marked = completion.rsplit("####", 1)[1].strip()
-    pred_text = f"${marked}$" if marked is not None else completion
-    gold = parse(f"${answer}$", extraction_config=configs, parsing_timeout=None)
-    pred = parse(pred_text, extraction_config=configs, parsing_timeout=None)
-    if not gold or not pred:
-        return 0.0
-    return float(verify(gold, pred, timeout_seconds=None))
+    pred = _parse_math(completion)
+    return float(bool(pred) and any(verify(gold, pred, timeout_seconds=None) for gold in _gold_readings(answer)))
+
+
+def _gold_readings(answer: str) -> list[list]:
+    """The parses of a gold answer that count (see ``_LATEX_ENV``); empty ones dropped."""
+    bare = answer.strip()
+    if any(env in bare for env in _LATEX_ENV) or _SPACED_NUMBER.fullmatch(bare):
+        readings = [_parse_math(bare)]
+    elif _COMMA_NUMBER.fullmatch(bare):
+        readings = [_parse_math(f"${bare}$"), _parse_math(bare)]
+    else:
+        readings = [_parse_math(f"${bare}$") or _parse_math(bare)]
+    return [g for g in readings if g]
+
+
+def _parse_math(text: str) -> list:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    configs = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    return parse(text, extraction_config=configs, parsing_timeout=None)
 
 
 REWARD_FNS: dict[str, RewardFn] = {
