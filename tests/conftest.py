@@ -16,3 +16,19 @@ def model_dir(tmp_path_factory):
     from trainer_helpers import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def smol_tiny_dir(tmp_path_factory):
+    """A tiny random model with SmolLM2's real tokenizer and chat template (tests/real_models.py)."""
+    from real_models import save_tiny_with_smol_tokenizer
+
+    return save_tiny_with_smol_tokenizer(tmp_path_factory.mktemp("smol-tiny"))
+
+
+@pytest.fixture(scope="session")
+def gsm8k(tmp_path_factory):
+    """(train, test) GSM8K JSONL files (tests/real_models.py)."""
+    from real_models import gsm8k_files
+
+    return gsm8k_files(tmp_path_factory.mktemp("gsm8k"))

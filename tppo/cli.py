@@ -2,7 +2,8 @@
 
     tppo train --config FILE [--run-dir DIR] [--resume DIR] [key=value ...]
     tppo sft   [--config FILE] [key=value ...]
-    tppo eval  [--config FILE] --model DIR [key=value ...]
+    tppo eval  --model PATH [--config FILE] [key=value ...]
+    tppo convert SOURCE OUT_DIR [--gguf-file F] [--revision R] [--dtype D]
     tppo plot  RUN_DIR [RUN_DIR ...] [--out FILE]
     tppo demo  [--config FILE] [key=value ...]      (SFT if needed, T-PPO, plots)
 """
@@ -28,8 +29,14 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", default=str(DEMO_CONFIG) if name == "demo" else None)
     e = sub.add_parser("eval", help="held-out avg@k / pass@k of a checkpoint")
-    e.add_argument("--config")
-    e.add_argument("--model", required=True, help="policy checkpoint directory")
+    e.add_argument("--config", help="default: the run's config.yaml when --model is a run's checkpoint, else the defaults")
+    e.add_argument("--model", required=True, help="policy checkpoint: a directory, a hub id or a .gguf file")
+    c = sub.add_parser("convert", help="a GGUF file or hub model to a plain Hugging Face directory (safetensors)")
+    c.add_argument("source", help="a .gguf file, a directory (with --gguf-file) or a hub id")
+    c.add_argument("out", help="output directory")
+    c.add_argument("--gguf-file", help="GGUF file name inside SOURCE")
+    c.add_argument("--revision", help="hub revision of SOURCE")
+    c.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     pl = sub.add_parser("plot", help="PNG plots of runs, overlaid")
     pl.add_argument("runs", nargs="+")
     pl.add_argument("--out", help="output PNG (default: FIRST_RUN/plots.png)")
@@ -49,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the step lines
 
     try:
-        return {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "plot": cmd_plot, "demo": cmd_demo}[args.cmd](args)
+        commands = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "convert": cmd_convert, "plot": cmd_plot, "demo": cmd_demo}
+        return commands[args.cmd](args)
     except (ConfigError, DatasetError, FileNotFoundError, ImportError) as e:  # bad input or a missing extra: nothing ran
         print(f"tppo {args.cmd}: error: {e}", file=sys.stderr)
         return 2
@@ -117,22 +125,56 @@ def cmd_sft(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from tppo.config import load_config
-    from tppo.evaluation import engine_generate_fn, evaluate
-    from tppo.models import load_pretrained
-    from tppo.rewards import RewardScorer
-    from tppo.trainer import eval_examples, resolve_device
+    import torch
 
-    cfg = load_config(args.config, list(args.overrides))
+    from tppo.evaluation import evaluate, run_generate_fn
+    from tppo.models import ModelSource, eos_token_ids, load_pretrained
+    from tppo.rewards import RewardScorer
+    from tppo.trainer import resolve_device, task_examples
+
+    cfg, config_file = eval_config(args)
+    print(f"config: {config_file or 'the defaults'}; model: {cfg.model.path}" + (f" ({cfg.model.gguf_file})" if cfg.model.gguf_file else ""))
     device = resolve_device(cfg.train.device)
-    model, tok = load_pretrained(args.model)
+    model, tok = load_pretrained(ModelSource.of(cfg.model.path, cfg.model.gguf_file, cfg.model.revision), dtype=getattr(torch, cfg.model.dtype))
     model.to(device)
-    gen = engine_generate_fn(model, tok, max_response_tokens=cfg.rollout.max_response_tokens, temperature=cfg.rollout.temperature,
-                             seed=cfg.rollout.seed, template=cfg.task.template, max_prompt_tokens=cfg.task.max_prompt_tokens, device=device)
+    _, examples, notes = task_examples(cfg, cfg.train.seed)
+    for note in notes:
+        print(note)
     k = cfg.log.eval_samples
     with RewardScorer(cfg.task.reward, timeout_s=cfg.task.reward_timeout_s, workers=cfg.task.reward_workers) as scorer:
-        res = evaluate(eval_examples(cfg), gen, scorer, samples=k, ks=(1, k))
-    print(f"avg@{k} {res.avg_at_k:.4f}  pass@1 {res.pass_at_k[1]:.4f}  pass@{k} {res.pass_at_k[k]:.4f}")
+        res = evaluate(examples, run_generate_fn(cfg, model, tok, eos_token_ids(tok, model), device), scorer, samples=k, ks=(1, k))
+    print(f"{len(examples)} problems x {k} samples: avg@{k} {res.avg_at_k:.4f}  pass@1 {res.pass_at_k[1]:.4f}  pass@{k} {res.pass_at_k[k]:.4f}")
+    return 0
+
+
+def eval_config(args):
+    """(config, its file) for ``tppo eval``: --config, else the run's own config when --model
+    lies in a run's checkpoints (RUN/checkpoints/step-N/policy), else the defaults; with
+    model.path set to --model. The config's GGUF file name and revision are kept only where
+    they describe --model (its directory holds that file; a hub id)."""
+    import json
+
+    from tppo.config import load_config
+
+    model = Path(args.model)
+    run = next((p.parent for p in model.parents if p.name == "checkpoints" and (p.parent / "config.yaml").exists()), None)
+    config_file = args.config or (str(run / "config.yaml") if run else None)
+    cfg = load_config(config_file, [*args.overrides, f"model.path={json.dumps(args.model)}"])
+    if model.exists():
+        cfg.model.revision = None
+        if cfg.model.gguf_file and not (model / cfg.model.gguf_file).is_file():
+            cfg.model.gguf_file = None
+    return cfg, config_file
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from tppo.models import ModelSource, load_pretrained, save_pretrained
+
+    model, tok = load_pretrained(ModelSource.of(args.source, args.gguf_file, args.revision), dtype=getattr(torch, args.dtype))
+    save_pretrained(model, tok, args.out)
+    print(f"saved {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {args.dtype}) to {args.out}")
     return 0
 
 

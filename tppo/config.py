@@ -161,17 +161,24 @@ class ModelConfig:
     """Policy and critic models.
 
     Attributes:
-        path: local Hugging Face checkpoint directory of the policy. None: the embedded
-            tiny model, warm-started by SFT (``sft.output_dir``) when that exists.
+        path: the policy's checkpoint: a local Hugging Face directory, a hub id
+            (``Qwen/Qwen2.5-0.5B-Instruct``: downloaded as transformers does, or read from
+            the cache; ``HF_HUB_OFFLINE=1`` never downloads) or a ``.gguf`` file. None:
+            the embedded tiny model, warm-started by SFT (``sft.output_dir``).
+        revision: hub revision of ``path`` (branch, tag or commit; None: main).
         critic_path: checkpoint of the critic (a token-classification model with one
-            label). None: the policy's weights with a fresh scalar head.
-        gguf_file: file name inside ``path`` when the checkpoint is a GGUF file.
+            label), a local directory or hub id. None: the policy's weights with a fresh
+            scalar head.
+        gguf_file: file name inside ``path`` when the checkpoint is a GGUF file (needs
+            ``tppo[gguf]``). It is dequantised once at load into a plain model, so
+            checkpoints are ordinary safetensors directories (see ``tppo convert``).
         dtype: parameter dtype: float32 or bfloat16 (bf16 autocast is used on GPUs
             whatever this is; see ``train.bf16``).
         tiny: sizes of the embedded tiny Llama (ignored with ``path``).
     """
 
     path: str | None = None
+    revision: str | None = None
     critic_path: str | None = None
     gguf_file: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -183,23 +190,32 @@ class TaskConfig:
     """Prompts, answers and the reward.
 
     Attributes:
-        name: ``chain`` (the embedded task) or ``file`` (a JSONL/Parquet dataset).
+        name: ``chain`` (the embedded task), ``file`` (local JSONL/Parquet files:
+            ``train_path``, ``eval_path``) or ``hf`` (a Hugging Face dataset: ``dataset``,
+            ``dataset_config``, ``train_split``, ``eval_split``; needs ``tppo[hf]``).
         reward: key of ``tppo.rewards.REWARD_FNS`` (``exact`` for chain, ``math``).
         reward_timeout_s: per-answer scoring limit; past it the reward is 0 (counted).
         reward_workers: scoring processes (0: inline).
         format_penalty: subtracted when a completion has no final answer (0: off).
         chain: the embedded task's parameters (its length distribution above all).
         train_path, eval_path: dataset files for ``name: file``.
+        dataset, dataset_config, train_split, eval_split: for ``name: hf``, the
+            arguments of ``datasets.load_dataset`` (a hub name like ``openai/gsm8k`` or a
+            local dataset directory; its config, e.g. ``main``; the splits).
+            Without an evaluation set (``eval_path`` / ``eval_split`` null),
+            ``eval_problems`` training rows are held out: removed from the training
+            stream and used for evaluation (the log says so).
         prompt_field, answer_field, answer_format: dataset columns and answer format
             (gsm8k, boxed, integer, raw).
         skip_bad_rows: skip malformed dataset rows (counted) instead of failing.
-        template: prompt template with a ``{prompt}`` placeholder.
+        template: prompt template; ``{prompt}`` is replaced by the question and every
+            other brace is kept as it is (``\\boxed{}``, JSON, LaTeX).
         system: optional system message for chat templates.
         max_prompt_tokens: longer prompts are skipped and counted.
         eval_problems: held-out problems per evaluation.
     """
 
-    name: Literal["chain", "file"] = "chain"
+    name: Literal["chain", "file", "hf"] = "chain"
     reward: str = "exact"
     reward_timeout_s: float = 10.0
     reward_workers: int = 0
@@ -207,6 +223,10 @@ class TaskConfig:
     chain: ChainConfig = dataclasses.field(default_factory=ChainConfig)
     train_path: str | None = None
     eval_path: str | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
     prompt_field: str = "question"
     answer_field: str = "answer"
     answer_format: Literal["gsm8k", "boxed", "integer", "raw"] = "gsm8k"
@@ -221,6 +241,8 @@ class TaskConfig:
             raise ConfigError(f"task.template must contain '{{prompt}}' (got {self.template!r})")
         if self.name == "file" and not self.train_path:
             raise ConfigError("task.name 'file' needs task.train_path")
+        if self.name == "hf" and not self.dataset:
+            raise ConfigError("task.name 'hf' needs task.dataset (a Hugging Face dataset name like openai/gsm8k, or a local dataset directory)")
 
 
 @dataclasses.dataclass
@@ -403,8 +425,8 @@ class Config:
                 f"train.mini_batches ({t.mini_batches}) must divide the generation batch "
                 f"(rollout.prompts_per_step x rollout.samples_per_prompt = {r.num_slots})"
             )
-        if self.task.name == "file" and not self.model.path:
-            raise ConfigError("task.name 'file' needs model.path: the embedded SFT warm-start is for the chain task")
+        if self.task.name != "chain" and not self.model.path:
+            raise ConfigError(f"task.name '{self.task.name}' needs model.path: the embedded SFT warm-start is for the chain task")
         if a.window_ignore_tokens >= r.window_tokens:
             raise ConfigError(f"algo.window_ignore_tokens ({a.window_ignore_tokens}) must be < rollout.window_tokens ({r.window_tokens})")
 

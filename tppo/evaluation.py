@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from tppo.config import RolloutConfig
+from tppo.config import Config, RolloutConfig
 from tppo.rewards import RewardScorer
 from tppo.rollout import EmbeddedEngine
 from tppo.tasks.base import Example, PromptSource
@@ -58,16 +58,20 @@ def evaluate(examples: Sequence[Example], generate: GenerateFn, scorer: RewardSc
 
 
 def engine_generate_fn(model: torch.nn.Module, tokenizer, *, max_response_tokens: int, batch_prompts: int = 16,
-                       temperature: float = 1.0, seed: int = 0, max_prompt_tokens: int = 4096,
-                       template: str = "{prompt}", device: str | torch.device = "cpu") -> GenerateFn:
-    """A generate function on the embedded engine (synchronous, W = L)."""
+                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                       max_prompt_tokens: int = 4096, template: str = "{prompt}", system: str | None = None,
+                       eos_token_ids: int | Sequence[int] | None = None, device: str | torch.device = "cpu") -> GenerateFn:
+    """A generate function on the embedded engine (synchronous, W = L). Prompts are
+    formatted as in training (``template``, ``system``, the chat template); generation
+    stops on any of ``eos_token_ids`` (default: the tokenizer's EOS)."""
 
     def generate(prompts: Sequence[str], samples: int) -> list[list[str]]:
         examples = [Example(p, "") for p in prompts]
-        source = PromptSource(lambda: iter(examples), tokenizer, max_prompt_tokens=max_prompt_tokens, template=template)
+        source = PromptSource(lambda: iter(examples), tokenizer, max_prompt_tokens=max_prompt_tokens, template=template, system=system)
         cfg = RolloutConfig(prompts_per_step=batch_prompts, samples_per_prompt=samples, window_tokens=max_response_tokens,
-                            max_response_tokens=max_response_tokens, temperature=temperature, seed=seed)
-        engine = EmbeddedEngine(cfg, source, eos_token_ids=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, device=device)
+                            max_response_tokens=max_response_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        eos = tokenizer.eos_token_id if eos_token_ids is None else eos_token_ids
+        engine = EmbeddedEngine(cfg, source, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, device=device)
         out: list[list[str]] = [[] for _ in prompts]
         while (wb := engine.generate_window(model, 0)).rows:
             for row in wb.rows:
@@ -78,6 +82,17 @@ def engine_generate_fn(model: torch.nn.Module, tokenizer, *, max_response_tokens
         return out
 
     return generate
+
+
+def run_generate_fn(cfg: Config, model: torch.nn.Module, tokenizer, eos_token_ids: Sequence[int], device) -> GenerateFn:
+    """The generate function of a run's evaluation: the run's prompt formatting (template,
+    system prompt, prompt limit), sampling settings (temperature, top-p, top-k) and
+    stop tokens, so that held-out prompts are built exactly as training prompts are.
+    Used by the trainer and by ``tppo eval`` alike."""
+    t, r = cfg.task, cfg.rollout
+    return engine_generate_fn(model, tokenizer, max_response_tokens=r.max_response_tokens, temperature=r.temperature,
+                              top_p=r.top_p, top_k=r.top_k, seed=r.seed + 7919, template=t.template, system=t.system,
+                              max_prompt_tokens=t.max_prompt_tokens, eos_token_ids=eos_token_ids, device=device)
 
 
 def decode_response(tokenizer, ids: Sequence[int]) -> str:

@@ -1,7 +1,7 @@
 """Building and loading policy models and tokenizers.
 
-Two ways in, one code path out: a real Hugging Face checkpoint from a local directory
-(:func:`load_pretrained`), or the embedded default built in code (:func:`build_tiny`):
+Two ways in, one code path out: a real Hugging Face checkpoint from a local directory, a
+hub id or a GGUF file (:func:`load_pretrained`), or the embedded default built in code (:func:`build_tiny`):
 a tiny Llama-architecture ``LlamaForCausalLM`` and a character-level tokenizer made
 with the ``tokenizers`` library and wrapped as a transformers fast tokenizer. Both are
 saved with ``save_pretrained`` (safetensors) and reloaded with the same
@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import itertools
+import re
 import string
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from tppo.config import TinyModelConfig
@@ -66,26 +69,148 @@ def build_tiny(spec: TinyModelConfig | None = None, seed: int = 0) -> tuple[Llam
     return model, tokenizer
 
 
-def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, **kwargs) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a local directory (offline).
+class ModelSourceError(FileNotFoundError):
+    """A model source could not be resolved (not a directory, not a reachable hub model)."""
 
-    ``kwargs`` go to both ``from_pretrained`` calls (e.g. ``gguf_file=...``). The
-    tokenizer must know its EOS token: generation stops on it and rewards sit on it.
-    A missing pad token falls back to EOS, the usual choice for decoder-only models.
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a checkpoint comes from: a local directory or a Hugging Face hub id (``repo``),
+    with an optional GGUF file inside it and a hub ``revision`` (branch, tag or commit)."""
+
+    repo: str
+    gguf_file: str | None = None
+    revision: str | None = None
+
+    @classmethod
+    def of(cls, path: str | Path, gguf_file: str | None = None, revision: str | None = None) -> "ModelSource":
+        """``path`` may also be a ``.gguf`` file itself (its directory and file name)."""
+        p = Path(path).expanduser()
+        if p.suffix == ".gguf" and p.is_file():
+            if gguf_file not in (None, p.name):
+                raise ModelSourceError(f"model path {p} is a GGUF file but gguf_file names another: {gguf_file}")
+            return cls(str(p.parent), p.name, revision)
+        return cls(str(p) if p.exists() else str(path), gguf_file, revision)
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.repo).is_dir()
+
+    def kwargs(self) -> dict[str, str]:
+        """Keyword arguments of ``from_pretrained`` for this source."""
+        out = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        return out | ({"revision": self.revision} if self.revision and not self.is_local else {})
+
+
+# A hub id: "name" or "owner/name" of letters, digits, "-", "_", "." (huggingface_hub's rule).
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def _check_source(src: ModelSource) -> None:
+    """Fail early, with the reason, on what from_pretrained would report obscurely."""
+    if src.is_local:
+        if src.gguf_file and not (Path(src.repo) / src.gguf_file).is_file():
+            raise ModelSourceError(f"model directory {src.repo} has no GGUF file {src.gguf_file}")
+    elif Path(src.repo).exists():
+        raise ModelSourceError(f"model path {src.repo} is a file, not a checkpoint directory (a .gguf file is accepted as it is)")
+    elif not _HUB_ID.fullmatch(src.repo) or src.repo.startswith((".", "/", "~")):
+        raise ModelSourceError(f"model directory {src.repo} does not exist (and it is not a Hugging Face hub id like 'owner/name')")
+    if src.gguf_file:
+        for module in ("gguf", "accelerate"):
+            if importlib.util.find_spec(module) is None:
+                raise ImportError(f"loading the GGUF file {src.gguf_file} needs the '{module}' package: pip install 'tppo[gguf]'")
+
+
+def _from_pretrained(cls, src: ModelSource, **kwargs):
+    """``cls.from_pretrained`` with the source's arguments; a hub id that cannot be fetched
+    is an error that says why (offline, or unknown on the hub) and what to do."""
+    try:
+        return cls.from_pretrained(src.repo, **src.kwargs(), **kwargs)
+    except OSError as e:
+        if src.is_local:
+            raise
+        if huggingface_hub.is_offline_mode():
+            raise ModelSourceError(
+                f"model '{src.repo}' is not a local directory and not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
+                f"downloading it: download it once online (`hf download {src.repo}`) or point the path at a local directory") from e
+        raise ModelSourceError(f"model '{src.repo}' could not be loaded from the Hugging Face hub "
+                               f"(revision {src.revision or 'main'}): {str(e).splitlines()[0]}") from e
+
+
+def load_pretrained(path: str | Path | ModelSource, *, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local directory, a hub id or a GGUF file.
+
+    ``path`` is a :class:`ModelSource` or a plain path / hub id. A hub id downloads as
+    transformers does (or resolves from the local cache; ``HF_HUB_OFFLINE=1`` never
+    downloads). A GGUF checkpoint is dequantised once into a plain model, so it trains,
+    saves and reloads like any other (:func:`plain_model`). Dropout is switched off
+    (:func:`disable_dropout`). The tokenizer must know its EOS token: generation stops on
+    it and rewards sit on it; a missing pad token falls back to EOS, the usual choice for
+    decoder-only models.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model directory {path} does not exist (tppo loads checkpoints from local files)")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
+    src = path if isinstance(path, ModelSource) else ModelSource.of(path)
+    _check_source(src)
+    tokenizer = _from_pretrained(AutoTokenizer, src)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer in {path} has no EOS token; set eos_token in its tokenizer_config.json")
+        raise ValueError(f"tokenizer of {src.repo} has no EOS token; set eos_token in its tokenizer_config.json")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model_kwargs = dict(kwargs)
-    if dtype is not None:
-        model_kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **model_kwargs)
-    return model, tokenizer
+    model = _from_pretrained(AutoModelForCausalLM, src, **({"dtype": dtype} if dtype is not None else {}))
+    if src.gguf_file:
+        model = plain_model(model)
+    return disable_dropout(model), tokenizer
+
+
+def plain_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The same weights in a model that is not flagged as quantized.
+
+    transformers dequantises GGUF tensors at load but keeps the model marked as a GGUF
+    quantization, which ``save_pretrained`` refuses; a model built from the config
+    without its ``quantization_config`` and given the loaded state is an ordinary one.
+    """
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dtype = next(model.parameters()).dtype
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's RNG as it was
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"dequantised weights do not match the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    return plain.to(next(model.parameters()).device)
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every dropout probability to 0, in the modules and in the config.
+
+    PPO's ratio compares the sampling policy with the one being updated, and the critic's
+    targets must be deterministic: dropout in the update's forward (``model.train()``)
+    would make the ratio of an unchanged policy differ from 1. Modules read their rate
+    from an attribute copied out of the config at construction (``attention_dropout``,
+    ``nn.Dropout.p``), so both are reset; the config so that saved checkpoints agree.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    for name, value in list(model.config.to_dict().items()):
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+            setattr(model.config, name, 0.0)
+    return model
+
+
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and those of the model's
+    ``generation_config`` and config (chat models list their end-of-turn token there,
+    e.g. Qwen2.5's ``<|im_end|>`` and ``<|endoftext|>``), as ``generate`` stops on them."""
+    ids = {tokenizer.eos_token_id}
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update([value] if isinstance(value, int) else (value or []))
+    return sorted(i for i in ids if i is not None)
 
 
 def critic_from_policy(policy: torch.nn.Module) -> torch.nn.Module:
@@ -108,13 +233,16 @@ def critic_from_policy(policy: torch.nn.Module) -> torch.nn.Module:
     return critic.to(device=next(policy.parameters()).device, dtype=next(policy.parameters()).dtype)
 
 
-def load_critic(path: str | Path, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A critic saved by ``save_pretrained`` (a token-classification model, one label)."""
+def load_critic(path: str | Path | ModelSource, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A critic saved by ``save_pretrained`` (a token-classification model, one label), from
+    a local directory or a hub id; dropout off."""
+    src = path if isinstance(path, ModelSource) else ModelSource.of(path)
+    _check_source(src)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    critic = AutoModelForTokenClassification.from_pretrained(path, local_files_only=True, num_labels=1, **kwargs)
+    critic = _from_pretrained(AutoModelForTokenClassification, src, num_labels=1, **kwargs)
     if critic.config.num_labels != 1:
-        raise ValueError(f"critic checkpoint {path} has {critic.config.num_labels} labels; a critic has 1")
-    return critic
+        raise ValueError(f"critic checkpoint {src.repo} has {critic.config.num_labels} labels; a critic has 1")
+    return disable_dropout(critic)
 
 
 def own_aligned_memory(model: torch.nn.Module) -> torch.nn.Module:

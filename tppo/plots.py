@@ -46,7 +46,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, smooth: int = 10) -> 
                 ax.plot(xs, _rolling_mean(ys, smooth), color=color, label=name)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes.flat[0].legend()
+    labelled = next((ax for ax in axes.flat if ax.get_legend_handles_labels()[0]), None)
+    if labelled is not None:  # a run too short for some curves still gets its legend
+        labelled.legend()
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ V(s) (state = tokens 0..j) is the critic's output at j.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 import json
@@ -28,19 +29,19 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
 from tppo import algos, distributed, sharding
 from tppo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from tppo.config import Config, ConfigError, diff_configs, load_config, save_config
-from tppo.evaluation import decode_response, engine_generate_fn, evaluate
+from tppo.evaluation import decode_response, evaluate, run_generate_fn
 from tppo.metrics import MetricsLogger, summary_line
-from tppo.models import critic_from_policy, load_critic, load_pretrained, own_aligned_memory, save_pretrained
+from tppo.models import ModelSource, critic_from_policy, eos_token_ids, load_critic, load_pretrained, own_aligned_memory, save_pretrained
 from tppo.rewards import RewardScorer
 from tppo.rollout import EmbeddedEngine, WindowBatch
-from tppo.tasks import ChainTask, Example, PromptSource, epoch_stream, load_examples
+from tppo.tasks import ChainTask, Example, PromptSource, epoch_stream, load_task_data
 
 
 class TrainingDiverged(RuntimeError):
@@ -106,26 +107,14 @@ def recompute_old_logprobs(cfg: Config, device: torch.device) -> bool:
     return mixed_precision(cfg, device) or cfg.model.dtype != "float32" or cfg.rollout.engine != "embedded"
 
 
-def train_examples(cfg: Config, seed: int):
-    """A factory of the deterministic training example stream (PromptSource replays it)."""
+def task_examples(cfg: Config, seed: int) -> tuple[Callable[[], Iterator[Example]], list[Example], list[str]]:
+    """A run's data: a factory of the deterministic training example stream (PromptSource
+    replays it), the held-out evaluation examples, and notes on where they came from."""
     if cfg.task.name == "chain":
         task = ChainTask(cfg.task.chain)
-        return lambda: task.stream("train", seed)
-    ds = load_examples(cfg.task.train_path, prompt_field=cfg.task.prompt_field, answer_field=cfg.task.answer_field,
-                       answer_format=cfg.task.answer_format, skip_bad_rows=cfg.task.skip_bad_rows)
-    if ds.skipped:
-        print(f"skipped {len(ds.skipped)} malformed rows of {cfg.task.train_path}; first: {ds.skipped[0]}")
-    return lambda: epoch_stream(ds.examples, seed)
-
-
-def eval_examples(cfg: Config) -> list[Example]:
-    n = cfg.task.eval_problems
-    if cfg.task.name == "chain":
-        return ChainTask(cfg.task.chain).distinct("heldout", seed=1234, count=n)
-    path = cfg.task.eval_path or cfg.task.train_path
-    ds = load_examples(path, prompt_field=cfg.task.prompt_field, answer_field=cfg.task.answer_field,
-                       answer_format=cfg.task.answer_format, skip_bad_rows=cfg.task.skip_bad_rows)
-    return ds.examples[:n]
+        return (lambda: task.stream("train", seed)), task.distinct("heldout", seed=1234, count=cfg.task.eval_problems), []
+    data = load_task_data(cfg.task)
+    return (lambda: epoch_stream(data.train, seed)), data.eval, data.notes
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, cfg: Config):
@@ -380,12 +369,14 @@ class Trainer:
                               "`torchrun --nproc_per_node N -m tppo.cli train ...` (N >= 2), or set train.fsdp=false")
         self._seed_everything(cfg.train.seed)
         self._build_models(ckpt)
-        self.source = PromptSource(self._rank_share(train_examples(cfg, cfg.train.seed)), self.tokenizer,
+        make_stream, self.eval_set, notes = task_examples(cfg, cfg.train.seed)
+        for note in notes if self.rank == 0 else []:
+            print(note)
+        self.source = PromptSource(self._rank_share(make_stream), self.tokenizer,
                                    max_prompt_tokens=cfg.task.max_prompt_tokens, template=cfg.task.template, system=cfg.task.system)
         self.engine = self._make_engine(ckpt)
         self.scorer = RewardScorer(cfg.task.reward, timeout_s=cfg.task.reward_timeout_s, workers=cfg.task.reward_workers,
                                    format_penalty=cfg.task.format_penalty)
-        self.eval_set = eval_examples(cfg)
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
         self.step_idx, self.version, self.elapsed, self.total_generated = 0, 0, 0.0, 0
         self.nonfinite_skips, self.nonfinite_in_a_row = 0, 0
@@ -404,10 +395,14 @@ class Trainer:
         if r.engine == "vllm":
             from tppo.rollout.vllm_engine import VLLMEngine
 
-            return VLLMEngine(r, self.source, model_path=str(ckpt / "policy" if ckpt else self.initial_policy_path()),
-                              eos_token_ids=self.tokenizer.eos_token_id, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+            init = self.initial_policy()
+            if init.gguf_file and not ckpt:
+                raise ConfigError(f"rollout.engine=vllm reads the policy's weights itself: convert the GGUF file first "
+                                  f"(`tppo convert {init.repo}/{init.gguf_file} DIR`) and set model.path=DIR")
+            return VLLMEngine(r, self.source, model_path=str(ckpt / "policy") if ckpt else init.repo,
+                              eos_token_ids=self.eos_ids, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
                               tensor_parallel_size=r.vllm_tensor_parallel_size, sleep_between_windows=r.vllm_sleep)
-        return EmbeddedEngine(r, self.source, eos_token_ids=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+        return EmbeddedEngine(r, self.source, eos_token_ids=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
                               device=self.device)
 
     def _rank_rollout(self):
@@ -431,9 +426,9 @@ class Trainer:
 
     def _build_models(self, ckpt: Path | None) -> None:
         cfg, dtype = self.cfg, getattr(torch, self.cfg.model.dtype)
-        init_path = self.initial_policy_path()
-        kwargs = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
-        self.policy, self.tokenizer = load_pretrained(ckpt / "policy" if ckpt else init_path, dtype=dtype, **({} if ckpt else kwargs))
+        init = self.initial_policy()
+        self.policy, self.tokenizer = load_pretrained(ModelSource.of(ckpt / "policy") if ckpt else init, dtype=dtype)
+        self.eos_ids = eos_token_ids(self.tokenizer, self.policy)
         if ckpt:
             self.critic = load_critic(ckpt / "critic", dtype=dtype)
         elif cfg.model.critic_path:
@@ -442,13 +437,13 @@ class Trainer:
             self.critic = critic_from_policy(self.policy)
         if self.critic.config.vocab_size != self.policy.config.vocab_size:
             raise ValueError(f"critic {cfg.model.critic_path} has a vocabulary of {self.critic.config.vocab_size} tokens but the "
-                             f"policy {init_path} has {self.policy.config.vocab_size}: the critic must read the policy's tokens "
+                             f"policy {init.repo} has {self.policy.config.vocab_size}: the critic must read the policy's tokens "
                              f"(a checkpoint from another model?)")
         for model in (self.policy, self.critic):
             own_aligned_memory(model.to(self.device))  # bit-exact resume on CPU (see own_aligned_memory)
         self.ref = None
-        if cfg.algo.kl_coef:
-            self.ref, _ = load_pretrained(init_path, dtype=dtype, **kwargs)
+        if cfg.algo.kl_coef:  # the initial policy: loaded again on resume, a copy before the first update otherwise
+            self.ref = load_pretrained(init, dtype=dtype)[0] if ckpt else copy.deepcopy(self.policy)
             own_aligned_memory(self.ref.to(self.device).eval().requires_grad_(False))
         if cfg.train.fsdp:  # before the optimizers: they hold the sharded parameters
             for model in filter(None, (self.policy, self.critic, self.ref)):
@@ -456,10 +451,11 @@ class Trainer:
         self.policy_opt, self.policy_sched = make_optimizer(self.policy, cfg.train.policy_lr, cfg)
         self.critic_opt, self.critic_sched = make_optimizer(self.critic, cfg.train.critic_lr, cfg)
 
-    def initial_policy_path(self) -> Path:
+    def initial_policy(self) -> ModelSource:
         """The checkpoint RL starts from: model.path, or the SFT warm-start (built if missing)."""
-        if self.cfg.model.path:
-            return Path(self.cfg.model.path)
+        m = self.cfg.model
+        if m.path:
+            return ModelSource.of(m.path, m.gguf_file, m.revision)
         out = Path(self.cfg.sft.output_dir)
         if not (out / "config.json").exists() and self.rank == 0:
             from tppo.sft import run_sft
@@ -467,7 +463,7 @@ class Trainer:
             print(f"no SFT warm-start at {out}: training one (cached for later runs)")
             run_sft(self.cfg)
         distributed.barrier()  # the other ranks wait for rank 0's SFT model
-        return out
+        return ModelSource.of(out)
 
     # ------------------------------------------------------------------ the loop
 
@@ -665,10 +661,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out avg@k (``eval/accuracy``) and pass@k of the current policy."""
-        cfg, k = self.cfg, self.cfg.log.eval_samples
-        generate = engine_generate_fn(self.policy, self.tokenizer, max_response_tokens=cfg.rollout.max_response_tokens,
-                                      temperature=cfg.rollout.temperature, seed=cfg.rollout.seed + 7919, template=cfg.task.template,
-                                      max_prompt_tokens=cfg.task.max_prompt_tokens, device=self.device)
+        k = self.cfg.log.eval_samples
+        generate = run_generate_fn(self.cfg, self.policy, self.tokenizer, self.eos_ids, self.device)
         res = evaluate(self.eval_set, generate, self.scorer, samples=k, ks=(1, k))
         return {"eval/accuracy": res.avg_at_k, f"eval/pass@{k}": res.pass_at_k[k]}
 

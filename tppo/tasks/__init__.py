@@ -2,7 +2,7 @@
 
 from tppo.tasks.base import Example, PromptSource, epoch_stream, format_prompt
 from tppo.tasks.chain import ChainTask
-from tppo.tasks.datasets import DatasetError, LoadedDataset, load_examples, load_hf_examples, normalize_answer
+from tppo.tasks.datasets import DatasetError, LoadedDataset, TaskData, holdout, load_examples, load_hf_examples, load_task_data, normalize_answer
 
 __all__ = [
     "ChainTask",
@@ -10,9 +10,12 @@ __all__ = [
     "Example",
     "LoadedDataset",
     "PromptSource",
+    "TaskData",
     "epoch_stream",
     "format_prompt",
+    "holdout",
     "load_examples",
     "load_hf_examples",
+    "load_task_data",
     "normalize_answer",
 ]

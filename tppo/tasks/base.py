@@ -31,10 +31,11 @@ def format_prompt(tokenizer, text: str, template: str = "{prompt}", system: str 
     """The prompt string the model sees.
 
     ``template`` (with a ``{prompt}`` placeholder) wraps the question first, e.g. to ask
-    for a boxed answer. Then, if the tokenizer has a chat template, the result becomes a
-    user turn (after an optional system turn) with the generation prompt appended.
+    for a boxed answer; only ``{prompt}`` is replaced, so other braces (``\\boxed{}``,
+    JSON, LaTeX) stay as written. Then, if the tokenizer has a chat template, the result
+    becomes a user turn (after an optional system turn) with the generation prompt appended.
     """
-    body = template.format(prompt=text)
+    body = template.replace("{prompt}", text)
     if getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": body}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -1,4 +1,5 @@
-"""Dataset loaders: JSONL and Parquet files (always local), Hugging Face datasets by name.
+"""Dataset loaders: JSONL and Parquet files (always local), Hugging Face datasets by name,
+and the training / held-out split of a dataset task (:func:`load_task_data`).
 
 Each row gives a prompt field and an answer field (names configurable). The answer is
 normalised by ``answer_format``:
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -55,17 +57,73 @@ def load_examples(
     return _to_examples(rows, prompt_field, answer_field, answer_format, skip_bad_rows)
 
 
-def load_hf_examples(name: str, split: str = "train", *, config: str | None = None, **fields: Any) -> LoadedDataset:
-    """Load a Hugging Face dataset by name (needs the ``hf`` extra and hub access, or a
-    local dataset directory / cache) and convert it like :func:`load_examples`."""
+def load_hf_examples(name: str, split: str = "train", *, config: str | None = None, prompt_field: str = "question",
+                     answer_field: str = "answer", answer_format: str = "raw", skip_bad_rows: bool = False) -> LoadedDataset:
+    """Load a Hugging Face dataset split by name (``openai/gsm8k``; downloaded, or read from
+    the cache, ``HF_HUB_OFFLINE=1`` never downloading) or from a local dataset directory,
+    and convert it like :func:`load_examples`. Needs the ``hf`` extra."""
     try:
         import datasets
     except ImportError as e:  # the extra is optional: say how to get it
         raise ImportError("loading datasets by name needs the 'datasets' package: pip install 'tppo[hf]'") from e
-    ds = datasets.load_dataset(name, config, split=split)
+    where = f"dataset '{name}'" + (f" (config '{config}')" if config else "") + f", split '{split}'"
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # datasets raises many types (not found, offline, bad config, bad split): name the input
+        hint = " (HF_HUB_OFFLINE=1: only datasets in the local cache can be loaded)" if datasets.config.HF_HUB_OFFLINE else ""
+        raise DatasetError(f"{where} could not be loaded{hint}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     rows = ((f"{name}[{split}]", i + 1, row, None) for i, row in enumerate(ds))
-    return _to_examples(rows, fields.get("prompt_field", "question"), fields.get("answer_field", "answer"),
-                        fields.get("answer_format", "raw"), fields.get("skip_bad_rows", False))
+    return _to_examples(rows, prompt_field, answer_field, answer_format, skip_bad_rows)
+
+
+@dataclasses.dataclass
+class TaskData:
+    """A dataset task's examples: ``train`` feeds the prompt stream, ``eval`` is held out;
+    ``notes`` say where each came from and what was skipped (the trainer prints them)."""
+
+    train: list[Example]
+    eval: list[Example]
+    notes: list[str]
+
+
+def load_task_data(task, holdout_seed: int = 0) -> TaskData:
+    """The training and evaluation examples of a ``file`` or ``hf`` task (``task`` is a
+    ``TaskConfig``). Without an evaluation set, ``task.eval_problems`` training rows are
+    held out: a seeded choice, removed from training together with every training row of
+    the same question, so evaluation never scores a question the policy trained on."""
+    fields = dict(prompt_field=task.prompt_field, answer_field=task.answer_field, answer_format=task.answer_format,
+                  skip_bad_rows=task.skip_bad_rows)
+    if task.name == "hf":
+        load = lambda split: load_hf_examples(task.dataset, split, config=task.dataset_config, **fields)  # noqa: E731
+        train_src, eval_src = task.train_split, task.eval_split
+    else:
+        load, train_src, eval_src = (lambda path: load_examples(path, **fields)), task.train_path, task.eval_path
+    notes: list[str] = []
+    train = _loaded(load(train_src), train_src, notes)
+    if eval_src is not None:
+        return TaskData(train, _loaded(load(eval_src), eval_src, notes)[: task.eval_problems], notes)
+    train, held = holdout(train, task.eval_problems, holdout_seed)
+    notes.append(f"no evaluation set given (task.eval_path / task.eval_split): {len(held)} questions of {train_src} are held "
+                 f"out for evaluation and removed from training ({len(train)} training rows remain)")
+    return TaskData(train, held, notes)
+
+
+def _loaded(ds: LoadedDataset, source: str, notes: list[str]) -> list[Example]:
+    if ds.skipped:
+        notes.append(f"skipped {len(ds.skipped)} malformed rows of {source}; first: {ds.skipped[0]}")
+    return ds.examples
+
+
+def holdout(examples: list[Example], count: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """(rest, held): ``count`` examples of distinct questions chosen with ``seed``, and
+    every example whose question is not among them. Refuses to hold out everything."""
+    questions = list(dict.fromkeys(e.prompt for e in examples))
+    if count >= len(questions):
+        raise DatasetError(f"cannot hold out {count} evaluation questions from a training set of {len(questions)} distinct "
+                           f"questions: give an evaluation set or lower task.eval_problems")
+    chosen = set(random.Random(f"holdout:{seed}").sample(questions, count))
+    held = list({e.prompt: e for e in examples if e.prompt in chosen}.values())
+    return [e for e in examples if e.prompt not in chosen], held
 
 
 # ---------------------------------------------------------------------- readers
