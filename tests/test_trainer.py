@@ -14,7 +14,8 @@ from tppo.config import Config, ConfigError, load_config
 from tppo.metrics import STEP_KEYS, read_metrics
 from trainer_helpers import deterministic_metrics, make_cfg, params
 from tppo.rollout import PromptItem, Row, RolloutStats, WindowBatch
-from tppo.trainer import StepBatch, Trainer, compute_advantages, policy_lambda, resume_config, token_logprobs, update_critic, update_policy
+from tppo.trainer import (StepBatch, Trainer, compute_advantages, policy_lambda, resume_config, token_logprobs, update_critic,
+                          update_policy, used_columns)
 
 @pytest.mark.parametrize("algorithm", ["tppo", "ppo"])
 def test_two_step_smoke_run(model_dir, tmp_path, algorithm):
@@ -361,3 +362,27 @@ def test_frozen_models_give_ratio_one_and_the_hand_value_loss(model_dir, tmp_pat
     for m, wb in zip(history, windows):
         if m["rollout/finished_rows"] and precision == "fp32":
             assert m["value/loss"] == pytest.approx(critic_loss_by_hand(trainer, wb), rel=1e-5)
+
+
+def test_logprobs_on_used_columns_equal_the_full_projection_with_the_same_gradient(model_dir, tmp_path):
+    """Projecting only the window's columns onto the vocabulary (logits_to_keep) gives the
+    same log-probs and entropies there, zeros elsewhere, and the same gradient."""
+    cfg = make_cfg(model_dir, tmp_path, "train.total_steps=2")
+    trainer = Trainer(cfg, tmp_path)
+    trainer.step()
+    batch = one_window_batch(trainer, cfg)
+    cols = used_columns(batch.policy_mask)
+    assert 0 < cols.numel() < batch.policy_mask.shape[1]
+    out = []
+    for columns in (None, cols):
+        policy = copy.deepcopy(trainer.policy)
+        lp, ent = token_logprobs(policy, batch.input_ids, batch.attention_mask, 0.7, "grad", columns)
+        algos.masked_mean(lp * 1.3 + ent, batch.policy_mask).backward()
+        out.append((lp.detach(), ent.detach(), {k: p.grad for k, p in policy.named_parameters()}))
+    (lp_full, ent_full, g_full), (lp_cols, ent_cols, g_cols) = out
+    pm = batch.policy_mask
+    torch.testing.assert_close(lp_cols[pm], lp_full[pm], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_cols[pm], ent_full[pm], atol=1e-5, rtol=1e-5)
+    assert torch.all(lp_cols[:, [c for c in range(pm.shape[1]) if c not in cols.tolist()]] == 0)
+    for k in g_full:
+        torch.testing.assert_close(g_cols[k], g_full[k], atol=1e-6, rtol=1e-4)

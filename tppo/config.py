@@ -157,6 +157,30 @@ class ChainConfig:
 
 
 @dataclasses.dataclass
+class ArithConfig:
+    """The arithmetic word-problem task for pretrained models (``tppo.tasks.arithmetic``).
+
+    Attributes:
+        ops: operations, drawn uniformly: ``add``, ``sub``, ``mul``.
+        min_operand, max_operand: range of both operands.
+        heldout_fraction: share of the problem space reserved for evaluation.
+    """
+
+    ops: list[Literal["add", "sub", "mul"]] = dataclasses.field(default_factory=lambda: ["add"])
+    min_operand: int = 2
+    max_operand: int = 9
+    heldout_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not self.ops:
+            raise ConfigError("task.arith.ops must name at least one operation (add, sub, mul)")
+        if not 0 <= self.min_operand <= self.max_operand:
+            raise ConfigError(f"task.arith: need 0 <= min_operand <= max_operand (got {self.min_operand}, {self.max_operand})")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError(f"task.arith.heldout_fraction must be in (0, 1) (got {self.heldout_fraction})")
+
+
+@dataclasses.dataclass
 class ModelConfig:
     """Policy and critic models.
 
@@ -190,7 +214,8 @@ class TaskConfig:
     """Prompts, answers and the reward.
 
     Attributes:
-        name: ``chain`` (the embedded task), ``file`` (local JSONL/Parquet files:
+        name: ``chain`` (the embedded task), ``arith`` (arithmetic word problems for
+            pretrained chat models, answered in ``\\boxed{}``), ``file`` (local JSONL/Parquet files:
             ``train_path``, ``eval_path``) or ``hf`` (a Hugging Face dataset: ``dataset``,
             ``dataset_config``, ``train_split``, ``eval_split``; needs ``tppo[hf]``).
         reward: key of ``tppo.rewards.REWARD_FNS`` (``exact`` for chain, ``math``).
@@ -198,6 +223,7 @@ class TaskConfig:
         reward_workers: scoring processes (0: inline).
         format_penalty: subtracted when a completion has no final answer (0: off).
         chain: the embedded task's parameters (its length distribution above all).
+        arith: the arithmetic task's parameters.
         train_path, eval_path: dataset files for ``name: file``.
         dataset, dataset_config, train_split, eval_split: for ``name: hf``, the
             arguments of ``datasets.load_dataset`` (a hub name like ``openai/gsm8k`` or a
@@ -215,12 +241,13 @@ class TaskConfig:
         eval_problems: held-out problems per evaluation.
     """
 
-    name: Literal["chain", "file", "hf"] = "chain"
+    name: Literal["chain", "arith", "file", "hf"] = "chain"
     reward: str = "exact"
     reward_timeout_s: float = 10.0
     reward_workers: int = 0
     format_penalty: float = 0.0
     chain: ChainConfig = dataclasses.field(default_factory=ChainConfig)
+    arith: ArithConfig = dataclasses.field(default_factory=ArithConfig)
     train_path: str | None = None
     eval_path: str | None = None
     dataset: str | None = None
@@ -426,7 +453,8 @@ class Config:
                 f"(rollout.prompts_per_step x rollout.samples_per_prompt = {r.num_slots})"
             )
         if self.task.name != "chain" and not self.model.path:
-            raise ConfigError(f"task.name '{self.task.name}' needs model.path: the embedded SFT warm-start is for the chain task")
+            raise ConfigError(f"task.name '{self.task.name}' needs model.path (a pretrained model): the embedded SFT warm-start "
+                              f"is for the chain task")
         if a.window_ignore_tokens >= r.window_tokens:
             raise ConfigError(f"algo.window_ignore_tokens ({a.window_ignore_tokens}) must be < rollout.window_tokens ({r.window_tokens})")
 
@@ -545,6 +573,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value not in args:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"config key '{key}': expected a list of {len(args)} values, got {value!r}")

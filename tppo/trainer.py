@@ -41,7 +41,7 @@ from tppo.metrics import MetricsLogger, summary_line
 from tppo.models import ModelSource, critic_from_policy, eos_token_ids, load_critic, load_pretrained, own_aligned_memory, save_pretrained
 from tppo.rewards import RewardScorer
 from tppo.rollout import EmbeddedEngine, WindowBatch
-from tppo.tasks import ChainTask, Example, PromptSource, epoch_stream, load_task_data
+from tppo.tasks import ArithTask, ChainTask, Example, PromptSource, epoch_stream, load_task_data
 
 
 class TrainingDiverged(RuntimeError):
@@ -110,8 +110,8 @@ def recompute_old_logprobs(cfg: Config, device: torch.device) -> bool:
 def task_examples(cfg: Config, seed: int) -> tuple[Callable[[], Iterator[Example]], list[Example], list[str]]:
     """A run's data: a factory of the deterministic training example stream (PromptSource
     replays it), the held-out evaluation examples, and notes on where they came from."""
-    if cfg.task.name == "chain":
-        task = ChainTask(cfg.task.chain)
+    if cfg.task.name in ("chain", "arith"):
+        task = ChainTask(cfg.task.chain) if cfg.task.name == "chain" else ArithTask(cfg.task.arith)
         return (lambda: task.stream("train", seed)), task.distinct("heldout", seed=1234, count=cfg.task.eval_problems), []
     data = load_task_data(cfg.task)
     return (lambda: epoch_stream(data.train, seed)), data.eval, data.notes
@@ -134,16 +134,40 @@ def trimmed(batch: StepBatch, rows: list[int]) -> tuple[torch.Tensor, torch.Tens
     return batch.input_ids[rows, :S], batch.attention_mask[rows, :S], S
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature: float, entropy: str = "none"):
+def token_logprobs(model, input_ids, attention_mask, temperature: float, entropy: str = "none", columns: torch.Tensor | None = None):
     """(B, S-1) log-probs of tokens 1..S-1 under the temperature-scaled policy, and their
-    entropies: ``entropy`` is "none", "metric" (no grad: cheap on large vocabularies) or "grad"."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    entropies: ``entropy`` is "none", "metric" (no grad: cheap on large vocabularies) or "grad".
+
+    ``columns`` (1-D, ascending, in the shifted frame) limits the vocabulary projection to
+    the positions whose log-probs are used (this window's tokens), through the model's
+    ``logits_to_keep``: exact, and it skips the (B, S, V) logits of the prompt and earlier
+    windows, most of a T-PPO row. The other columns are 0.
+    """
+    keep = {} if columns is None else {"logits_to_keep": columns}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **keep).logits
+    logits = (logits[:, :-1] if columns is None else logits).float()
     if temperature > 0:
         logits = logits / temperature
-    lp = algos.logprobs_from_logits(logits, input_ids[:, 1:])
+    labels = input_ids[:, 1:] if columns is None else input_ids[:, columns + 1]
+    lp = _full_frame(algos.logprobs_from_logits(logits, labels), columns, input_ids.shape[1] - 1)
     if entropy == "none":
         return lp, None
-    return lp, algos.entropy_from_logits(logits if entropy == "grad" else logits.detach())
+    ent = algos.entropy_from_logits(logits if entropy == "grad" else logits.detach())
+    return lp, _full_frame(ent, columns, input_ids.shape[1] - 1)
+
+
+def _full_frame(x: torch.Tensor, columns: torch.Tensor | None, width: int) -> torch.Tensor:
+    """(B, K) values at ``columns`` as (B, width), zeros elsewhere (differentiable)."""
+    if columns is None:
+        return x
+    return x.new_zeros(x.shape[0], width).index_copy(1, columns, x)
+
+
+def used_columns(*masks: torch.Tensor) -> torch.Tensor:
+    """The shifted-frame columns where any row of any (b, S-1) mask is set (at least one,
+    so that a micro-batch without tokens still runs its forward)."""
+    cols = torch.stack([m.any(0) for m in masks]).any(0).nonzero().squeeze(1)
+    return cols if cols.numel() else torch.zeros(1, dtype=torch.long, device=cols.device)
 
 
 def critic_values(critic, input_ids, attention_mask) -> torch.Tensor:
@@ -236,9 +260,10 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
             opt.zero_grad(set_to_none=True)
             for micro, real in sharding.padded_micro_batches(micro_batches(mb, t.micro_batch_rows), policy):
                 ids, attn, S = trimmed(batch, micro)
-                with autocast(cfg, device):
-                    lp, ent = token_logprobs(policy, ids, attn, cfg.rollout.temperature, "grad" if a.entropy_coef else "metric")
                 pm = batch.policy_mask[micro, : S - 1]
+                cols = used_columns(pm, batch.lm_mask[micro, : S - 1])
+                with autocast(cfg, device):
+                    lp, ent = token_logprobs(policy, ids, attn, cfg.rollout.temperature, "grad" if a.entropy_coef else "metric", cols)
                 loss, stats = algos.policy_loss(lp, batch.old_logprobs[micro, : S - 1], batch.advantages[micro, : S - 1], pm,
                                                 a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, **denom)
                 entropy = algos.agg_loss(ent, pm, "token-mean", n_tok)
@@ -246,7 +271,7 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
                     loss = loss - a.entropy_coef * entropy
                 if a.kl_coef and ref is not None:
                     with torch.no_grad(), autocast(cfg, device):
-                        ref_lp, _ = token_logprobs(ref, ids, attn, cfg.rollout.temperature)
+                        ref_lp, _ = token_logprobs(ref, ids, attn, cfg.rollout.temperature, columns=cols)
                     kl_term = algos.agg_loss(algos.kl(lp, ref_lp, a.kl_kind), pm, "token-mean", n_tok)
                     loss = loss + a.kl_coef * kl_term
                     sums["kl"] += float(kl_term.detach()) * real
@@ -582,18 +607,22 @@ class Trainer:
 
     def _values(self, packed) -> torch.Tensor:
         """(B, S) critic values of every row's states (step 4)."""
-        return self._forward_rows(self.critic, packed, critic_values)
+        return self._forward_rows(self.critic, packed, lambda m, ids, attn, micro: critic_values(m, ids, attn))
 
     def _old_logprobs(self, packed) -> torch.Tensor:
         """(B, S - 1) log-probs of every token under the current policy, computed with the
         update's own forward and numerics (shifted frame; see recompute_old_logprobs)."""
-        T = self.cfg.rollout.temperature
-        return self._forward_rows(self.policy, packed, lambda m, ids, attn: token_logprobs(m, ids, attn, T)[0])[:, :-1]
+        T, window = self.cfg.rollout.temperature, packed.window_mask[:, 1:].to(self.device)
+
+        def logprobs(model, ids, attn, micro):
+            return token_logprobs(model, ids, attn, T, columns=used_columns(window[micro, : ids.shape[1] - 1]))[0]
+
+        return self._forward_rows(self.policy, packed, logprobs)[:, :-1]
 
     @torch.no_grad()
     def _forward_rows(self, model, packed, fn) -> torch.Tensor:
-        """(B, S) on the CPU: ``fn(model, ids, attn)`` ((b, s') with s' <= s) over every row,
-        micro-batched, in eval mode and the trainer's autocast; zeros past each output."""
+        """(B, S) on the CPU: ``fn(model, ids, attn, micro)`` ((b, s') with s' <= s) over every
+        row, micro-batched, in eval mode and the trainer's autocast; zeros past each output."""
         model.eval()
         out = torch.zeros(packed.input_ids.shape)
         rows = list(range(packed.input_ids.shape[0]))
@@ -601,7 +630,7 @@ class Trainer:
             for micro in micro_batches(rows, self.cfg.train.micro_batch_rows):
                 S = int(packed.attention_mask[micro].sum(1).max())
                 with autocast(self.cfg, self.device):
-                    v = fn(model, packed.input_ids[micro, :S].to(self.device), packed.attention_mask[micro, :S].to(self.device))
+                    v = fn(model, packed.input_ids[micro, :S].to(self.device), packed.attention_mask[micro, :S].to(self.device), micro)
                 out[micro, : v.shape[1]] = v.float().cpu()
         return out
 

@@ -102,6 +102,7 @@ class _Window:
         self.engine, self.model, self.rows, self.cfg = engine, model, rows, engine.cfg
         self.dev = engine.device
         self.cache_kw = _cache_kwarg(model)
+        self.keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         lens = torch.tensor([len(r.response_ids) for r in rows], device=self.dev)
         cap = torch.tensor([r.max_response_tokens for r in rows], device=self.dev)
         self.n_steps = int((torch.minimum(cap, lens + self.cfg.window_tokens) - lens).max())
@@ -146,7 +147,7 @@ class _Window:
         self.cache = StaticCache(config=self.model.config, max_cache_len=self.P + self.n_steps)
         self.attn_buf = torch.zeros(len(self.rows), self.P + self.n_steps, dtype=torch.long, device=self.dev)
         self.attn_buf[:, : self.P] = attn
-        logits = self._forward(ids, attn, pos, self.cache)[:, -1]
+        logits = self._forward(ids, attn, pos, self.cache)
         self.active = torch.arange(len(self.rows), device=self.dev)
         self.alive = torch.ones(len(self.rows), dtype=torch.bool, device=self.dev)
         self.next_pos = pos[:, -1] + 1
@@ -244,13 +245,15 @@ class _Window:
         """Feed each entry's latest token at the shared cache position P + s."""
         self.attn_buf[:, self.P + s] = 1
         ids, pos = self.tok.unsqueeze(-1), self.next_pos.unsqueeze(-1)
-        logits = self._forward(ids, self.attn_buf[:, : self.P + s + 1], pos, self.cache)[:, -1]
+        logits = self._forward(ids, self.attn_buf[:, : self.P + s + 1], pos, self.cache)
         self.next_pos = self.next_pos + 1
         return logits
 
     def _forward(self, ids, attn, pos, cache) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **{self.cache_kw: cache})
-        return out.logits
+        """Logits of the last position only (B, V): prefills skip the vocabulary projection
+        of every prompt token (``logits_to_keep=1``, where the model supports it)."""
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **{self.cache_kw: cache}, **self.keep_kw)
+        return out.logits[:, -1]
 
     def _commit(self, version: int) -> None:
         """Append each row's new tokens (contiguous from its first column) to its lists."""

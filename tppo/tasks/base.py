@@ -42,6 +42,16 @@ def format_prompt(tokenizer, text: str, template: str = "{prompt}", system: str 
     return body
 
 
+def first_distinct(stream: Iterator[Example], count: int) -> list[Example]:
+    """The first ``count`` examples of an endless stream with distinct prompts (an
+    evaluation set of distinct problems)."""
+    seen: dict[str, Example] = {}
+    while len(seen) < count:
+        example = next(stream)
+        seen.setdefault(example.prompt, example)
+    return list(seen.values())
+
+
 def epoch_stream(examples: Sequence[Example], seed: int, shuffle: bool = True) -> Iterator[Example]:
     """Endless passes over a finite dataset, each pass in a fresh seeded order."""
     if not examples:

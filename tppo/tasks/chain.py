@@ -47,7 +47,7 @@ import random
 from typing import Iterator
 
 from tppo.config import ChainConfig
-from tppo.tasks.base import Example
+from tppo.tasks.base import Example, first_distinct
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,15 +121,7 @@ class ChainTask:
 
     def distinct(self, split: str, seed: int, count: int) -> list[Example]:
         """The first ``count`` distinct problems of a split's stream (an evaluation set)."""
-        seen: set[str] = set()
-        out: list[Example] = []
-        for example in self.stream(split, seed):
-            if len(out) == count:
-                return out
-            if example.prompt not in seen:
-                seen.add(example.prompt)
-                out.append(example)
-        raise AssertionError("unreachable: the stream is endless")
+        return first_distinct(self.stream(split, seed), count)
 
     def sft_example(self, rng: random.Random, mistake_rate: float = 0.0) -> tuple[str, str]:
         """(prompt, response) of a training problem, for supervised warm-start."""
