@@ -45,6 +45,9 @@ DEMO = ROOT / "configs" / "demo.yaml"
 L = 256  # the demo's max_response_tokens
 SHORT_TASK = ["task.chain.median_steps=6", "task.chain.sigma=0.15", "task.chain.max_steps=9"]
 PHASES = ("generate", "score", "values", "policy_update", "value_update")
+ABLATIONS = ("next_value", "zero", "critic_all", "lam0.95", "refill", "tokens")
+EGAE_KEYS = tuple(f"egae/{m}/{k}" for m in ("prev_value", "next_value", "zero")
+                  for k in ("advantage_mae", "advantage_bias", "sign_agreement", "advantage_corr"))
 
 
 @dataclasses.dataclass
@@ -63,14 +66,15 @@ def algo_overrides(label: str) -> list[str]:
     """Config overrides of a run label."""
     if label == "ppo":
         return ["algo.algorithm=ppo", f"rollout.window_tokens={L}"]
-    parts = label.split("-")  # tppo-W64[-ablation]
-    ov = ["algo.algorithm=tppo", f"rollout.window_tokens={int(parts[1][1:])}"]
+    parts = label.split("-")  # tppo-W64[-ablation], tppo-Wauto
+    ov = ["algo.algorithm=tppo", f"rollout.window_tokens={parts[1][1:]}"]
     ablation = {"next_value": ["algo.bootstrap=next_value"], "zero": ["algo.bootstrap=zero"],
-                "critic_all": ["algo.critic_on=all"], "lam0.95": ["algo.lam_policy=0.95"]}
+                "critic_all": ["algo.critic_on=all"], "lam0.95": ["algo.lam_policy=0.95"],
+                "refill": ["rollout.refill_within_window=true"], "tokens": ["train.micro_batch_tokens=4096"]}
     return ov + (ablation[parts[2]] if len(parts) > 2 else [])
 
 
-def build_jobs(seeds: int, windows: list[int], ablations: bool, short: bool) -> list[Job]:
+def build_jobs(seeds: int, windows: list[int | str], ablations: list[str], short: bool) -> list[Job]:
     """Evaluation-only jobs first, then the runs, algorithms rotated per seed."""
     labels = ["ppo"] + [f"tppo-W{w}" for w in windows]
     jobs = [Job("longtail", "init", 0, [])] + ([Job("short", "init", 0, SHORT_TASK)] if short else [])
@@ -80,9 +84,8 @@ def build_jobs(seeds: int, windows: list[int], ablations: bool, short: bool) -> 
         if short:
             mid = f"tppo-W{L // 4}"
             jobs += [Job("short", lab, s, SHORT_TASK + algo_overrides(lab)) for lab in (["ppo", mid] if s % 2 == 0 else [mid, "ppo"])]
-    if ablations:
-        jobs += [Job("longtail", f"tppo-W{L // 4}-{a}", 0, algo_overrides(f"tppo-W{L // 4}-{a}"))
-                 for a in ("next_value", "zero", "critic_all", "lam0.95")]
+    for a in ablations:
+        jobs += [Job("longtail", f"tppo-W{L // 4}-{a}", 0, algo_overrides(f"tppo-W{L // 4}-{a}"))]
     return jobs
 
 
@@ -119,7 +122,8 @@ def _train_curve(tr, prompts: int, eval_every: int) -> dict:
     while tr.source.cursor < prompts:
         m = tr.step()
         steps.append({k: m[k] for k in ("rollout/slot_utilization", "rollout/generated_tokens", "reward/accuracy",
-                                         "rollout/response_length_max", *(f"time/{p}_s" for p in PHASES), "time/step_s")})
+                                         "rollout/response_length_max", "rollout/window_tokens", "egae/rows_compared",
+                                         *EGAE_KEYS, *(f"time/{p}_s" for p in PHASES), "time/step_s")})
         if tr.source.cursor >= next_eval or tr.source.cursor >= prompts:
             while next_eval <= tr.source.cursor:
                 next_eval += eval_every
@@ -128,6 +132,8 @@ def _train_curve(tr, prompts: int, eval_every: int) -> dict:
     gen = sum(s["rollout/generated_tokens"] for s in steps)
     return {
         "curve": curve,
+        "egae": egae_table(steps),
+        "window_tokens": [s["rollout/window_tokens"] for s in steps],
         "steps": len(steps),
         "generated_tokens": gen,
         # token-weighted: generated tokens / slot-steps over the whole run
@@ -135,6 +141,24 @@ def _train_curve(tr, prompts: int, eval_every: int) -> dict:
         "phase_s": {p: sum(s[f"time/{p}_s"] for s in steps) for p in PHASES},
         "train_s": tr.elapsed,
     }
+
+
+def egae_table(steps: list[dict]) -> dict:
+    """The EGAE truncation diagnostic of a run (tppo/egae_bias.py): each statistic of each
+    bootstrap mode averaged over the steps, weighted by the rows each step compared, over
+    the first and the second half of training (does the bias shrink as the critic learns?)."""
+    halves = {"first_half": steps[: len(steps) // 2], "second_half": steps[len(steps) // 2:], "all": steps}
+    out = {}
+    for name, part in halves.items():
+        rows = [(s["egae/rows_compared"], s) for s in part if s["egae/rows_compared"]]
+        out[name] = {"rows_compared": sum(w for w, _ in rows), **{k: _weighted_mean(rows, k) for k in EGAE_KEYS}}
+    return out
+
+
+def _weighted_mean(rows: list[tuple[int, dict]], key: str) -> float | None:
+    valid = [(w, s[key]) for w, s in rows if s[key] is not None and s[key] == s[key]]  # NaN: no value that step
+    n = sum(w for w, _ in valid)
+    return sum(w * v for w, v in valid) / n if n else None
 
 
 # ---------------------------------------------------------------------- the driver
@@ -233,8 +257,10 @@ def summarize(results: dict[str, dict], margin: float) -> dict:
                 "phase_s": {p: statistics.median(r["phase_s"][p] for r in these) for p in PHASES},
                 "train_time_ratio": _spread([runs[f"{setting}/ppo/s{s}"]["train_s"] / runs[f"{setting}/{lab}/s{s}"]["train_s"]
                                              for s in ran if f"{setting}/ppo/s{s}" in runs]),
+                "egae": these[0].get("egae") if len(these) == 1 else {s: runs[f"{setting}/{lab}/s{s}"].get("egae") for s in ran},
+                "window_tokens_mean": statistics.mean(w for r in these for w in r.get("window_tokens") or [float("nan")]),
             }
-        main = [lab for lab in labels if lab.startswith("tppo") and lab.count("-") == 1]
+        main = [lab for lab in labels if lab.startswith("tppo") and lab.count("-") == 1 and lab != "tppo-Wauto"]
         # the best window reaches the target in the most seeds, then has the highest median ratio
         best = max(main, key=lambda lab: (per_label[lab]["reached_target"], (per_label[lab]["time_to_target_ratio"] or {}).get("median", 0.0)),
                    default=None)
@@ -312,7 +338,9 @@ def main() -> int:
     ap.add_argument("--eval-problems", type=int, default=256)
     ap.add_argument("--eval-samples", type=int, default=4)
     ap.add_argument("--margin", type=float, default=0.02, help="target = PPO's best accuracy minus this")
-    ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--windows", nargs="+", help="T-PPO windows, integers or auto (default: L/2 L/4 L/8)")
+    ap.add_argument("--ablations", nargs="*", default=list(ABLATIONS), help=f"seed-0 variants of W = L/4 (default: all of {', '.join(ABLATIONS)})")
+    ap.add_argument("--no-ablations", action="store_const", dest="ablations", const=[], help="same as --ablations with none")
     ap.add_argument("--no-short", action="store_true")
     ap.add_argument("--summarize-only", action="store_true")
     ap.add_argument("--name", help="results file stem (default: ppo_vs_tppo, ppo_vs_tppo_quick with --quick)")
@@ -328,8 +356,9 @@ def main() -> int:
     else:
         if args.quick:
             args.seeds, args.prompts, args.eval_every, args.eval_problems, args.eval_samples = 1, 32, 16, 16, 2
-        jobs = build_jobs(args.seeds, [L // 2, L // 4, L // 8] if not args.quick else [L // 4],
-                          ablations=not (args.no_ablations or args.quick), short=not (args.no_short or args.quick))
+        windows = args.windows or ([L // 2, L // 4, L // 8] if not args.quick else [L // 4])
+        jobs = build_jobs(args.seeds, windows,
+                          ablations=[] if args.quick else args.ablations, short=not (args.no_short or args.quick))
         sft_dir = ensure_sft(args)
         print(f"{len(jobs)} runs, {args.workers} at a time, {args.prompts} prompts each")
         t0 = time.perf_counter()

@@ -40,8 +40,8 @@ MUTATIONS = [
     Mutation("whiten-set", "tppo/trainer.py", "adv = algos.masked_whiten(adv, policy_mask,", "adv = algos.masked_whiten(adv, response_mask,",
              "advantages whitened over every response token instead of this window's"),
     Mutation("lambda-estimate", "tppo/trainer.py",
-             "lengths = torch.where(packed.finished, lengths, lengths + cfg.rollout.window_tokens / 2)",
-             "lengths = lengths + cfg.rollout.window_tokens / 2",
+             "lengths = torch.where(packed.finished, lengths, lengths + W / 2)",
+             "lengths = lengths + W / 2",
              "the adaptive lambda's W/2 length estimate applied to finished rows too"),
     Mutation("old-values-shift", "tppo/trainer.py", "old_logprobs, values_full[:, :-1], adv, returns)",
              "old_logprobs, values_full[:, 1:], adv, returns)", "v_old of the value clip shifted by one token"),
@@ -54,18 +54,20 @@ MUTATIONS = [
 ]
 
 
-def run(mutation: Mutation, keep_output: bool) -> bool:
-    """True when the tests fail on the mutated code (the mutation is caught)."""
-    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutation.name}-") as tmp:
+def run(mutation: Mutation | None, keep_output: bool) -> bool:
+    """True when the tests fail on the mutated code (the mutation is caught); ``None``
+    runs the unmutated copy (the baseline, which must pass)."""
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutation.name if mutation else 'baseline'}-") as tmp:
         for part in ("tppo", "tests"):
             shutil.copytree(ROOT / part, Path(tmp) / part, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy(ROOT / "pyproject.toml", tmp)  # pytest's settings and markers
-        target = Path(tmp) / mutation.file
-        text = target.read_text()
-        if text.count(mutation.old) != 1:
-            raise SystemExit(f"{mutation.name}: '{mutation.old}' occurs {text.count(mutation.old)} times in {mutation.file}; "
-                             f"update the mutation to the current code")
-        target.write_text(text.replace(mutation.old, mutation.new))
+        if mutation is not None:
+            target = Path(tmp) / mutation.file
+            text = target.read_text()
+            if text.count(mutation.old) != 1:
+                raise SystemExit(f"{mutation.name}: '{mutation.old}' occurs {text.count(mutation.old)} times in {mutation.file}; "
+                                 f"update the mutation to the current code")
+            target.write_text(text.replace(mutation.old, mutation.new))
         env = {**os.environ, "PYTHONPATH": tmp + os.pathsep + os.environ.get("PYTHONPATH", "")}
         where = subprocess.run([sys.executable, "-c", "import tppo; print(tppo.__file__)"], env=env, cwd=tmp,
                                capture_output=True, text=True, check=True).stdout.strip()
@@ -89,6 +91,10 @@ def main() -> int:
         for m in MUTATIONS:
             print(f"{m.name:22} {m.why}")
         return 0 if args.list else 2
+    if run(None, args.verbose):  # a failing baseline would make every mutation look caught
+        print("the unmutated tests fail: fix them first (pytest -x -q " + " ".join(TESTS) + ")")
+        return 2
+    print("baseline: the unmutated tests pass", flush=True)
     survived = []
     for m in chosen:
         caught = run(m, args.verbose)

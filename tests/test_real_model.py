@@ -37,7 +37,9 @@ def offline_gsm8k(gsm8k, *extra) -> list[str]:
 def shipped_config_overrides(name: str, model_dir: str, smol_tiny_dir: str, gsm8k) -> list[str]:
     if name == "gsm8k.yaml":
         return offline_gsm8k(gsm8k, f"model.path={smol_tiny_dir}", "model.dtype=float32")
-    return [f"model.path={model_dir}"]  # the chain configs' embedded model, without its SFT warm-start
+    if load_config(CONFIGS / name, ["model.path=x"]).task.name == "chain":
+        return [f"model.path={model_dir}"]  # the chain configs' embedded model, without its SFT warm-start
+    return [f"model.path={smol_tiny_dir}"]  # a pretrained chat model's config: SmolLM2's tokenizer
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -53,6 +55,9 @@ def test_every_shipped_config_builds_its_first_prompt_and_runs_a_step(path, mode
     if path.name == "gsm8k.yaml":
         assert first.startswith("<|im_start|>system\n") and first.endswith("<|im_start|>assistant\n")
         assert "Please reason step by step, and put your final answer within \\boxed{}.<|im_end|>" in first
+    elif cfg.task.name == "arith":
+        assert first.startswith("<|im_start|>system\n") and first.endswith("<|im_start|>assistant\n")
+        assert "?\nPut the final answer in \\boxed{}.<|im_end|>" in first
     else:
         assert first.endswith(":") and "{" not in first  # the chain prompt "n-d*k:" as it is
     m = trainer.step()

@@ -4,7 +4,6 @@ micro-batch invariance of the update, exact resume, config errors."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 from tppo import algos
 from tppo.config import Config, ConfigError, load_config
 from tppo.metrics import STEP_KEYS, read_metrics
-from trainer_helpers import deterministic_metrics, make_cfg, params
+from trainer_helpers import capped_prompts, deterministic_metrics, make_cfg, params
 from tppo.rollout import PromptItem, Row, RolloutStats, WindowBatch
 from tppo.trainer import (StepBatch, Trainer, compute_advantages, policy_lambda, resume_config, token_logprobs, update_critic,
                           update_policy, used_columns)
@@ -39,12 +38,23 @@ def test_two_step_smoke_run(model_dir, tmp_path, algorithm):
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoints").is_dir()
 
 
-def test_critic_is_trained_on_finished_rows_only(model_dir, tmp_path):
-    cfg = make_cfg(model_dir, tmp_path)
+@pytest.mark.parametrize("refill", [False, True])
+def test_critic_is_trained_on_finished_rows_only(model_dir, tmp_path, refill):
+    """Per row: the critic's tokens are all its response tokens when it finished, none
+    otherwise; the policy's are exactly this window's. With in-window refill, rows join
+    mid-window (their whole response is this window's) and a group's G samples still
+    start together (same window count while in flight)."""
+    cfg = make_cfg(model_dir, tmp_path, f"rollout.refill_within_window={str(refill).lower()}")
     trainer = Trainer(cfg, tmp_path)
-    seen_finished = seen_cut = False
+    capped_prompts(trainer, lambda pid: [2, 18, 5, 18][pid % 4])  # rows finish mid-window: slots to refill
+    seen_finished = seen_cut = seen_joined = False
     for _ in range(4):
         wb = trainer.engine.generate_window(trainer.policy, 0)
+        groups: dict[int, set[int]] = {}
+        for r in wb.rows:
+            groups.setdefault(r.prompt_id, set()).add(r.windows)
+        assert all(len(w) == 1 for w in groups.values()), groups
+        seen_joined |= len(wb.rows) > cfg.rollout.num_slots
         rewards = trainer._score(wb)
         packed = wb.pack(trainer.tokenizer.pad_token_id)
         values = trainer._values(packed)
@@ -57,7 +67,7 @@ def test_critic_is_trained_on_finished_rows_only(model_dir, tmp_path):
                 assert torch.all(ret[b][cmask[b]] == rewards[b])
         seen_finished |= any(fin)
         seen_cut |= not all(fin)
-    assert seen_finished and seen_cut
+    assert seen_finished and seen_cut and seen_joined == refill
 
 
 def window_batch(rows_spec):
@@ -90,11 +100,6 @@ def test_token_routing_by_hand():
     # Cut row, prev_value bootstrap: A_t = V(s_{l-1}) - V(s_t) = 0.8 - V.
     torch.testing.assert_close(adv[1], torch.tensor([0.0, 0.0, 0.8 - 0.7, 0.0]))
     assert lm.tolist() == [[False, True, True, True], [False, False, False, False]]
-
-
-def capped_prompts(trainer, cap_of) -> None:
-    """Give every prompt of the trainer's stream the per-prompt cap ``cap_of(prompt_id)``."""
-    trainer.engine.prompts = (dataclasses.replace(p, max_response_tokens=cap_of(p.prompt_id)) for p in trainer.source)
 
 
 @pytest.mark.parametrize("tppo_window", [18, 6])
@@ -144,8 +149,9 @@ def sgd_update(model, update, batch, cfg, *, ref=None, **overrides):
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_micro_batching_does_not_change_the_update(model_dir, tmp_path, loss_agg):
-    """Policy and critic updates are the same for 1, 3 or all rows per micro-batch, in every
-    aggregation mode (the seq modes divide by the mini-batch's row count)."""
+    """Policy and critic updates are the same for 1, 3 or all rows per micro-batch, and for
+    micro-batches packed by a token budget, in every aggregation mode (the seq modes divide
+    by the mini-batch's row count)."""
     cfg = make_cfg(model_dir, tmp_path, f"algo.loss_agg={loss_agg}", "train.total_steps=3")
     trainer = Trainer(cfg, tmp_path)
     trainer.step()  # a second window: carried rows, and rows finishing at the cap
@@ -153,7 +159,8 @@ def test_micro_batching_does_not_change_the_update(model_dir, tmp_path, loss_agg
     assert batch.critic_mask.any() and (batch.critic_mask.any(1) != batch.policy_mask.any(1)).any()
     for model, update in ((trainer.policy, update_policy), (trainer.critic, update_critic)):
         before = params(model)
-        out = [params(sgd_update(model, update, batch, cfg, train__micro_batch_rows=rows)) for rows in (1, 3, 64)]
+        splits = [{"train__micro_batch_rows": rows} for rows in (1, 3, 64)] + [{"train__micro_batch_tokens": 40}]
+        out = [params(sgd_update(model, update, batch, cfg, **split)) for split in splits]
         assert any(not torch.equal(out[0][k], before[k]) for k in before)
         for other in out[1:]:
             for k in out[0]:
@@ -318,7 +325,7 @@ def test_optional_loss_terms_run_and_are_logged(model_dir, tmp_path):
 def capture_windows(trainer) -> list:
     """Record every WindowBatch the trainer's engine returns."""
     seen, generate = [], trainer.engine.generate_window
-    trainer.engine.generate_window = lambda model, version: seen.append(generate(model, version)) or seen[-1]
+    trainer.engine.generate_window = lambda *args, **kw: seen.append(generate(*args, **kw)) or seen[-1]
     return seen
 
 
@@ -386,3 +393,14 @@ def test_logprobs_on_used_columns_equal_the_full_projection_with_the_same_gradie
     assert torch.all(lp_cols[:, [c for c in range(pm.shape[1]) if c not in cols.tolist()]] == 0)
     for k in g_full:
         torch.testing.assert_close(g_cols[k], g_full[k], atol=1e-6, rtol=1e-4)
+
+
+def test_token_micro_batches_pack_rows_of_similar_length_by_hand():
+    from tppo.batching import row_micro_batches, token_micro_batches
+
+    rows, lengths = [0, 1, 2, 3, 4], [10, 30, 12, 28, 5]
+    # longest first: 1 (30), 3 (28) -> 2 x 30 = 60 fits; 2 (12) opens a batch; 0 and 4 join it (3 x 12 = 36)
+    assert token_micro_batches(rows, lengths, budget=60, max_rows=4) == [[1, 3], [2, 0, 4]]
+    assert token_micro_batches(rows, lengths, budget=60, max_rows=2) == [[1, 3], [2, 0], [4]]
+    assert token_micro_batches(rows, lengths, budget=20, max_rows=8) == [[1], [3], [2], [0, 4]]  # longer than the budget: alone
+    assert row_micro_batches(rows, 2) == [[0, 1], [2, 3], [4]]

@@ -38,3 +38,11 @@ def deterministic_metrics(run_dir, also_ignore: tuple[str, ...] = ()) -> list[di
 
 def params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def capped_prompts(trainer, cap_of) -> None:
+    """Give every prompt of the trainer's stream the per-prompt cap ``cap_of(prompt_id)``
+    (a response reaching it finishes: lengths under the test's control)."""
+    import dataclasses
+
+    trainer.engine.prompts = (dataclasses.replace(p, max_response_tokens=cap_of(p.prompt_id)) for p in trainer.source)

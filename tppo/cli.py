@@ -5,6 +5,7 @@
     tppo eval  --model PATH [--config FILE] [key=value ...]
     tppo convert SOURCE OUT_DIR [--gguf-file F] [--revision R] [--dtype D]
     tppo plot  RUN_DIR [RUN_DIR ...] [--out FILE]
+    tppo report RUN_DIR [--out FILE]                (partial trajectories, EGAE truncation diagnostic)
     tppo demo  [--config FILE] [key=value ...]      (SFT if needed, T-PPO, plots)
 """
 
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--gguf-file", help="GGUF file name inside SOURCE")
     c.add_argument("--revision", help="hub revision of SOURCE")
     c.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    rp = sub.add_parser("report", help="PNG panels of one run's partial trajectories and EGAE truncation diagnostic")
+    rp.add_argument("run")
+    rp.add_argument("--out", help="output PNG (default: RUN_DIR/report.png)")
     pl = sub.add_parser("plot", help="PNG plots of runs, overlaid")
     pl.add_argument("runs", nargs="+")
     pl.add_argument("--out", help="output PNG (default: FIRST_RUN/plots.png)")
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the step lines
 
     try:
-        commands = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "convert": cmd_convert, "plot": cmd_plot, "demo": cmd_demo}
+        commands = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "convert": cmd_convert, "report": cmd_report, "plot": cmd_plot, "demo": cmd_demo}
         return commands[args.cmd](args)
     except (ConfigError, DatasetError, FileNotFoundError, ImportError) as e:  # bad input or a missing extra: nothing ran
         print(f"tppo {args.cmd}: error: {e}", file=sys.stderr)
@@ -183,6 +187,15 @@ def cmd_plot(args) -> int:
 
     out = plot_runs(args.runs, args.out or Path(args.runs[0]) / "plots.png")
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from tppo.plots import plot_report
+
+    if not (Path(args.run) / "metrics.jsonl").exists():
+        raise FileNotFoundError(f"{args.run} has no metrics.jsonl: not a run directory")
+    print(f"wrote {plot_report(args.run, args.out or Path(args.run) / 'report.png')}")
     return 0
 
 

@@ -31,7 +31,15 @@ class RolloutConfig:
         prompts_per_step: new prompts admitted per step when every slot is free.
         samples_per_prompt: G, responses per prompt (a group of G slots).
         window_tokens: W, new tokens a row may generate per step. ``W == L`` is
-            synchronous PPO: every row finishes inside its one window.
+            synchronous PPO: every row finishes inside its one window. ``auto``: chosen
+            every step from what the run has measured (tppo/window.py: predicted prompts
+            per second under a cap on the EGAE truncation error), logged as
+            ``rollout/window_tokens``.
+        window_min, window_max: bounds of ``auto`` (window_max null: L); candidates are
+            the multiples of window_min up to window_max.
+        window_bias_cap: ``auto`` keeps the predicted mean |A_EGAE - A_GAE| per policy
+            token (the measured per-cut-token error times the share of tokens in cut
+            windows, tppo/window.py) at or below this (advantages before whitening).
         max_response_tokens: L, a response's total cap; reaching it finishes the row.
         temperature: sampling temperature; log-probs are those of the
             temperature-scaled distribution (the policy the trainer optimises).
@@ -56,8 +64,11 @@ class RolloutConfig:
 
     prompts_per_step: int = 8
     samples_per_prompt: int = 4
-    window_tokens: int = 64
+    window_tokens: int | Literal["auto"] = 64
     max_response_tokens: int = 256
+    window_min: int = 16
+    window_max: int | None = None
+    window_bias_cap: float = 0.05
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -71,10 +82,16 @@ class RolloutConfig:
     vllm_sleep: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("prompts_per_step", "samples_per_prompt", "window_tokens", "max_response_tokens"):
+        for key in ("prompts_per_step", "samples_per_prompt", "max_response_tokens", "window_min"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"rollout.{key} must be >= 1 (got {getattr(self, key)})")
-        if self.window_tokens > self.max_response_tokens:
+        if self.window_tokens == "auto":
+            if not self.window_min <= self.max_window <= self.max_response_tokens:
+                raise ConfigError(f"rollout.window_tokens=auto needs window_min <= window_max <= max_response_tokens "
+                                  f"(got {self.window_min}, {self.window_max}, {self.max_response_tokens})")
+        elif self.window_tokens < 1:
+            raise ConfigError(f"rollout.window_tokens must be >= 1 or auto (got {self.window_tokens})")
+        elif self.window_tokens > self.max_response_tokens:
             raise ConfigError(
                 f"rollout.window_tokens ({self.window_tokens}) exceeds rollout.max_response_tokens "
                 f"({self.max_response_tokens}); use window_tokens == max_response_tokens for synchronous PPO"
@@ -95,8 +112,20 @@ class RolloutConfig:
 
     @property
     def max_windows(self) -> int:
-        """The most windows a response can span: ceil(L / W)."""
-        return -(-self.max_response_tokens // self.window_tokens)
+        """The most windows a response can span: ceil(L / W) (W: the smallest window)."""
+        return -(-self.max_response_tokens // self.min_window)
+
+    @property
+    def min_window(self) -> int:
+        """The smallest W this run can use (window_min when W is auto)."""
+        return self.window_min if self.window_tokens == "auto" else self.window_tokens
+
+    @property
+    def max_window(self) -> int:
+        """The largest W this run can use (window_max, else L, when W is auto)."""
+        if self.window_tokens != "auto":
+            return self.window_tokens
+        return self.max_response_tokens if self.window_max is None else self.window_max
 
 
 @dataclasses.dataclass
@@ -343,6 +372,10 @@ class TrainConfig:
         ppo_epochs: passes over each step's data.
         mini_batches: optimizer steps per epoch (the step's rows split evenly).
         micro_batch_rows: rows per forward/backward (gradient accumulation).
+        micro_batch_tokens: if > 0, micro-batches are packed by length instead: rows
+            sorted longest first, each micro-batch holding rows x its longest row <= this
+            many tokens (and at most micro_batch_rows rows), so short rows are not padded
+            to a long one's length (tppo/batching.py). The gradient is the same.
         device: cpu, cuda, or auto.
         bf16: autocast in bfloat16 on CUDA (ignored on CPU).
         torch_threads: CPU threads for torch (0: torch's default).
@@ -367,6 +400,7 @@ class TrainConfig:
     ppo_epochs: int = 1
     mini_batches: int = 1
     micro_batch_rows: int = 32
+    micro_batch_tokens: int = 0
     device: str = "auto"
     bf16: bool = True
     torch_threads: int = 0
@@ -455,8 +489,9 @@ class Config:
         if self.task.name != "chain" and not self.model.path:
             raise ConfigError(f"task.name '{self.task.name}' needs model.path (a pretrained model): the embedded SFT warm-start "
                               f"is for the chain task")
-        if a.window_ignore_tokens >= r.window_tokens:
-            raise ConfigError(f"algo.window_ignore_tokens ({a.window_ignore_tokens}) must be < rollout.window_tokens ({r.window_tokens})")
+        if a.window_ignore_tokens >= r.min_window:
+            raise ConfigError(f"algo.window_ignore_tokens ({a.window_ignore_tokens}) must be < the window "
+                              f"(rollout.window_tokens {r.window_tokens}, smallest {r.min_window})")
 
 
 # ---------------------------------------------------------------------- YAML and overrides

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 STEP_KEYS = (
-    "step",
+    "step", "rollout/window_tokens",
     "rollout/slot_utilization", "rollout/tokens_per_s", "time/prefill_s", "time/decode_s", "rollout/generated_tokens", "rollout/finished_rows",
     "rollout/carried_rows", "rollout/windows_per_response", "rollout/windows_per_response_max",
     "rollout/versions_per_response", "rollout/response_length", "rollout/response_length_max",
     "rollout/truncated_at_cap", "rollout/prompts_consumed", "rollout/total_generated_tokens",
+    "rollout/carried_token_share", "rollout/oldest_row_windows",
+    "egae/rows_compared", "egae/advantage_mae", "egae/advantage_bias", "egae/sign_agreement", "egae/advantage_corr",
     "data/skipped_long_prompts", "data/skipped_empty_prompts", "train/nonfinite_skips",
     "reward/mean", "reward/accuracy", "reward/errors", "reward/timeouts",
     "policy/loss", "policy/clipfrac", "policy/approx_kl", "policy/entropy", "policy/tokens", "policy/grad_norm",

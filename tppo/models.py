@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import inspect
 import itertools
 import re
 import string
@@ -133,8 +134,8 @@ def _from_pretrained(cls, src: ModelSource, **kwargs):
             raise ModelSourceError(
                 f"model '{src.repo}' is not a local directory and not in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
                 f"downloading it: download it once online (`hf download {src.repo}`) or point the path at a local directory") from e
-        raise ModelSourceError(f"model '{src.repo}' could not be loaded from the Hugging Face hub "
-                               f"(revision {src.revision or 'main'}): {str(e).splitlines()[0]}") from e
+        raise ModelSourceError(f"model '{src.repo}' is not a local directory, and could not be loaded from the Hugging Face "
+                               f"hub (revision {src.revision or 'main'}): {str(e).splitlines()[0]}") from e
 
 
 def load_pretrained(path: str | Path | ModelSource, *, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
@@ -200,6 +201,12 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
         if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
             setattr(model.config, name, 0.0)
     return model
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs since
+    4.50): the vocabulary projection limited to the positions that are used."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tppo.metrics import read_metrics
@@ -68,3 +69,57 @@ def _rolling_mean(ys, n: int) -> list[float]:
         acc += y - (ys[i - n] if i >= n else 0.0)
         out.append(acc / min(i + 1, n))
     return out
+
+
+# tppo report: panels of one run's partial trajectories and EGAE diagnostic. Each panel
+# draws a family of series, one line per key matching its pattern ({k}: window round, {m}: mode).
+REPORT_PANELS = [
+    ("rounds/k{k}/finished_rows", "finished rows by windows spanned (k)"),
+    ("rounds/k{k}/accuracy", "accuracy of finished rows by windows spanned (k)"),
+    ("rounds/k{k}/versions_per_response", "policy versions per response by windows spanned (k)"),
+    ("egae/{m}/advantage_mae", "EGAE truncation error: mean |A_EGAE - A_GAE| by bootstrap"),
+    ("egae/{m}/advantage_bias", "EGAE truncation bias: mean A_EGAE - A_GAE by bootstrap"),
+    ("egae/{m}/sign_agreement", "EGAE vs GAE: share of advantages with the same sign"),
+    ("rollout/carried_token_share", "share of policy tokens from carried rows"),
+    ("rollout/oldest_row_windows", "windows spent by the oldest row in flight"),
+    ("rollout/window_tokens", "window length W"),
+]
+
+
+def plot_report(run_dir: str | Path, out: str | Path, smooth: int = 10) -> Path:
+    """Write the :data:`REPORT_PANELS` of one run to ``out`` (a .png path): per-step
+    series faint, their ``smooth``-step rolling mean on top (NaN steps skipped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    keys = sorted({k for r in rows for k in r})
+    fig, axes = plt.subplots(3, 3, figsize=(16, 12))
+    for ax, (pattern, title) in zip(axes.flat, REPORT_PANELS):
+        for i, key in enumerate(k for k in keys if _matches(k, pattern)):
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, color=f"C{i}", alpha=0.25)
+            ax.plot(xs, _rolling_mean(ys, smooth), color=f"C{i}", label=key.split("/")[1] if "{" in pattern else key)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{Path(run_dir).name}: partial trajectories and the EGAE truncation diagnostic")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def _matches(key: str, pattern: str) -> bool:
+    """Whether ``key`` is one of ``pattern``'s series: {k} a round number, {m} a mode name."""
+    regex = re.escape(pattern).replace(r"\{k\}", r"\d+").replace(r"\{m\}", r"(prev_value|next_value|zero)")
+    return re.fullmatch(regex, key) is not None

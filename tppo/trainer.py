@@ -34,14 +34,18 @@ from typing import Any, Callable, Iterator
 import torch
 
 from tppo import algos, distributed, sharding
+from tppo.batching import row_micro_batches, token_micro_batches
 from tppo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from tppo.config import Config, ConfigError, diff_configs, load_config, save_config
+from tppo.egae_bias import TruncationTracker
 from tppo.evaluation import decode_response, evaluate, run_generate_fn
 from tppo.metrics import MetricsLogger, summary_line
-from tppo.models import ModelSource, critic_from_policy, eos_token_ids, load_critic, load_pretrained, own_aligned_memory, save_pretrained
+from tppo.models import ModelSource, accepts_logits_to_keep, critic_from_policy, eos_token_ids, load_critic, load_pretrained, own_aligned_memory, save_pretrained
+from tppo.monitoring import carry_metrics, round_metrics
 from tppo.rewards import RewardScorer
 from tppo.rollout import EmbeddedEngine, WindowBatch
 from tppo.tasks import ArithTask, ChainTask, Example, PromptSource, epoch_stream, load_task_data
+from tppo.window import WindowHistory, choose_window, history_from_state, history_state
 
 
 class TrainingDiverged(RuntimeError):
@@ -124,8 +128,13 @@ def make_optimizer(model: torch.nn.Module, lr: float, cfg: Config):
     return opt, sched
 
 
-def micro_batches(rows: list[int], size: int) -> list[list[int]]:
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
+def micro_batches(batch: StepBatch, rows: list[int], t) -> list[list[int]]:
+    """A mini-batch's micro-batches (tppo/batching.py): by token budget when
+    ``train.micro_batch_tokens`` is set, else ``train.micro_batch_rows`` rows each."""
+    if t.micro_batch_tokens:
+        lengths = batch.attention_mask[rows].sum(1).tolist()
+        return token_micro_batches(rows, lengths, t.micro_batch_tokens, t.micro_batch_rows)
+    return row_micro_batches(rows, t.micro_batch_rows)
 
 
 def trimmed(batch: StepBatch, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -143,6 +152,8 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float, entropy
     ``logits_to_keep``: exact, and it skips the (B, S, V) logits of the prompt and earlier
     windows, most of a T-PPO row. The other columns are 0.
     """
+    if columns is not None and not accepts_logits_to_keep(model):
+        columns = None  # a model without logits_to_keep: project every position
     keep = {} if columns is None else {"logits_to_keep": columns}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **keep).logits
     logits = (logits[:, :-1] if columns is None else logits).float()
@@ -178,11 +189,13 @@ def critic_values(critic, input_ids, attention_mask) -> torch.Tensor:
 # ---------------------------------------------------------------------- steps 5-7 as functions
 
 
-def compute_advantages(cfg: Config, packed, values_full: torch.Tensor, rewards: list[float | None], all_reduce=None):
+def compute_advantages(cfg: Config, packed, values_full: torch.Tensor, rewards: list[float | None], all_reduce=None,
+                       window_tokens: int | None = None):
     """Step 5: per-token advantages (policy) and returns (critic), shifted frame.
 
     values_full: (B, S) critic outputs; rewards: per row, None if unfinished;
-    all_reduce: a sum over data-parallel ranks, for whitening with global statistics.
+    all_reduce: a sum over data-parallel ranks, for whitening with global statistics;
+    window_tokens: this step's W (default: the config's).
     Returns (advantages, policy_mask, returns, critic_mask, lm_mask).
     """
     a = cfg.algo
@@ -197,7 +210,7 @@ def compute_advantages(cfg: Config, packed, values_full: torch.Tensor, rewards: 
     for b, r in enumerate(rewards):
         if r is not None:
             reward_t[b, last[b] - 1] = r  # the reward sits on the last response token
-    lam = policy_lambda(cfg, packed)
+    lam = policy_lambda(cfg, packed, window_tokens)
     estimator = algos.ADVANTAGE_ESTIMATORS["gae" if a.algorithm == "ppo" else "egae"]
     adv, _ = estimator(reward_t, values, policy_mask, finished, gamma=a.gamma, lam=lam, bootstrap=a.bootstrap, next_values=next_values)
     if a.whiten_advantages:
@@ -216,14 +229,15 @@ def compute_advantages(cfg: Config, packed, values_full: torch.Tensor, rewards: 
     return adv, policy_mask, returns, critic_mask, lm_mask
 
 
-def policy_lambda(cfg: Config, packed) -> float | torch.Tensor:
+def policy_lambda(cfg: Config, packed, window_tokens: int | None = None) -> float | torch.Tensor:
     """VAPO's length-adaptive lambda; an unfinished row's length is estimated as the
-    length so far + W / 2 (the authors' port)."""
+    length so far + W / 2 (the authors' port; W this step's window, default the config's)."""
     a = cfg.algo
     if a.lam_policy != "adaptive":
         return float(a.lam_policy)
+    W = cfg.rollout.window_tokens if window_tokens is None else window_tokens
     lengths = packed.response_lengths.float()
-    lengths = torch.where(packed.finished, lengths, lengths + cfg.rollout.window_tokens / 2)
+    lengths = torch.where(packed.finished, lengths, lengths + W / 2)
     return algos.adaptive_lambda(lengths, a.lam_alpha, a.lam_min)
 
 
@@ -258,7 +272,7 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
             denom = loss_denominators(batch.policy_mask[mb], a.loss_agg, n_tok)
             n_lm = distributed.sum_int(int(batch.lm_mask[mb].sum()))
             opt.zero_grad(set_to_none=True)
-            for micro, real in sharding.padded_micro_batches(micro_batches(mb, t.micro_batch_rows), policy):
+            for micro, real in sharding.padded_micro_batches(micro_batches(batch, mb, t), policy):
                 ids, attn, S = trimmed(batch, micro)
                 pm = batch.policy_mask[micro, : S - 1]
                 cols = used_columns(pm, batch.lm_mask[micro, : S - 1])
@@ -319,7 +333,7 @@ def update_critic(critic, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
         for mb in _mini_batches(rows, t.mini_batches, gen):
             denom = loss_denominators(batch.critic_mask[mb], a.loss_agg, distributed.sum_int(int(batch.critic_mask[mb].sum())))
             opt.zero_grad(set_to_none=True)
-            for micro, real in sharding.padded_micro_batches(micro_batches(mb, t.micro_batch_rows), critic):
+            for micro, real in sharding.padded_micro_batches(micro_batches(batch, mb, t), critic):
                 ids, attn, S = trimmed(batch, micro)
                 with autocast(cfg, device):
                     v = critic_values(critic, ids, attn)[:, :-1]
@@ -403,6 +417,8 @@ class Trainer:
         self.scorer = RewardScorer(cfg.task.reward, timeout_s=cfg.task.reward_timeout_s, workers=cfg.task.reward_workers,
                                    format_penalty=cfg.task.format_penalty)
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
+        self.egae_bias = TruncationTracker(cfg.algo.gamma, cfg.algo.bootstrap)
+        self.window_history = WindowHistory()
         self.step_idx, self.version, self.elapsed, self.total_generated = 0, 0, 0.0, 0
         self.nonfinite_skips, self.nonfinite_in_a_row = 0, 0
         if ckpt is not None:
@@ -420,8 +436,8 @@ class Trainer:
         if r.engine == "vllm":
             from tppo.rollout.vllm_engine import VLLMEngine
 
-            init = self.initial_policy()
-            if init.gguf_file and not ckpt:
+            init = None if ckpt else self.initial_policy()
+            if init is not None and init.gguf_file:
                 raise ConfigError(f"rollout.engine=vllm reads the policy's weights itself: convert the GGUF file first "
                                   f"(`tppo convert {init.repo}/{init.gguf_file} DIR`) and set model.path=DIR")
             return VLLMEngine(r, self.source, model_path=str(ckpt / "policy") if ckpt else init.repo,
@@ -511,9 +527,10 @@ class Trainer:
         cfg, t0 = self.cfg, time.perf_counter()
         m: dict[str, Any] = {"step": self.step_idx + 1}
         # 1-2. fill the batch and generate one window (the engine carries rows over: 8).
+        W = m["rollout/window_tokens"] = self._next_window()
         with self._oom_hint("generation"):
             with sharding.gathered(self.policy):
-                wb = self.engine.generate_window(self.policy, self.version)
+                wb = self.engine.generate_window(self.policy, self.version, W)
         m["time/generate_s"] = time.perf_counter() - t0
         if not wb.rows:
             raise RuntimeError("the prompt stream is exhausted and no row is in flight")
@@ -528,16 +545,19 @@ class Trainer:
         values_full = self._values(packed)
         m["time/values_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        old_logprobs = self._old_logprobs(packed) if recompute_old_logprobs(cfg, self.device) else packed.old_logprobs[:, 1:]
+        updated = self.step_idx >= cfg.train.critic_warmup_steps  # the critic-only warm-up needs no old log-probs
+        recompute = updated and recompute_old_logprobs(cfg, self.device)
+        old_logprobs = self._old_logprobs(packed) if recompute else packed.old_logprobs[:, 1:]
         m["time/old_logprobs_s"] = time.perf_counter() - t
         # 5. advantages (EGAE on this window; GAE for PPO) and critic targets.
         adv, policy_mask, returns, critic_mask, lm_mask = compute_advantages(
-            cfg, packed, values_full, rewards, all_reduce=distributed.sum_ if self.world > 1 else None)
+            cfg, packed, values_full, rewards, all_reduce=distributed.sum_ if self.world > 1 else None, window_tokens=W)
         batch = StepBatch(packed.input_ids, packed.attention_mask, policy_mask, critic_mask, lm_mask,
                           old_logprobs, values_full[:, :-1], adv, returns).to(self.device)
+        #    the truncation-bias diagnostic: cut rows that finished now, EGAE vs GAE (tppo/egae_bias.py)
+        m.update(self.egae_bias.observe(wb.rows, wb.window_start, values_full, rewards, policy_lambda(cfg, packed, W)))
         # 6. update the policy (after the critic-only warm-up).
         t = time.perf_counter()
-        updated = self.step_idx >= cfg.train.critic_warmup_steps
         with self._oom_hint("the policy update"):
             m.update(update_policy(self.policy, self.policy_opt, self.policy_sched, batch, cfg, self.gen, self.device, self.ref)
                      if updated else {"policy/loss": 0.0, "policy/clipfrac": 0.0, "policy/approx_kl": 0.0, "policy/entropy": 0.0,
@@ -555,6 +575,7 @@ class Trainer:
         # 9. log, evaluate, checkpoint.
         m.update(self._step_metrics(wb, rewards, batch, updated))
         m["time/step_s"] = time.perf_counter() - t0
+        self._record_for_window(wb, packed, m)
         self.elapsed += m["time/step_s"]
         m["time/elapsed_s"] = self.elapsed
         if self._due(cfg.log.eval_every) or self.step_idx == cfg.train.total_steps:
@@ -572,6 +593,23 @@ class Trainer:
         if self._due(cfg.log.checkpoint_every) or self.step_idx == cfg.train.total_steps:
             self.save()
         return m
+
+    def _next_window(self) -> int:
+        """This step's W: the config's, or with ``auto`` the choice of tppo/window.py."""
+        r = self.cfg.rollout
+        if r.window_tokens != "auto":
+            return r.window_tokens
+        W = choose_window(self.window_history, window_min=r.window_min, window_max=r.max_window, bias_cap=r.window_bias_cap,
+                          slots=r.num_slots // self.world, group=r.samples_per_prompt)
+        return distributed.max_int(W)  # ranks measure their own rows: they agree on the largest choice
+
+    def _record_for_window(self, wb: WindowBatch, packed, m: dict[str, Any]) -> None:
+        """Feed the step's measurements to the window choice (kept whatever W is: cheap)."""
+        fin = [r for r in wb.rows if r.finished]
+        self.window_history.record(
+            lengths=[len(r.response_ids) for r in fin], prompt_lengths=[len(r.prompt_ids) for r in fin],
+            decode_s=wb.stats.decode_s, decode_steps=wb.stats.decode_steps, other_s=m["time/step_s"] - wb.stats.decode_s,
+            context_tokens=int(packed.attention_mask.sum()), egae_mae=m["egae/advantage_mae"], rows_compared=m["egae/rows_compared"])
 
     def _count_nonfinite(self, skipped: int) -> int:
         """Count optimizer steps skipped for a non-finite gradient; the total so far."""
@@ -627,7 +665,7 @@ class Trainer:
         out = torch.zeros(packed.input_ids.shape)
         rows = list(range(packed.input_ids.shape[0]))
         with sharding.gathered(model):  # ranks have different row counts: no collectives inside
-            for micro in micro_batches(rows, self.cfg.train.micro_batch_rows):
+            for micro in row_micro_batches(rows, self.cfg.train.micro_batch_rows):
                 S = int(packed.attention_mask[micro].sum(1).max())
                 with autocast(self.cfg, self.device):
                     v = fn(model, packed.input_ids[micro, :S].to(self.device), packed.attention_mask[micro, :S].to(self.device), micro)
@@ -665,6 +703,9 @@ class Trainer:
             "value/tokens": int(cm.sum()),
             "value/explained_variance": float(algos.explained_variance(batch.old_values, batch.returns, cm)) if cm.any() else float("nan"),
         }
+        r = self.cfg.rollout  # a row refilled mid-window spans one window more than L / W
+        m.update(round_metrics(wb.rows, rewards, r.max_windows + r.refill_within_window))
+        m.update(carry_metrics(wb.rows, wb.window_start, self.engine.carried))
         if self.world > 1:
             self._sum_over_ranks(m, scored)
         self.total_generated += m["rollout/generated_tokens"]
@@ -709,7 +750,8 @@ class Trainer:
             self.critic.save_pretrained(d / "critic", state_dict=critic_state, safe_serialization=True)
 
         ranks = distributed.gather_to_main({
-            "engine": self.engine.state_dict(), "source": self.source.state_dict(),
+            "engine": self.engine.state_dict(), "source": self.source.state_dict(), "egae_bias": self.egae_bias.state_dict(),
+            "window": history_state(self.window_history),
             "scorer": {"calls": self.scorer.calls, "errors": self.scorer.errors, "timeouts": self.scorer.timeouts},
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "trainer": self.gen.get_state()},
         })
@@ -746,6 +788,9 @@ class Trainer:
         mine = state["ranks"][self.rank]
         self.source.load_state_dict(mine["source"])
         self.engine.load_state_dict(mine["engine"])
+        if "egae_bias" in mine:  # checkpoints before the diagnostic and the window choice: they start empty
+            self.egae_bias.load_state_dict(mine["egae_bias"])
+            self.window_history = history_from_state(mine["window"])
         for k, v in mine["scorer"].items():
             setattr(self.scorer, k, v)
         torch.set_rng_state(mine["rng"]["torch"])

@@ -180,9 +180,10 @@ def pack_window(batch: WindowBatch, pad_id: int) -> PackedWindow:
 class RolloutEngine(Protocol):
     """What the trainer needs from a generation engine (embedded, later vLLM)."""
 
-    def generate_window(self, model: torch.nn.Module, version: int) -> WindowBatch:
-        """Fill free slots from the prompt stream, generate one window with ``model``
-        (whose update count is ``version``), keep unfinished rows for the next call."""
+    def generate_window(self, model: torch.nn.Module, version: int, window_tokens: int | None = None) -> WindowBatch:
+        """Fill free slots from the prompt stream, generate one window of at most
+        ``window_tokens`` tokens per row (default: the config's W) with ``model`` (whose
+        update count is ``version``), keep unfinished rows for the next call."""
         ...
 
     @property

@@ -31,6 +31,7 @@ import torch
 from transformers import StaticCache
 
 from tppo.config import RolloutConfig
+from tppo.models import accepts_logits_to_keep
 from tppo.rollout.base import PromptItem, RolloutStats, Row, WindowBatch
 from tppo.rollout.sampling import sample_tokens
 from tppo.rollout.slots import SlotFiller
@@ -61,12 +62,12 @@ class EmbeddedEngine(SlotFiller):
 
     # ------------------------------------------------------------------ public API
 
-    def generate_window(self, model: torch.nn.Module, version: int) -> WindowBatch:
+    def generate_window(self, model: torch.nn.Module, version: int, window_tokens: int | None = None) -> WindowBatch:
         rows = self._take_rows(self.cfg.num_slots, list(self._carried))
         if not rows:
             return self._empty_window()
         starts = [len(r.response_ids) for r in rows]
-        stats = self._run_window(model, rows, version)
+        stats = self._run_window(model, rows, version, self.window_of(window_tokens))
         starts += [0] * (len(rows) - len(starts))  # rows admitted mid-window start at 0
         return self._close_window(rows, starts, stats)
 
@@ -80,11 +81,11 @@ class EmbeddedEngine(SlotFiller):
     # ------------------------------------------------------------------ step 2: generate
 
     @torch.inference_mode()
-    def _run_window(self, model: torch.nn.Module, rows: list[Row], version: int) -> RolloutStats:
+    def _run_window(self, model: torch.nn.Module, rows: list[Row], version: int, W: int) -> RolloutStats:
         was_training = model.training
         model.eval()
         try:
-            window = _Window(self, model, rows)
+            window = _Window(self, model, rows, W)
             return window.run(version)
         finally:
             model.train(was_training)
@@ -98,16 +99,16 @@ class _Window:
     decode batch, ``active[j]`` being its row.
     """
 
-    def __init__(self, engine: EmbeddedEngine, model: torch.nn.Module, rows: list[Row]) -> None:
+    def __init__(self, engine: EmbeddedEngine, model: torch.nn.Module, rows: list[Row], W: int) -> None:
         self.engine, self.model, self.rows, self.cfg = engine, model, rows, engine.cfg
         self.dev = engine.device
         self.cache_kw = _cache_kwarg(model)
-        self.keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        self.keep_kw = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         lens = torch.tensor([len(r.response_ids) for r in rows], device=self.dev)
         cap = torch.tensor([r.max_response_tokens for r in rows], device=self.dev)
-        self.n_steps = int((torch.minimum(cap, lens + self.cfg.window_tokens) - lens).max())
+        self.n_steps = int((torch.minimum(cap, lens + W) - lens).max())
         self.start_len, self.cap = lens, cap
-        self.window_end = torch.minimum(cap, lens + self.cfg.window_tokens)
+        self.window_end = torch.minimum(cap, lens + W)
         self.first_col = torch.zeros(len(rows), dtype=torch.long, device=self.dev)
         self.prefill_s = 0.0
         self.prefill_tokens = 0

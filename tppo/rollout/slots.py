@@ -43,6 +43,14 @@ class SlotFiller:
         self._next_uid = state["next_uid"]
         self.exhausted = state["exhausted"]
 
+    def window_of(self, window_tokens: int | None) -> int:
+        """This window's W: the one asked for, else the config's (``auto`` needs one)."""
+        W = self.cfg.window_tokens if window_tokens is None else window_tokens
+        if not isinstance(W, int) or not 1 <= W <= self.cfg.max_response_tokens:
+            raise ValueError(f"window of {W!r} tokens: give generate_window an int in [1, {self.cfg.max_response_tokens}] "
+                             f"(rollout.window_tokens is {self.cfg.window_tokens!r})")
+        return W
+
     # ------------------------------------------------------------------ step 1: fill
 
     def _take_rows(self, slots: int, rows: list[Row]) -> list[Row]:

@@ -80,7 +80,8 @@ class VLLMEngine(SlotFiller):
 
     # ------------------------------------------------------------------ the Protocol
 
-    def generate_window(self, model: torch.nn.Module, version: int) -> WindowBatch:
+    def generate_window(self, model: torch.nn.Module, version: int, window_tokens: int | None = None) -> WindowBatch:
+        W = self.window_of(window_tokens)
         rows = self._take_rows(self.cfg.num_slots, list(self._carried))
         if not rows:
             return self._empty_window()
@@ -89,7 +90,7 @@ class VLLMEngine(SlotFiller):
         starts = [len(r.response_ids) for r in rows]
         t0 = time.perf_counter()
         outputs = self.llm.generate([self._tokens_prompt(prompt_token_ids=r.prompt_ids + r.response_ids) for r in rows],
-                                    [self._params(r) for r in rows], use_tqdm=False)
+                                    [self._params(r, W) for r in rows], use_tqdm=False)
         elapsed = time.perf_counter() - t0
         new_tokens = [self._extend(r, out.outputs[0], version) for r, out in zip(rows, outputs)]
         if self.sleep_between_windows:
@@ -118,10 +119,10 @@ class VLLMEngine(SlotFiller):
         self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
         self._loaded_version = version
 
-    def _params(self, row: Row):
+    def _params(self, row: Row, W: int):
         room = row.max_response_tokens - len(row.response_ids)
         self._request_seed += 1  # one seed per request: a window replays exactly given the engine state
-        return self._sampling(n=1, max_tokens=min(self.cfg.window_tokens, room), temperature=self.cfg.temperature,
+        return self._sampling(n=1, max_tokens=min(W, room), temperature=self.cfg.temperature,
                               top_p=self.cfg.top_p, top_k=self.cfg.top_k if self.cfg.top_k > 0 else -1, logprobs=0,
                               stop_token_ids=[] if self.cfg.ignore_eos else self.eos, ignore_eos=self.cfg.ignore_eos,
                               seed=self._request_seed, detokenize=False, skip_special_tokens=False)

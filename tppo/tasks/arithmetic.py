@@ -8,7 +8,12 @@ problems, so RL on GSM8K cannot be shown on a CPU; on these problems it starts b
 10 % and 60 % (sampled at temperature 0.7: ~25 % on additions of one-digit numbers, more at
 lower temperatures), which leaves RL room to raise it within an hour on 2 cores
 (benchmarks/real_model.py). Like the chain task, the problem space is split by a hash
-into training and held-out problems, and evaluation uses distinct held-out problems.
+of the question into training and held-out problems, and evaluation uses distinct
+held-out questions. The split is by question, not by arithmetic fact: with one-digit
+operands there are only 64 additions, so a held-out question's sum also appears in
+training under other names and items. What RL teaches here is mostly the answer's form
+(short, boxed, no rambling), which the held-out questions measure; benchmarks/RESULTS.md
+also reports operands outside the training range.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import dataclasses
 import random
 from typing import Any, Callable, Iterator, Sequence
 
+from tppo.config import ConfigError
 from tppo.rollout.base import PromptItem
 
 
@@ -42,14 +43,20 @@ def format_prompt(tokenizer, text: str, template: str = "{prompt}", system: str 
     return body
 
 
-def first_distinct(stream: Iterator[Example], count: int) -> list[Example]:
+def first_distinct(stream: Iterator[Example], count: int, max_draws: int = 200_000) -> list[Example]:
     """The first ``count`` examples of an endless stream with distinct prompts (an
-    evaluation set of distinct problems)."""
+    evaluation set of distinct problems); an error, not a hang, when the split holds
+    fewer distinct problems than that (none new in ``max_draws`` draws)."""
     seen: dict[str, Example] = {}
-    while len(seen) < count:
+    for _ in range(max_draws):
+        if len(seen) == count:
+            return list(seen.values())
         example = next(stream)
         seen.setdefault(example.prompt, example)
-    return list(seen.values())
+    if len(seen) == count:
+        return list(seen.values())
+    raise ConfigError(f"only {len(seen)} distinct problems in {max_draws} draws of the held-out split, fewer than the "
+                     f"{count} asked: lower task.eval_problems or enlarge the task's problem space")
 
 
 def epoch_stream(examples: Sequence[Example], seed: int, shuffle: bool = True) -> Iterator[Example]:
