@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import chain_failures as cf  # noqa: E402
+import gpu_check  # noqa: E402
 import gpu_projection as gp  # noqa: E402
 import ppo_vs_tppo as pvt  # noqa: E402
 
@@ -89,3 +90,24 @@ def test_chain_failure_modes_by_hand():
     assert cf.failure_mode(p, "165 156 147=174") == "copy"
     assert cf.failure_mode(p, "165 156 147 138") == "unfinished"
     assert cf.failure_mode(p, "165 15x 147=1") == "malformed"
+
+
+def test_gpu_check_cpu_smoke_runs_every_measurement(tmp_path):
+    """benchmarks/gpu_check.py --cpu-smoke: the GPU check's whole code path, tiny, on the CPU."""
+    import json
+
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--cpu-smoke", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["mode"] == "cpu-smoke" and len(res["decode"]["tiny"]) == 4
+    assert all(p["step_s"] > 0 for p in res["decode"]["tiny"]) and set(res["fit"]["tiny"]) >= {"decode_step_s", "decode_row_s", "kv_token_s"}
+    r = res["replay"]
+    # every configuration generated every prompt, to its forced length
+    assert r["ppo"]["finished"] == r["tppo"]["finished"] == r["tppo_refill"]["finished"] == 8
+    assert r["tppo_decode_step_ratio"] > 0 and res["train_token_s"]["tiny"] > 0
+
+
+def test_gpu_check_fit_recovers_known_constants():
+    points = [{"batch": b, "context": c, "step_s": 0.01 + 2e-4 * b + 3e-8 * b * c} for b in (1, 8, 64) for c in (1024, 4096)]
+    f = gpu_check.fit(points)
+    assert f["decode_step_s"] == pytest.approx(0.01) and f["decode_row_s"] == pytest.approx(2e-4) and f["kv_token_s"] == pytest.approx(3e-8)

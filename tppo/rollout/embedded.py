@@ -102,7 +102,7 @@ class _Window:
     def __init__(self, engine: EmbeddedEngine, model: torch.nn.Module, rows: list[Row], W: int) -> None:
         self.engine, self.model, self.rows, self.cfg = engine, model, rows, engine.cfg
         self.dev = engine.device
-        self.cache_kw = _cache_kwarg(model)
+        self.cache_kw = cache_kwarg(model)
         self.keep_kw = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         lens = torch.tensor([len(r.response_ids) for r in rows], device=self.dev)
         cap = torch.tensor([r.max_response_tokens for r in rows], device=self.dev)
@@ -300,7 +300,7 @@ def _cache_at_offset(template: StaticCache, batch: int, max_len: int, offset: in
     return cache
 
 
-def _cache_kwarg(model: torch.nn.Module) -> str:
+def cache_kwarg(model: torch.nn.Module) -> str:
     """transformers >= 5.x names the KV-cache argument ``cache``; earlier ``past_key_values``."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
