@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup demo test test-slow mutants bench bench-rollout bench-ppo-vs-tppo soak clean
+.PHONY: setup demo test test-slow test-vllm mutants bench bench-rollout bench-ppo-vs-tppo soak clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,14 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The vLLM engine against vLLM's real classes, on the CPU, in a virtualenv of its own: the
+# `vllm` extra pulls vLLM and the torch it pins (2.14.0, a CUDA build: several GB).
+VLLM_VENV ?= .venv-vllm
+test-vllm:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -c "import vllm" 2>/dev/null || $(VLLM_VENV)/bin/python -m pip install -q -e ".[vllm,dev]"
+	$(VLLM_VENV)/bin/python -m pytest -q tests/with_vllm tests/test_rollout.py -k "vllm or Vllm"
 
 # Plausible bugs applied one at a time; the tests must fail on each (tests/mutations.py).
 mutants: setup

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from mock_models import BOS, EOS, PAD, count_token, countdown_model
+from vllm_cases import CASES as VLLM_CASES
 from tppo.algos import logprobs_from_logits
 from tppo.config import ConfigError, RolloutConfig
 from tppo.config import TinyModelConfig
 from tppo.models import build_tiny
-from tppo.rollout import EmbeddedEngine, PromptItem, sample_tokens
+from tppo.rollout import EmbeddedEngine, PromptItem, Row, sample_tokens
 
 
 def countdown_prompts(lengths, start_id=0):
@@ -325,3 +326,87 @@ def test_vllm_engine_imports_without_vllm_and_says_how_to_get_it():
         VLLMEngine(RolloutConfig(), [], model_path="unused", eos_token_ids=0)
     with pytest.raises(ValueError, match="top_p=1"):
         VLLMEngine(RolloutConfig(top_p=0.9), [], model_path="unused", eos_token_ids=0)
+
+
+# ---------------------------------------------------------------------- the vLLM engine's pure parts (no vLLM needed)
+
+
+@dataclasses.dataclass
+class FakeLogprob:  # the fields of vllm.logprobs.Logprob the engine reads
+    logprob: float
+
+
+@dataclasses.dataclass
+class FakeCompletion:  # the fields of vllm.outputs.CompletionOutput the engine reads
+    index: int
+    text: str
+    token_ids: list
+    cumulative_logprob: float | None
+    logprobs: list
+    finish_reason: str | None
+
+
+@pytest.mark.parametrize("case", VLLM_CASES, ids=lambda c: c[0])
+def test_vllm_output_handling(case):
+    from vllm_cases import run_case
+
+    expected = case[-1]
+    if expected == "error":
+        with pytest.raises(RuntimeError, match="vLLM"):
+            run_case(FakeCompletion, FakeLogprob, case)
+        return
+    row, n = run_case(FakeCompletion, FakeLogprob, case)
+    assert row.finish_reason == expected and n == len(case[1])
+    assert row.logprobs[-n:] == [-0.25 * (i + 1) for i in range(n)] and row.versions[-n:] == [3] * n
+
+
+def test_vllm_engine_refuses_what_vllm_would_run_differently():
+    from tppo.rollout.vllm_engine import check_rollout_config, llm_kwargs, sampling_kwargs
+
+    for bad, match in ((dict(temperature=2.5), "temperature"), (dict(temperature=0.005), "temperature"),
+                       (dict(top_p=0.9), "top_p=1"), (dict(top_k=5), "top_k=0"), (dict(remove_finished=False), "remove_finished")):
+        with pytest.raises(ValueError, match=match):
+            check_rollout_config(RolloutConfig(**bad))
+    for ok in (0.0, 0.01, 0.7, 2.0):
+        check_rollout_config(RolloutConfig(temperature=ok))
+    cfg = RolloutConfig(window_tokens=8, max_response_tokens=24)
+    kw = llm_kwargs(cfg, model_path="m", dtype="float32", gpu_memory_utilization=0.3, tensor_parallel_size=1, sleep=False,
+                    max_model_len=1024 + 24, world_size=2)
+    assert kw["distributed_executor_backend"] == "external_launcher" and kw["max_model_len"] == 1048
+    assert kw["logprobs_mode"] == "processed_logprobs"
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        llm_kwargs(cfg, model_path="m", dtype="float32", gpu_memory_utilization=0.3, tensor_parallel_size=2, sleep=False,
+                   max_model_len=99, world_size=2)
+    row = Row(0, 0, 0, [1], {}, 24, [5] * 20, [0.0] * 20, [0] * 20)
+    assert sampling_kwargs(cfg, row, 8, seed=11, eos=[2, 7])["max_tokens"] == 4  # the cap leaves 4
+
+
+def test_vllm_engine_sends_the_names_of_the_saved_checkpoint(model_dir):
+    """The weight names sent to vLLM are the Hugging Face checkpoint's, the names vLLM's
+    loaders read at start (tied lm_head included: vLLM skips it as the embeddings' alias)."""
+    from safetensors import safe_open
+
+    from tppo.models import load_pretrained
+    from tppo.rollout.vllm_engine import weights_for_vllm
+
+    model, _ = load_pretrained(model_dir)
+    with safe_open(f"{model_dir}/model.safetensors", "pt") as f:
+        saved = set(f.keys())
+    sent = dict(weights_for_vllm(model, to_cpu=True))
+    assert saved <= set(sent) and set(sent) - saved <= {"lm_head.weight"}
+    assert all(t.device.type == "cpu" for t in sent.values())
+
+
+def test_vllm_engine_keeps_the_trainers_random_state():
+    import random
+
+    import numpy as np
+
+    from tppo.rollout.vllm_engine import preserved_rng
+
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    expect = (torch.rand(2), random.random(), np.random.rand())
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    with preserved_rng():  # what in-process vLLM does when it starts
+        torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    assert torch.equal(torch.rand(2), expect[0]) and random.random() == expect[1] and np.random.rand() == expect[2]

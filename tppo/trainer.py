@@ -441,8 +441,9 @@ class Trainer:
                 raise ConfigError(f"rollout.engine=vllm reads the policy's weights itself: convert the GGUF file first "
                                   f"(`tppo convert {init.repo}/{init.gguf_file} DIR`) and set model.path=DIR")
             return VLLMEngine(r, self.source, model_path=str(ckpt / "policy") if ckpt else init.repo,
-                              eos_token_ids=self.eos_ids, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-                              tensor_parallel_size=r.vllm_tensor_parallel_size, sleep_between_windows=r.vllm_sleep)
+                              eos_token_ids=self.eos_ids, max_prompt_tokens=self.cfg.task.max_prompt_tokens,
+                              gpu_memory_utilization=r.vllm_gpu_memory_utilization, tensor_parallel_size=r.vllm_tensor_parallel_size,
+                              dtype=self.cfg.model.dtype, sleep_between_windows=r.vllm_sleep, world_size=self.world)
         return EmbeddedEngine(r, self.source, eos_token_ids=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
                               device=self.device)
 

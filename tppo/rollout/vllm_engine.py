@@ -9,28 +9,49 @@ distribution sampled from (``logprobs_mode="processed_logprobs"``: after the
 temperature), the same quantity the trainer recomputes; top-p/top-k truncation is
 refused because vLLM would fold it into the recorded log-probs.
 
-Weights: after each policy update the trainer's weights are loaded into vLLM's model in
-place (``load_weights``, the path of TRL's and OpenRLHF's colocated modes), so vLLM
-runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). With ``sleep_between_windows``
-vLLM sleeps after each window (level 1: weights offloaded, KV cache freed) so the
-trainer's update has the GPU memory, and wakes before the next.
+What was checked against vLLM 0.33.0's source (docs/scaling.md has the list), and what
+it decides here:
 
-Status: written against the vLLM 0.1x Python API; CPU CI cannot run it. Its tests are in
-tests/gpu/ and run only where a GPU and vLLM are present. TODO: run them on a GPU
-(no accelerator was lent to the session that wrote this engine).
+* **Weights**: after each policy update the trainer's weights go to every vLLM worker
+  through vLLM's own route, ``llm.collective_rpc("reload_weights", kwargs={"weights_iterator":
+  ...})`` (``v1/worker/gpu_worker.py``: an in-place ``load_weights`` between the loader's
+  set-up and finish), then ``reset_prefix_cache`` (cached KV came from the old weights).
+  vLLM's loaders take Hugging Face names and cut each tensor-parallel shard themselves;
+  FSDP2's sharded DTensors are gathered to full tensors first.
+* **Executors**: one process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set, not defaulted:
+  the engine core must live in this process to take the weights); tensor parallel > 1
+  uses vLLM's multiprocess executor, to which the weights are sent as CPU tensors; under
+  torchrun, every rank runs its own vLLM with ``distributed_executor_backend=
+  "external_launcher"`` (tensor parallel 1 per rank; > 1 under torchrun is refused).
+* **Sampling**: vLLM rejects temperatures above 2 and silently raises those in (0, 0.01)
+  to 0.01, which would make its log-probs another distribution than the trainer's: both
+  are refused when the engine is built. ``max_model_len`` = the longest prompt the task
+  admits + L, so a row can only stop at its window, its cap, or a stop token; any other
+  finish reason is an error naming the row, never a silent carry-over.
+* **Seeds**: in-process vLLM reseeds Python's, numpy's and torch's global generators when
+  it starts; they are restored, so the trainer's seeding stands.
+
+Status: CPU-checked against vLLM's real classes by ``make test-vllm`` (SamplingParams,
+EngineArgs, CompletionOutput); it has not run on a GPU yet (tests/gpu/ is ready for that).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from tppo.config import RolloutConfig
 from tppo.rollout.base import PromptItem, RolloutStats, Row, WindowBatch
 from tppo.rollout.slots import SlotFiller
+
+# vLLM 0.33 SamplingParams: temperature in [0, 2]; (0, 0.01) is raised to 0.01 with a warning.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 2.0
+FINISH_REASONS = ("stop", "length")  # what a window can end with; "abort", "error", "repetition" are errors
 
 
 def _import_vllm():
@@ -41,39 +62,130 @@ def _import_vllm():
     return vllm
 
 
+# ---------------------------------------------------------------------- pure helpers (tested against vLLM's classes)
+
+
+def check_rollout_config(cfg: RolloutConfig) -> None:
+    """Refuse the settings vLLM would run differently from the trainer's recomputation."""
+    if not cfg.remove_finished:
+        raise ValueError("rollout.remove_finished=false is the padded baseline of the embedded engine; vLLM always "
+                         "removes finished rows (continuous batching)")
+    if cfg.top_p < 1.0 or cfg.top_k > 0:
+        raise ValueError("the vLLM engine needs rollout.top_p=1 and rollout.top_k=0 (its recorded log-probs would "
+                         "include the truncation, the trainer's recomputed ones do not)")
+    if cfg.temperature > MAX_TEMPERATURE or 0 < cfg.temperature < MIN_TEMPERATURE:
+        raise ValueError(f"the vLLM engine needs rollout.temperature 0 or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] "
+                         f"(got {cfg.temperature}): vLLM refuses higher ones and raises lower ones to {MIN_TEMPERATURE}, "
+                         f"so its log-probs would not be those of the trainer's temperature")
+
+
+def llm_kwargs(cfg: RolloutConfig, *, model_path: str, dtype: str, gpu_memory_utilization: float, tensor_parallel_size: int,
+               sleep: bool, max_model_len: int, world_size: int) -> dict[str, Any]:
+    """The keyword arguments of ``vllm.LLM`` (every one a field of vLLM's ``EngineArgs``)."""
+    if world_size > 1 and tensor_parallel_size > 1:
+        raise ValueError("rollout.engine=vllm under torchrun supports rollout.vllm_tensor_parallel_size=1 (one vLLM per "
+                         "rank); tensor parallelism inside data-parallel ranks is not implemented")
+    kw = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=cfg.seed, gpu_memory_utilization=gpu_memory_utilization,
+              tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=sleep, enable_prefix_caching=True,
+              logprobs_mode="processed_logprobs", max_model_len=max_model_len)
+    if world_size > 1:  # torchrun: each rank's vLLM on its own device, in its process (vLLM's route for this)
+        kw["distributed_executor_backend"] = "external_launcher"
+    return kw
+
+
+def sampling_kwargs(cfg: RolloutConfig, row: Row, W: int, seed: int, eos: Sequence[int]) -> dict[str, Any]:
+    """The keyword arguments of ``vllm.SamplingParams`` for one row's window."""
+    room = row.max_response_tokens - len(row.response_ids)
+    return dict(n=1, max_tokens=min(W, room), temperature=cfg.temperature, top_p=1.0, top_k=0, logprobs=0,
+                stop_token_ids=[] if cfg.ignore_eos else list(eos), ignore_eos=cfg.ignore_eos, seed=seed,
+                detokenize=False, skip_special_tokens=False)
+
+
+def apply_completion(row: Row, completion, version: int, max_tokens: int, eos: Sequence[int], ignore_eos: bool) -> int:
+    """Append a vLLM ``CompletionOutput``'s tokens and log-probs to ``row`` and set how it
+    ended: "stop" (an EOS or a stop token, which stays the last token) finishes it as
+    ``eos``; "length" at the row's cap finishes it as ``length``; "length" after
+    ``max_tokens`` (the window) leaves it running (carried over). Anything else raises.
+    Returns the number of new tokens."""
+    ids = list(completion.token_ids)
+    reason = completion.finish_reason
+    if reason not in FINISH_REASONS or (not ids and row.max_response_tokens > len(row.response_ids)):
+        raise RuntimeError(f"vLLM ended row {row.uid} (prompt {row.prompt_id}) with finish_reason={reason!r} after "
+                           f"{len(ids)} tokens; expected 'stop' or 'length' with at least one token")
+    row.response_ids += ids
+    row.logprobs += [float(lp[t].logprob) for lp, t in zip(completion.logprobs, ids)]
+    row.versions += [version] * len(ids)
+    if reason == "stop" and not ignore_eos:
+        row.finish_reason = "eos"
+    elif len(row.response_ids) >= row.max_response_tokens:
+        row.finish_reason = "length"
+    elif len(ids) < max_tokens:  # "length" before the window's end: the context limit, which max_model_len rules out
+        raise RuntimeError(f"vLLM stopped row {row.uid} after {len(ids)} of {max_tokens} tokens with 'length' below its cap "
+                           f"({len(row.response_ids)} of {row.max_response_tokens}): max_model_len too small?")
+    return len(ids)
+
+
+def weights_for_vllm(model: torch.nn.Module, to_cpu: bool) -> list[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, full tensor) of every weight: FSDP2's sharded DTensors gathered
+    (a collective: every rank calls it), on the CPU for vLLM's multiprocess executor."""
+    out = []
+    for name, t in model.state_dict().items():
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        out.append((name, t.detach().cpu() if to_cpu else t.detach()))
+    return out
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Restore Python's, numpy's and torch's (CPU and CUDA) global generators after the
+    block: in-process vLLM reseeds them all when it starts."""
+    import numpy as np
+
+    state = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+             torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+        if state[3] is not None:
+            torch.cuda.set_rng_state_all(state[3])
+
+
+# ---------------------------------------------------------------------- the engine
+
+
 class VLLMEngine(SlotFiller):
     """Windowed generation on a colocated ``vllm.LLM``; implements ``RolloutEngine``.
 
     Args:
         cfg: the rollout config (W, L, slots, sampling).
         prompts: the prompt stream.
-        model_path: local checkpoint vLLM loads at start (the policy's initial weights).
+        model_path: local checkpoint (or hub id) vLLM loads at start (the policy's initial weights).
         eos_token_ids: token ids that finish a response.
+        max_prompt_tokens: the longest prompt the task admits (max_model_len = it + L).
         gpu_memory_utilization, tensor_parallel_size, dtype: passed to ``vllm.LLM``.
         sleep_between_windows: free vLLM's memory while the trainer updates.
+        world_size: data-parallel ranks (> 1: torchrun, one vLLM per rank).
     """
 
     def __init__(self, cfg: RolloutConfig, prompts: Iterable[PromptItem], *, model_path: str, eos_token_ids: int | Iterable[int],
-                 gpu_memory_utilization: float = 0.4, tensor_parallel_size: int = 1, dtype: str = "bfloat16",
-                 sleep_between_windows: bool = False) -> None:
+                 max_prompt_tokens: int = 4096, gpu_memory_utilization: float = 0.4, tensor_parallel_size: int = 1,
+                 dtype: str = "bfloat16", sleep_between_windows: bool = False, world_size: int = 1) -> None:
         super().__init__(cfg, prompts)
-        if not cfg.remove_finished:
-            raise ValueError("rollout.remove_finished=false is the padded baseline of the embedded engine; vLLM always "
-                             "removes finished rows (continuous batching)")
-        if cfg.top_p < 1.0 or cfg.top_k > 0:
-            # vLLM's processed log-probs would include the truncation; the trainer's do not
-            raise ValueError("the vLLM engine needs rollout.top_p=1 and rollout.top_k=0 (its recorded log-probs would "
-                             "include the truncation, the trainer's recomputed ones do not)")
+        check_rollout_config(cfg)
         vllm = _import_vllm()
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model must live here to take new weights
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core must live here to take new weights
         self.eos = sorted({eos_token_ids} if isinstance(eos_token_ids, int) else set(eos_token_ids))
         self.sleep_between_windows = sleep_between_windows
-        self.llm = vllm.LLM(model=model_path, tokenizer=model_path, dtype=dtype, seed=cfg.seed,
-                            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                            enable_sleep_mode=sleep_between_windows, enable_prefix_caching=True,
-                            logprobs_mode="processed_logprobs")
+        self.weights_to_cpu = tensor_parallel_size > 1  # the multiprocess executor pickles them
+        with preserved_rng():
+            self.llm = vllm.LLM(**llm_kwargs(cfg, model_path=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                                             tensor_parallel_size=tensor_parallel_size, sleep=sleep_between_windows,
+                                             max_model_len=max_prompt_tokens + cfg.max_response_tokens, world_size=world_size))
         self._sampling = vllm.SamplingParams
-        self._tokens_prompt = vllm.inputs.TokensPrompt
+        self._tokens_prompt = vllm.TokensPrompt
         self._loaded_version = 0
         self._request_seed = cfg.seed
         self.asleep = False
@@ -89,10 +201,12 @@ class VLLMEngine(SlotFiller):
         self.sync_weights(model, version)
         starts = [len(r.response_ids) for r in rows]
         t0 = time.perf_counter()
+        params = [sampling_kwargs(self.cfg, r, W, self._next_seed(), self.eos) for r in rows]
         outputs = self.llm.generate([self._tokens_prompt(prompt_token_ids=r.prompt_ids + r.response_ids) for r in rows],
-                                    [self._params(r, W) for r in rows], use_tqdm=False)
+                                    [self._sampling(**p) for p in params], use_tqdm=False)
         elapsed = time.perf_counter() - t0
-        new_tokens = [self._extend(r, out.outputs[0], version) for r, out in zip(rows, outputs)]
+        new_tokens = [apply_completion(r, out.outputs[0], version, p["max_tokens"], self.eos, self.cfg.ignore_eos)
+                      for r, out, p in zip(rows, outputs, params)]
         if self.sleep_between_windows:
             self.llm.sleep(level=1)
             self.asleep = True
@@ -111,33 +225,19 @@ class VLLMEngine(SlotFiller):
     # ------------------------------------------------------------------ helpers
 
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
-        """Load the trainer's current weights into vLLM when they changed since the last window."""
+        """Load the trainer's current weights into every vLLM worker when they changed
+        since the last window (vLLM's in-place ``reload_weights``), then drop the prefix
+        cache, whose KV the old weights computed."""
         if version == self._loaded_version:
             return
-        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        runner.model.load_weights(((name, p.detach()) for name, p in model.state_dict().items()))
-        self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
+        weights = weights_for_vllm(model, to_cpu=self.weights_to_cpu)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
         self._loaded_version = version
 
-    def _params(self, row: Row, W: int):
-        room = row.max_response_tokens - len(row.response_ids)
+    def _next_seed(self) -> int:
         self._request_seed += 1  # one seed per request: a window replays exactly given the engine state
-        return self._sampling(n=1, max_tokens=min(W, room), temperature=self.cfg.temperature,
-                              top_p=self.cfg.top_p, top_k=self.cfg.top_k if self.cfg.top_k > 0 else -1, logprobs=0,
-                              stop_token_ids=[] if self.cfg.ignore_eos else self.eos, ignore_eos=self.cfg.ignore_eos,
-                              seed=self._request_seed, detokenize=False, skip_special_tokens=False)
-
-    def _extend(self, row: Row, completion, version: int) -> int:
-        """Append a completion's tokens and log-probs to ``row``; finish it on EOS or its cap."""
-        ids = list(completion.token_ids)
-        row.response_ids += ids
-        row.logprobs += [float(lp[t].logprob) for lp, t in zip(completion.logprobs, ids)]
-        row.versions += [version] * len(ids)
-        if ids and ids[-1] in self.eos and not self.cfg.ignore_eos:
-            row.finish_reason = "eos"
-        elif len(row.response_ids) >= row.max_response_tokens:
-            row.finish_reason = "length"
-        return len(ids)
+        return self._request_seed
 
     def _wake(self) -> None:
         if self.asleep:
