@@ -50,10 +50,16 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, smooth: int = 10) -> 
     labelled = next((ax for ax in axes.flat if ax.get_legend_handles_labels()[0]), None)
     if labelled is not None:  # a run too short for some curves still gets its legend
         labelled.legend()
+    return _save(fig, out, dpi=90)
+
+
+def _save(fig, out: str | Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 
@@ -111,12 +117,7 @@ def plot_report(run_dir: str | Path, out: str | Path, smooth: int = 10) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(f"{Path(run_dir).name}: partial trajectories and the EGAE truncation diagnostic")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=80)
 
 
 def _matches(key: str, pattern: str) -> bool:

@@ -24,7 +24,7 @@ import random
 from typing import Iterator
 
 from tppo.config import ArithConfig
-from tppo.tasks.base import Example, first_distinct
+from tppo.tasks.base import Example, first_distinct, problem_stream
 
 NAMES = ("Tom", "Anna", "Ben", "Maria", "Sam", "Lily", "Omar", "Chen", "Ava", "Noah")
 ITEMS = ("apples", "pencils", "cards", "marbles", "books", "stickers", "shells", "coins")
@@ -83,9 +83,7 @@ class ArithTask:
 
     def stream(self, split: str, seed: int) -> Iterator[Example]:
         """An endless, seeded stream of examples of one split."""
-        rng = random.Random(f"{self.name}:{split}:{seed}")
-        while True:
-            yield self.example(self.sample_problem(rng, split))
+        return problem_stream(self, split, seed)
 
     def distinct(self, split: str, seed: int, count: int) -> list[Example]:
         """The first ``count`` distinct problems of a split's stream (an evaluation set)."""

@@ -43,6 +43,14 @@ def format_prompt(tokenizer, text: str, template: str = "{prompt}", system: str 
     return body
 
 
+def problem_stream(task, split: str, seed: int) -> Iterator[Example]:
+    """An endless, seeded stream of a split's examples from a task that samples problems
+    (``task.name``, ``task.sample_problem(rng, split)``, ``task.example(problem)``)."""
+    rng = random.Random(f"{task.name}:{split}:{seed}")
+    while True:
+        yield task.example(task.sample_problem(rng, split))
+
+
 def first_distinct(stream: Iterator[Example], count: int, max_draws: int = 200_000) -> list[Example]:
     """The first ``count`` examples of an endless stream with distinct prompts (an
     evaluation set of distinct problems); an error, not a hang, when the split holds

@@ -47,7 +47,7 @@ import random
 from typing import Iterator
 
 from tppo.config import ChainConfig
-from tppo.tasks.base import Example, first_distinct
+from tppo.tasks.base import Example, first_distinct, problem_stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +115,7 @@ class ChainTask:
 
     def stream(self, split: str, seed: int) -> Iterator[Example]:
         """An endless, seeded stream of examples of one split."""
-        rng = random.Random(f"{self.name}:{split}:{seed}")
-        while True:
-            yield self.example(self.sample_problem(rng, split))
+        return problem_stream(self, split, seed)
 
     def distinct(self, split: str, seed: int, count: int) -> list[Example]:
         """The first ``count`` distinct problems of a split's stream (an evaluation set)."""
