@@ -120,13 +120,25 @@ def test_scorer_restarts_pool_on_hang_no_signal_can_stop():
         assert s.score(["p", "p"], ["ab", "abc"], ["x", "x"]) == [2.0, 3.0]
 
 
-def test_math_verify_adversarial_power_times_out():
-    """math-verify hangs on huge towers of powers; the scorer returns 0 and counts it."""
+def test_math_verify_adversarial_power_is_survived():
+    """A tower of powers scores 0 within the batch deadline, however this machine's sympy takes it.
+
+    Here sympy computes 9^(9^(9^9)) in C, which no alarm interrupts: the batch deadline
+    ends it, the pool restarts and the whole batch counts as timed out. Another build
+    (e.g. sympy over gmpy2) may refuse the power at once; then nothing times out and the
+    well-formed answer next to it must still score. The timeout machinery itself is
+    pinned by the deterministic hangs above.
+    """
     with RewardScorer("math", workers=1, timeout_s=1.0, batch_slack_s=1.0) as s:
         t0 = time.monotonic()
         rewards = s.score(["", ""], ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{4}"], ["1", "4"])
         assert time.monotonic() - t0 < 10.0
-        assert rewards[0] == 0.0 and s.timeouts >= 1
+        assert rewards[0] == 0.0 and s.calls == 2
+        if s.timeouts:  # the alarm ended the call (pool intact), or the deadline the whole blocked batch
+            assert (s.pool_restarts, rewards[1], s.timeouts) in {(0, 1.0, 1), (1, 0.0, 2)}
+        else:
+            assert rewards[1] == 1.0
+        assert s.score([""], ["\\boxed{4}"], ["4"]) == [1.0]  # the scorer keeps going
 
 
 def test_format_penalty():
