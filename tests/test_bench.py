@@ -3,6 +3,7 @@ and the GPU cost model (hand-computed decode time, T-PPO == PPO when W = L)."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -55,30 +56,110 @@ def test_summary_target_and_ratio_by_hand():
     assert pvt.headline({"longtail": s})["final_accuracy"]["tppo-W64"] == pytest.approx((0.41 + 0.45) / 2)
 
 
-def test_decode_time_by_hand():
-    hw = gp.Hardware("unit", decode_step_s=1.0, decode_row_s=0.5, kv_token_s=0.0, prefill_token_s=0.0, train_token_s=0.0)
+def _eng(**kw) -> gp.Engine:
+    base = dict(step_overhead_s=0.0, weight_read_s=0.0, kv_read_s=0.0, compute_row_s=0.0, attn_s=0.0, prefill_token_s=0.0,
+                attn_prefill_s=0.0, train_token_s=0.0, train_attn_s=0.0)
+    return gp.Engine("unit", **(base | kw))
+
+
+def _rows(*targets, prompt=0):
+    return [gp.Row(target=t, have=0, prompt=prompt) for t in targets]
+
+
+def test_decode_step_is_bound_by_memory_or_compute_not_both():
+    e = _eng(step_overhead_s=1.0, weight_read_s=10.0, kv_read_s=0.5, compute_row_s=3.0, attn_s=0.25)
+    assert e.decode_step_s(rows=2, context=4) == pytest.approx(1.0 + max(10.0 + 2.0, 6.0 + 1.0))
+    assert e.decode_step_s(rows=8, context=4) == pytest.approx(1.0 + max(12.0, 24.0 + 1.0))
+    assert dataclasses.replace(e, combine="sum").decode_step_s(rows=2, context=4) == pytest.approx(1.0 + 12.0 + 7.0)
+
+
+def test_engine_time_by_hand_with_rows_leaving():
+    e = _eng(step_overhead_s=1.0, compute_row_s=0.5, combine="sum")
     # 2 steps with 2 rows (1 + 2 x 0.5 each), then 2 steps with 1 row (1.5 each)
-    assert gp.decode_time(np.array([2, 4]), np.array([0, 0]), hw) == pytest.approx(2 * 2.0 + 2 * 1.5)
-    kv = gp.Hardware("kv", decode_step_s=0.0, decode_row_s=0.0, kv_token_s=1.0, prefill_token_s=0.0, train_token_s=0.0)
-    # one row, context 10, 2 steps: a chunk charges the context at its middle, 2 x (10 + 1)
-    assert gp.decode_time(np.array([2]), np.array([10]), kv) == pytest.approx(2 * (10 + 1))
+    r = gp.run_engine(_rows(2, 4), e)
+    assert r.time_s == pytest.approx(2 * 2.0 + 2 * 1.5) and r.decode_steps == 4 and r.preemptions == 0
+
+
+def test_kv_capacity_preempts_the_newest_row_and_recomputes_it():
+    """Capacity 10, two rows of prompt 2 and 5 tokens each. Both fit (4); 3 steps fill the
+    cache (2 x 5); the newest is preempted; the first ends in 2 steps; the second re-enters
+    with a prefill of its 5 tokens and ends in 2 more: 7 decode steps, 2 + 2 + 5 prefilled."""
+    e = dataclasses.replace(_eng(step_overhead_s=1.0, prefill_token_s=1.0, combine="sum"), kv_capacity_tokens=10)
+    rows = _rows(5, 5, prompt=2)
+    r = gp.run_engine(rows, e)
+    assert (r.decode_steps, r.preemptions) == (7, 1)
+    assert r.prefill_s == pytest.approx(9.0) and r.time_s == pytest.approx(7 + 9)
+    assert all(x.have == 5 for x in rows)
+    unbounded = gp.run_engine(_rows(5, 5, prompt=2), dataclasses.replace(e, kv_capacity_tokens=float("inf")))
+    assert (unbounded.decode_steps, unbounded.preemptions) == (5, 0)
+    with pytest.raises(ValueError, match="does not fit"):
+        gp.run_engine(_rows(5, prompt=20), e)
+
+
+def test_window_ends_after_w_decode_steps_and_refill_takes_free_slots():
+    e = _eng(step_overhead_s=1.0)
+    rows = _rows(3, 10)
+    r = gp.run_engine(rows, e, budget=4, max_steps=4)
+    assert r.decode_steps == 4 and [x.have for x in rows] == [3, 4]
+    rows, queue = _rows(3, 10), _rows(6)
+    gp.run_engine(rows, e, budget=4, max_steps=4, new_rows=queue)
+    assert not queue and [x.have for x in rows] == [3, 4]  # the new row took the freed slot
+
+
+def test_training_passes_and_the_prefix_without_gradient_by_hand():
+    e = _eng(train_token_s=1.0, train_attn_s=1.0)
+    # one row of 2 tokens: 2 token costs + (1 + 2) attention pairs, per pass
+    assert gp.train_s(np.array([2.0]), 1.0, e, gpus=1) == pytest.approx(5.0)
+    assert gp.train_s(np.array([2.0]), 3.0, e, gpus=3) == pytest.approx(5.0)
+    e = _eng(train_token_s=1.0)
+    exact = gp.window_train_s(np.array([2.0]), np.array([1.0]), e, 1, prefix_grad=True)
+    cheap = gp.window_train_s(np.array([2.0]), np.array([1.0]), e, 1, prefix_grad=False)
+    assert exact == pytest.approx(5 * 3) and cheap == pytest.approx(3 * 3 + 2 * 1)
+
+
+def test_a_synchronous_step_waits_for_the_slowest_engine():
+    s = gp.Setting(prompts_per_step=2, samples_per_prompt=1, max_response_tokens=100, prompt_tokens=0, engines=2)
+    e = _eng(step_overhead_s=1.0)
+    r = gp.simulate(np.array([100, 10] * 10), s, e, gp.Variant(), steps=3)
+    assert r["generate_s"] == pytest.approx(3 * 100.0) and r["decode_steps"] == 300
+    assert [len(x) for x in gp.deal(_rows(1, 2, 3, 4, 5), 2)] == [3, 2]
 
 
 def test_tppo_equals_ppo_when_the_window_covers_equal_lengths():
-    s = gp.Setting(prompts_per_step=4, samples_per_prompt=2, max_response_tokens=64, prompt_tokens=5)
+    s = gp.Setting(prompts_per_step=4, samples_per_prompt=2, max_response_tokens=64, prompt_tokens=5, engines=2)
     lengths = np.full(8 * 30, 64)
-    ppo = gp.simulate_ppo(lengths, s, gp.H100_32B, steps=5)
-    tppo = gp.simulate_tppo(lengths, s, gp.H100_32B, window=64, steps=6)
+    e = gp.Engine.derive(gp.QWEN_32B, gp.H100, tp=4)
+    ppo = gp.simulate(lengths, s, e, gp.Variant(), steps=5)
+    tppo = gp.simulate(lengths, s, e, gp.Variant(64), steps=6)
     assert tppo["prompts_per_hour"] == pytest.approx(ppo["prompts_per_hour"], rel=1e-9)
 
 
-def test_windowing_helps_a_long_tail_when_decode_steps_dominate():
+def test_windowing_and_refill_help_a_long_tail_when_decode_steps_dominate():
     s = gp.Setting(prompts_per_step=8, samples_per_prompt=4, max_response_tokens=256, prompt_tokens=5)
     lengths = gp.lognormal_lengths(32 * 300, median=20, sigma=1.0, cap=256)
-    hw = gp.Hardware("step-bound", decode_step_s=1.0, decode_row_s=0.0, kv_token_s=0.0, prefill_token_s=0.0, train_token_s=0.0)
-    ppo = gp.simulate_ppo(lengths, s, hw, steps=20)
-    tppo = gp.simulate_tppo(lengths, s, hw, window=32, steps=60)
+    e = _eng(step_overhead_s=1.0)
+    ppo = gp.simulate(lengths, s, e, gp.Variant(), steps=20)
+    tppo = gp.simulate(lengths, s, e, gp.Variant(32), steps=60)
+    refill = gp.simulate(lengths, s, e, gp.Variant(32, refill=True), steps=60)
     assert tppo["prompts_per_hour"] > 2 * ppo["prompts_per_hour"]
+    assert refill["decode_steps_per_1000_prompts"] < tppo["decode_steps_per_1000_prompts"]
+
+
+def test_derived_engine_from_the_data_sheet():
+    e = gp.Engine.derive(gp.QWEN_32B, gp.H100, tp=4, activation_bytes=0.0)
+    kv_per_gpu = 2 * 64 * 8 * 128 * 2 / 4  # K and V, 64 layers, 8 KV heads of 128, bf16, over 4 GPUs
+    assert e.kv_capacity_tokens == pytest.approx((80e9 * 0.9 - 2 * 32.8e9 / 4) / kv_per_gpu)
+    assert e.weight_read_s == pytest.approx(2 * 32.8e9 / 4 / 3.35e12)
+
+
+def test_projection_quick_writes_every_section(tmp_path):
+    out = tmp_path / "p.json"
+    assert gp.main(["--quick", "--steps", "2", "--out", str(out)]) == 0
+    import json
+
+    res = json.loads(out.read_text())
+    assert set(res["engines"]) == {"2", "4"} and "ppo" in res["engines"]["2"]
+    assert {"paper_scale", "cpu_validation", "time_to_score"} <= set(res)
 
 
 def test_chain_failure_modes_by_hand():
