@@ -361,7 +361,8 @@ def simulate(lengths: np.ndarray, s: Setting, eng: Engine, v: Variant, steps: in
         if v.window is None:
             train = train_s(prefix + window, 8.0, eng, gpus)
         else:
-            train = window_train_s(prefix, window, eng, gpus, v.prefix_grad) + train_s(fin_ctx, 3.0, eng, gpus)
+            got = window > 0  # a row queued or preempted all window long has nothing to train on
+            train = window_train_s(prefix[got], window[got], eng, gpus, v.prefix_grad) + train_s(fin_ctx, 3.0, eng, gpus)
         placed = [[r for r in e if r.have < r.target] for e in placed]
         if k >= warm:
             acc["time_s"] += generate + train + eng.weight_sync_s
