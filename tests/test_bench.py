@@ -192,3 +192,15 @@ def test_gpu_check_fit_recovers_known_constants():
     points = [{"batch": b, "context": c, "step_s": 0.01 + 2e-4 * b + 3e-8 * b * c} for b in (1, 8, 64) for c in (1024, 4096)]
     f = gpu_check.fit(points)
     assert f["decode_step_s"] == pytest.approx(0.01) and f["decode_row_s"] == pytest.approx(2e-4) and f["kv_token_s"] == pytest.approx(3e-8)
+
+
+def test_projection_reads_the_constants_gpu_check_fitted(tmp_path):
+    """An engine from gpu_check.json's fit reproduces the fitted step time a + b B + c B C."""
+    import json
+
+    path = tmp_path / "gpu_check.json"
+    path.write_text(json.dumps({"machine": "unit", "fit": {"m": {"decode_step_s": 0.01, "decode_row_s": 2e-4, "kv_token_s": 3e-8}},
+                                "train_token_s": {"m": 1e-5}}))
+    (e,) = gp.fitted_engines(path)
+    assert e.decode_step_s(rows=64, context=64 * 4096) == pytest.approx(0.01 + 2e-4 * 64 + 3e-8 * 64 * 4096)
+    assert e.train_token_s == 1e-5 and gp.fitted_engines(tmp_path / "absent.json") == []
