@@ -452,7 +452,11 @@ def measured_cpu(path: Path) -> dict:
 
 
 def fitted_engines(path: Path) -> list[Engine]:
-    """Engines with the constants benchmarks/gpu_check.py fitted on a real GPU (additive form)."""
+    """Engines with the constants benchmarks/gpu_check.py fitted on a real GPU (additive form).
+
+    gpu_check does not time prefills: a prefilled token is assumed to cost an eighth of a
+    decode row's token (matmuls batched over the prompt), an assumption the JSON's engine
+    name carries with the fit's origin."""
     if not path.exists():
         return []
     data = json.loads(path.read_text())
