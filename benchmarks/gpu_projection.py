@@ -419,12 +419,11 @@ def compare(lengths: np.ndarray, s: Setting, eng: Engine, variants: list[Variant
     return out
 
 
-def measured_cpu(path: Path) -> dict:
-    """From results/ppo_vs_tppo.json: training seconds per prompt (PPO / T-PPO, median over
-    seeds) and prompts to the target (PPO / T-PPO), per window; {} when absent."""
-    if not path.exists():
+def measured_cpu(data: dict) -> dict:
+    """From results/ppo_vs_tppo.json's contents: training seconds per prompt (PPO / T-PPO,
+    median over seeds) and prompts to the target (PPO / T-PPO), per window; {} when empty."""
+    if not data:
         return {}
-    data = json.loads(path.read_text())
     target = data.get("target_accuracy")
     runs: dict[str, dict[str, list]] = {}
     for key, r in data["results"].items():
@@ -507,16 +506,18 @@ def main(argv: list[str] | None = None) -> int:
         report["engines"][str(e)] = {k: _short(v) for k, v in res.items()}
         print(f"{e} engines: " + ", ".join(f"{k} {v['throughput_ratio']:.2f} ({v['generation_ratio']:.2f})" for k, v in res.items()), flush=True)
     # Validation: the model with this CPU's constants next to what the CPU measured.
+    cpu_path = RESULTS_DIR / "ppo_vs_tppo.json"
+    cpu_runs = json.loads(cpu_path.read_text()) if cpu_path.exists() else {}
     emb = chain_lengths(EMBEDDED.prompts_per_step * EMBEDDED.samples_per_prompt * 60, 256)
     cpu = compare(emb, EMBEDDED, CPU_TINY, [Variant(128), Variant(64), Variant(32), Variant(64, refill=True)], 30)
     report["cpu_validation"] = {"model": {k: _short(v) for k, v in cpu.items()},
-                                "measured": measured_cpu(RESULTS_DIR / "ppo_vs_tppo.json")}
+                                "measured": measured_cpu(cpu_runs)}
     for fitted in fitted_engines(RESULTS_DIR / "gpu_check.json"):
         res = compare(lengths, s, fitted, [Variant(W), Variant(W, refill=True)], args.steps)
         report.setdefault("fitted", {})[fitted.name] = {k: _short(v) for k, v in res.items()}
     # Time to a score = time per prompt x prompts to the score; the second factor from the CPU.
     meas = report["cpu_validation"]["measured"]
-    best = json.loads((RESULTS_DIR / "ppo_vs_tppo.json").read_text()).get("best_window") if meas else None
+    best = cpu_runs.get("best_window") if meas else None
     learn = (meas.get(best) or {}).get("prompts_to_target_ratio") if best else None
     report["time_to_score"] = {
         "note": "projected time-to-target ratio PPO / T-PPO = (T-PPO's prompts per hour / PPO's, this model) x "
