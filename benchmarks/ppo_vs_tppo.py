@@ -45,7 +45,7 @@ DEMO = ROOT / "configs" / "demo.yaml"
 L = 256  # the demo's max_response_tokens
 SHORT_TASK = ["task.chain.median_steps=6", "task.chain.sigma=0.15", "task.chain.max_steps=9"]
 PHASES = ("generate", "score", "values", "policy_update", "value_update")
-ABLATIONS = ("next_value", "zero", "critic_all", "lam0.95", "refill", "tokens")
+ABLATIONS = ("next_value", "zero", "critic_all", "lam0.95", "refill", "tokens", "noprefixgrad", "cheap")
 EGAE_KEYS = tuple(f"egae/{m}/{k}" for m in ("prev_value", "next_value", "zero")
                   for k in ("advantage_mae", "advantage_bias", "sign_agreement", "advantage_corr"))
 
@@ -70,13 +70,16 @@ def algo_overrides(label: str) -> list[str]:
     ov = ["algo.algorithm=tppo", f"rollout.window_tokens={parts[1][1:]}"]
     ablation = {"next_value": ["algo.bootstrap=next_value"], "zero": ["algo.bootstrap=zero"],
                 "critic_all": ["algo.critic_on=all"], "lam0.95": ["algo.lam_policy=0.95"],
-                "refill": ["rollout.refill_within_window=true"], "tokens": ["train.micro_batch_tokens=4096"]}
+                "refill": ["rollout.refill_within_window=true"], "tokens": ["train.micro_batch_tokens=4096"],
+                "noprefixgrad": ["algo.prefix_grad=false"],  # truncated backprop through the context (tppo/prefix.py)
+                "cheap": ["train.micro_batch_tokens=4096", "algo.prefix_grad=false"]}  # both cheaper updates
     return ov + (ablation[parts[2]] if len(parts) > 2 else [])
 
 
-def build_jobs(seeds: int, windows: list[int | str], ablations: list[str], short: bool) -> list[Job]:
-    """Evaluation-only jobs first, then the runs, algorithms rotated per seed."""
-    labels = ["ppo"] + [f"tppo-W{w}" for w in windows]
+def build_jobs(seeds: int, windows: list[int | str], ablations: list[str], short: bool, variants: list[str] = ()) -> list[Job]:
+    """Evaluation-only jobs first, then the runs, algorithms rotated per seed; ``variants``
+    are ablations of W = L/4 run with every seed, ``ablations`` with seed 0 only."""
+    labels = ["ppo"] + [f"tppo-W{w}" for w in windows] + [f"tppo-W{L // 4}-{v}" for v in variants]
     jobs = [Job("longtail", "init", 0, [])] + ([Job("short", "init", 0, SHORT_TASK)] if short else [])
     for s in range(seeds):
         rotated = labels[s % len(labels):] + labels[: s % len(labels)]
@@ -84,7 +87,7 @@ def build_jobs(seeds: int, windows: list[int | str], ablations: list[str], short
         if short:
             mid = f"tppo-W{L // 4}"
             jobs += [Job("short", lab, s, SHORT_TASK + algo_overrides(lab)) for lab in (["ppo", mid] if s % 2 == 0 else [mid, "ppo"])]
-    for a in ablations:
+    for a in (a for a in ablations if a not in variants):
         jobs += [Job("longtail", f"tppo-W{L // 4}-{a}", 0, algo_overrides(f"tppo-W{L // 4}-{a}"))]
     return jobs
 
@@ -122,7 +125,7 @@ def _train_curve(tr, prompts: int, eval_every: int) -> dict:
     while tr.source.cursor < prompts:
         m = tr.step()
         steps.append({k: m[k] for k in ("rollout/slot_utilization", "rollout/generated_tokens", "reward/accuracy",
-                                         "rollout/response_length_max", "rollout/window_tokens", "egae/rows_compared",
+                                         "rollout/response_length_max", "rollout/window_tokens", "rollout/decode_steps", "egae/rows_compared",
                                          *EGAE_KEYS, *(f"time/{p}_s" for p in PHASES), "time/step_s")})
         if tr.source.cursor >= next_eval or tr.source.cursor >= prompts:
             while next_eval <= tr.source.cursor:
@@ -135,6 +138,10 @@ def _train_curve(tr, prompts: int, eval_every: int) -> dict:
         "egae": egae_table(steps),
         "window_tokens": [s["rollout/window_tokens"] for s in steps],
         "steps": len(steps),
+        "prompts": tr.source.cursor,
+        # the hardware-neutral rollout cost: sequential decode steps (a memory-bound GPU pays
+        # per step, whatever the batch); per prompt admitted (in-flight rows at the end count)
+        "decode_steps_per_1k_prompts": 1000 * sum(s["rollout/decode_steps"] for s in steps) / tr.source.cursor,
         "generated_tokens": gen,
         # token-weighted: generated tokens / slot-steps over the whole run
         "slot_utilization": gen / sum(s["rollout/generated_tokens"] / max(s["rollout/slot_utilization"], 1e-9) for s in steps),
@@ -254,6 +261,11 @@ def summarize(results: dict[str, dict], margin: float) -> dict:
                 "steps": statistics.median(r["steps"] for r in these),
                 "generated_tokens": statistics.median(r["generated_tokens"] for r in these),
                 "slot_utilization": statistics.median(r["slot_utilization"] for r in these),
+                "decode_steps_per_1k_prompts": _median_of(these, "decode_steps_per_1k_prompts"),
+                "decode_steps_ratio": _spread([runs[f"{setting}/ppo/s{s}"]["decode_steps_per_1k_prompts"]
+                                               / runs[f"{setting}/{lab}/s{s}"]["decode_steps_per_1k_prompts"]
+                                               for s in ran if "decode_steps_per_1k_prompts" in runs[f"{setting}/{lab}/s{s}"]
+                                               and f"{setting}/ppo/s{s}" in runs]),
                 "phase_s": {p: statistics.median(r["phase_s"][p] for r in these) for p in PHASES},
                 "train_time_ratio": _spread([runs[f"{setting}/ppo/s{s}"]["train_s"] / runs[f"{setting}/{lab}/s{s}"]["train_s"]
                                              for s in ran if f"{setting}/ppo/s{s}" in runs]),
@@ -267,6 +279,12 @@ def summarize(results: dict[str, dict], margin: float) -> dict:
         out[setting] = {"initial_accuracy": init, "target_accuracy": target, "margin": margin, "best_window": best,
                         "runs": per_label}
     return out
+
+
+def _median_of(runs: list[dict], key: str) -> float | None:
+    """Median of ``key`` over the runs that have it (results from before it was recorded lack it)."""
+    xs = [r[key] for r in runs if key in r]
+    return statistics.median(xs) if xs else None
 
 
 def _spread(xs: list[float]) -> dict | None:
@@ -298,7 +316,7 @@ def plot(results: dict[str, dict], summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(settings), 4, figsize=(20, 4.2 * len(settings)), squeeze=False)
     for row, setting in zip(axes, settings):
         s = summary[setting]
-        labels = [lab for lab in s["runs"] if lab.count("-") <= 1]
+        labels = [lab for lab in s["runs"] if lab.count("-") <= 1 or s["runs"][lab]["seeds"] > 1]  # not seed-0 ablations
         for lab, color in zip(labels, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
             for key, r in results.items():
                 if not key.startswith(f"{setting}/{lab}/") or "curve" not in r:
@@ -341,6 +359,7 @@ def main() -> int:
     ap.add_argument("--windows", nargs="+", help="T-PPO windows, integers or auto (default: L/2 L/4 L/8)")
     ap.add_argument("--ablations", nargs="*", default=list(ABLATIONS), help=f"seed-0 variants of W = L/4 (default: all of {', '.join(ABLATIONS)})")
     ap.add_argument("--no-ablations", action="store_const", dest="ablations", const=[], help="same as --ablations with none")
+    ap.add_argument("--variants", nargs="*", default=[], choices=ABLATIONS, help="variants of W = L/4 run with every seed, like the windows")
     ap.add_argument("--no-short", action="store_true")
     ap.add_argument("--summarize-only", action="store_true")
     ap.add_argument("--name", help="results file stem (default: ppo_vs_tppo, ppo_vs_tppo_quick with --quick)")
@@ -358,7 +377,8 @@ def main() -> int:
             args.seeds, args.prompts, args.eval_every, args.eval_problems, args.eval_samples = 1, 32, 16, 16, 2
         windows = args.windows or ([L // 2, L // 4, L // 8] if not args.quick else [L // 4])
         jobs = build_jobs(args.seeds, windows,
-                          ablations=[] if args.quick else args.ablations, short=not (args.no_short or args.quick))
+                          ablations=[] if args.quick else args.ablations, short=not (args.no_short or args.quick),
+                          variants=[] if args.quick else args.variants)
         sft_dir = ensure_sft(args)
         print(f"{len(jobs)} runs, {args.workers} at a time, {args.prompts} prompts each")
         t0 = time.perf_counter()

@@ -29,10 +29,11 @@ def test_time_to_target_interpolates_between_evaluations():
         time_to_target([0, 1], [0.1], 0.2)
 
 
-def _run(points, train_s=100.0):
+def _run(points, train_s=100.0, decode_steps=1000.0):
     return {"curve": [{"prompts": 10 * (i + 1), "elapsed_s": t, "tokens": 100 * (i + 1), "step": i + 1, "accuracy": a}
                       for i, (t, a) in enumerate(points)],
             "steps": len(points), "generated_tokens": 100 * len(points), "slot_utilization": 0.5,
+            "decode_steps_per_1k_prompts": decode_steps,
             "phase_s": {p: 1.0 for p in pvt.PHASES}, "train_s": train_s}
 
 
@@ -41,8 +42,8 @@ def test_summary_target_and_ratio_by_hand():
         "longtail/init/s0": {"accuracy": 0.30},
         "longtail/ppo/s0": _run([(50, 0.34), (100, 0.40)]),  # best 0.40 -> target 0.38 (margin 0.02)
         "longtail/ppo/s1": _run([(50, 0.36), (100, 0.42)]),  # best 0.42; median of bests 0.41 -> target 0.39
-        "longtail/tppo-W64/s0": _run([(20, 0.39), (40, 0.41)], train_s=40.0),
-        "longtail/tppo-W64/s1": _run([(30, 0.35), (60, 0.45)], train_s=60.0),
+        "longtail/tppo-W64/s0": _run([(20, 0.39), (40, 0.41)], train_s=40.0, decode_steps=400.0),
+        "longtail/tppo-W64/s1": _run([(30, 0.35), (60, 0.45)], train_s=60.0, decode_steps=800.0),
     }
     s = pvt.summarize(results, margin=0.02)["longtail"]
     assert s["target_accuracy"] == pytest.approx(0.39)
@@ -54,6 +55,19 @@ def test_summary_target_and_ratio_by_hand():
     assert r["time_to_target_ratio"]["max"] == pytest.approx(ratios[1])
     assert s["best_window"] == "tppo-W64" and r["reached_target"] == 2
     assert pvt.headline({"longtail": s})["final_accuracy"]["tppo-W64"] == pytest.approx((0.41 + 0.45) / 2)
+    # decode steps per 1,000 prompts: PPO 1000 on both seeds, T-PPO 400 and 800
+    assert r["decode_steps_per_1k_prompts"] == pytest.approx(600.0)
+    assert (r["decode_steps_ratio"]["min"], r["decode_steps_ratio"]["max"]) == pytest.approx((1.25, 2.5))
+
+
+def test_variants_run_every_seed_and_ablations_seed_0():
+    jobs = pvt.build_jobs(3, [64], ablations=["zero", "refill"], short=False, variants=["refill"])
+    runs = {(j.label, j.seed) for j in jobs if j.label != "init"}
+    assert {s for lab, s in runs if lab == "tppo-W64-refill"} == {0, 1, 2}
+    assert {s for lab, s in runs if lab == "tppo-W64-zero"} == {0}
+    assert len(jobs) == 1 + 3 * 3 + 1  # init, 3 labels x 3 seeds, one ablation
+    refill = next(j for j in jobs if j.label == "tppo-W64-refill")
+    assert "rollout.refill_within_window=true" in refill.overrides
 
 
 def _eng(**kw) -> gp.Engine:

@@ -37,7 +37,7 @@ def fixed_batch(vocab: int) -> StepBatch:
     critic = resp & (torch.arange(B)[:, None] < 3)
     return StepBatch(ids, attn, policy, critic, resp & (torch.arange(B)[:, None] == 0),
                      old_logprobs=-torch.rand(B, S - 1, generator=g) * 3, old_values=torch.randn(B, S - 1, generator=g) * 0.1,
-                     advantages=torch.randn(B, S - 1, generator=g), returns=torch.rand(B, S - 1, generator=g))
+                     advantages=torch.randn(B, S - 1, generator=g), returns=torch.rand(B, S - 1, generator=g), response_mask=resp)
 
 
 def rows(batch: StepBatch, sl: slice) -> StepBatch:

@@ -128,7 +128,8 @@ def one_window_batch(trainer, cfg) -> StepBatch:
     packed = wb.pack(trainer.tokenizer.pad_token_id)
     values = trainer._values(packed)
     adv, pmask, ret, cmask, lm = compute_advantages(cfg, packed, values, trainer._score(wb))
-    return StepBatch(packed.input_ids, packed.attention_mask, pmask, cmask, lm, packed.old_logprobs[:, 1:], values[:, :-1], adv, ret)
+    return StepBatch(packed.input_ids, packed.attention_mask, pmask, cmask, lm, packed.old_logprobs[:, 1:], values[:, :-1], adv, ret,
+                     packed.response_mask[:, 1:])
 
 
 def sgd_update(model, update, batch, cfg, *, ref=None, **overrides):
@@ -165,6 +166,28 @@ def test_micro_batching_does_not_change_the_update(model_dir, tmp_path, loss_agg
         for other in out[1:]:
             for k in out[0]:
                 torch.testing.assert_close(other[k], out[0][k], atol=1e-5, rtol=1e-4)
+
+
+def test_prefix_grad_false_drops_only_earlier_windows_gradient(model_dir, tmp_path):
+    """``algo.prefix_grad: false`` (tppo/prefix.py): on the first window (no carried rows)
+    the update is the exact one; on a window with carried rows it differs, and it still
+    does not depend on the micro-batch split (each row's span is its own)."""
+    cfg = make_cfg(model_dir, tmp_path, "train.total_steps=3")
+    trainer = Trainer(cfg, tmp_path)
+    first = one_window_batch(trainer, cfg)
+    assert not (first.response_mask & ~first.policy_mask).any()  # every response is this window's
+    exact, truncated = (params(sgd_update(trainer.policy, update_policy, first, cfg, algo__prefix_grad=flag)) for flag in (True, False))
+    for k in exact:
+        torch.testing.assert_close(truncated[k], exact[k], atol=1e-6, rtol=1e-5)
+    trainer.step()
+    batch = one_window_batch(trainer, cfg)
+    assert (batch.response_mask & ~batch.policy_mask).any(), "no carried row in the second window"
+    exact = params(sgd_update(trainer.policy, update_policy, batch, cfg))
+    splits = [params(sgd_update(trainer.policy, update_policy, batch, cfg, algo__prefix_grad=False, train__micro_batch_rows=n))
+              for n in (1, 64)]
+    assert any(not torch.allclose(splits[0][k], exact[k], atol=1e-6, rtol=1e-5) for k in exact)
+    for k in exact:
+        torch.testing.assert_close(splits[1][k], splits[0][k], atol=1e-5, rtol=1e-4)
 
 
 def test_resume_is_exact(model_dir, tmp_path):

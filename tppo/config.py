@@ -332,6 +332,11 @@ class AlgoConfig:
             ``engine`` (the sampling log-probs), or ``auto``: recompute under bf16
             autocast, bf16 weights or the vLLM engine, engine's otherwise (the fp32
             embedded path, where both agree to ~1e-6).
+        prefix_grad: back-propagate the policy loss through a carried row's earlier
+            windows (true: the exact update). false: those windows (and the prompt
+            before them) run forward without gradient and only the row's tokens from
+            its first loss token on are back-propagated: truncated backpropagation
+            through the context, cheaper, an approximation (tppo/prefix.py).
     """
 
     algorithm: Literal["tppo", "ppo"] = "tppo"
@@ -354,6 +359,7 @@ class AlgoConfig:
     lm_loss_coef: float = 0.0
     window_ignore_tokens: int = 0
     old_logprobs: Literal["auto", "recompute", "engine"] = "auto"
+    prefix_grad: bool = True
 
 
 @dataclasses.dataclass

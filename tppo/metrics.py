@@ -13,7 +13,7 @@ from typing import Any
 
 STEP_KEYS = (
     "step", "rollout/window_tokens",
-    "rollout/slot_utilization", "rollout/tokens_per_s", "time/prefill_s", "time/decode_s", "rollout/generated_tokens", "rollout/finished_rows",
+    "rollout/slot_utilization", "rollout/decode_steps", "rollout/tokens_per_s", "time/prefill_s", "time/decode_s", "rollout/generated_tokens", "rollout/finished_rows",
     "rollout/carried_rows", "rollout/windows_per_response", "rollout/windows_per_response_max",
     "rollout/versions_per_response", "rollout/response_length", "rollout/response_length_max",
     "rollout/truncated_at_cap", "rollout/prompts_consumed", "rollout/total_generated_tokens",

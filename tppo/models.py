@@ -209,6 +209,12 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name of the forward's KV-cache argument, also the output's field: ``cache``
+    (transformers 5.24 on, ``past_key_values`` deprecated) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list[int]:
     """Every id that ends a response: the tokenizer's EOS and those of the model's
     ``generation_config`` and config (chat models list their end-of-turn token there,

@@ -42,6 +42,7 @@ from tppo.evaluation import decode_response, evaluate, run_generate_fn
 from tppo.metrics import MetricsLogger, summary_line
 from tppo.models import ModelSource, accepts_logits_to_keep, critic_from_policy, eos_token_ids, load_critic, load_pretrained, own_aligned_memory, save_pretrained
 from tppo.monitoring import carry_metrics, round_metrics
+from tppo.prefix import span_logprobs, span_starts
 from tppo.rewards import RewardScorer
 from tppo.rollout import EmbeddedEngine, WindowBatch
 from tppo.tasks import ArithTask, ChainTask, Example, PromptSource, epoch_stream, load_task_data
@@ -73,6 +74,7 @@ class StepBatch:
     old_values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    response_mask: torch.Tensor  # bool: response tokens (where a carried row's earlier windows are: tppo/prefix.py)
 
     def to(self, device: torch.device) -> "StepBatch":
         return StepBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
@@ -258,6 +260,16 @@ def loss_denominators(mask: torch.Tensor, mode: str, n_tok: int) -> dict[str, in
     return {"num_seqs": distributed.sum_int(int(mask.any(1).sum()))}
 
 
+def policy_logprobs(policy, ids, attn, pm, lmm, response_mask, cfg: Config):
+    """The update's log-probs and entropies of a micro-batch: one forward with gradient
+    through every token (the exact update), or with ``algo.prefix_grad: false`` the
+    earlier windows of carried rows without gradient (tppo/prefix.py)."""
+    entropy = "grad" if cfg.algo.entropy_coef else "metric"
+    if cfg.algo.prefix_grad:
+        return token_logprobs(policy, ids, attn, cfg.rollout.temperature, entropy, used_columns(pm, lmm))
+    return span_logprobs(policy, ids, attn, span_starts(response_mask, pm, lmm), cfg.rollout.temperature, entropy)
+
+
 def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.Generator, device, ref=None) -> dict[str, float]:
     """Step 6: PPO epochs of clipped-surrogate updates on the policy tokens."""
     a, t = cfg.algo, cfg.train
@@ -274,10 +286,9 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
             opt.zero_grad(set_to_none=True)
             for micro, real in sharding.padded_micro_batches(micro_batches(batch, mb, t), policy):
                 ids, attn, S = trimmed(batch, micro)
-                pm = batch.policy_mask[micro, : S - 1]
-                cols = used_columns(pm, batch.lm_mask[micro, : S - 1])
+                pm, lmm = batch.policy_mask[micro, : S - 1], batch.lm_mask[micro, : S - 1]
                 with autocast(cfg, device):
-                    lp, ent = token_logprobs(policy, ids, attn, cfg.rollout.temperature, "grad" if a.entropy_coef else "metric", cols)
+                    lp, ent = policy_logprobs(policy, ids, attn, pm, lmm, batch.response_mask[micro, : S - 1], cfg)
                 loss, stats = algos.policy_loss(lp, batch.old_logprobs[micro, : S - 1], batch.advantages[micro, : S - 1], pm,
                                                 a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, **denom)
                 entropy = algos.agg_loss(ent, pm, "token-mean", n_tok)
@@ -285,7 +296,7 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
                     loss = loss - a.entropy_coef * entropy
                 if a.kl_coef and ref is not None:
                     with torch.no_grad(), autocast(cfg, device):
-                        ref_lp, _ = token_logprobs(ref, ids, attn, cfg.rollout.temperature, columns=cols)
+                        ref_lp, _ = token_logprobs(ref, ids, attn, cfg.rollout.temperature, columns=used_columns(pm, lmm))
                     kl_term = algos.agg_loss(algos.kl(lp, ref_lp, a.kl_kind), pm, "token-mean", n_tok)
                     loss = loss + a.kl_coef * kl_term
                     sums["kl"] += float(kl_term.detach()) * real
@@ -554,7 +565,7 @@ class Trainer:
         adv, policy_mask, returns, critic_mask, lm_mask = compute_advantages(
             cfg, packed, values_full, rewards, all_reduce=distributed.sum_ if self.world > 1 else None, window_tokens=W)
         batch = StepBatch(packed.input_ids, packed.attention_mask, policy_mask, critic_mask, lm_mask,
-                          old_logprobs, values_full[:, :-1], adv, returns).to(self.device)
+                          old_logprobs, values_full[:, :-1], adv, returns, packed.response_mask[:, 1:]).to(self.device)
         #    the truncation-bias diagnostic: cut rows that finished now, EGAE vs GAE (tppo/egae_bias.py)
         m.update(self.egae_bias.observe(wb.rows, wb.window_start, values_full, rewards, policy_lambda(cfg, packed, W)))
         # 6. update the policy (after the critic-only warm-up).
@@ -680,6 +691,7 @@ class Trainer:
         cm = batch.critic_mask
         m = {
             "rollout/slot_utilization": wb.stats.slot_utilization,
+            "rollout/decode_steps": wb.stats.decode_steps,
             "rollout/tokens_per_s": wb.stats.tokens_per_s,
             "time/prefill_s": wb.stats.prefill_s,
             "time/decode_s": wb.stats.decode_s,

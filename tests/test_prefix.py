@@ -1,0 +1,97 @@
+"""Truncated backpropagation through the context (``algo.prefix_grad: false``, tppo/prefix.py):
+the span forward gives the full forward's log-probs, and its gradient is a naive
+row-by-row reference's (the prefix under no_grad into a KV cache, the span with grad)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tppo.models import build_tiny, cache_argument
+from tppo.prefix import span_logprobs, span_starts
+from tppo.trainer import token_logprobs
+
+B, S = 5, 30
+LENGTHS = [30, 22, 17, 25, 12]
+# per row: (first response column, first window column, end of window) in the shifted frame
+LAYOUT = [(10, 20, 29), (5, 5, 21), (4, 10, 16), (3, 3, 24), (6, 8, 11)]
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor(LENGTHS)
+    attn = (torch.arange(S) < lengths[:, None]).long()
+    ids = torch.randint(3, 20, (B, S), generator=g) * attn
+    window = torch.zeros(B, S - 1, dtype=torch.bool)
+    response = torch.zeros(B, S - 1, dtype=torch.bool)
+    for r, (resp, win, end) in enumerate(LAYOUT):
+        window[r, win:end] = True
+        response[r, resp:end] = True
+    return ids, attn, window, response
+
+
+def test_span_starts_by_hand():
+    _, _, window, response = batch()
+    # rows 1 and 3 are in their first window (no response token before it): the whole row
+    assert span_starts(response, window).tolist() == [20, 0, 10, 0, 8]
+    lm = torch.zeros_like(window)
+    lm[0, 10:29] = True  # row 0 finished correct: its LM loss covers the whole response
+    assert span_starts(response, window, lm).tolist() == [0, 0, 10, 0, 8]
+    none = torch.zeros_like(window)
+    assert span_starts(response, none).tolist() == [S - 2] * B  # no loss token: the last column
+
+
+@pytest.mark.parametrize("entropy", ["metric", "grad"])
+def test_span_logprobs_equal_the_full_forward(entropy):
+    model, _ = build_tiny(seed=0)
+    ids, attn, window, response = batch()
+    full_lp, full_ent = token_logprobs(model, ids, attn, 0.7, entropy)
+    for starts in (span_starts(response, window), torch.zeros(B, dtype=torch.long)):
+        lp, ent = span_logprobs(model, ids, attn, starts, 0.7, entropy)
+        torch.testing.assert_close(lp[window], full_lp[window], atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(ent[window], full_ent[window], atol=2e-6, rtol=1e-5)
+        assert (lp[:, :-1] == 0)[torch.arange(S - 2)[None] < starts[:, None]].all()  # nothing before the span
+
+
+def _grads(model, loss) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _reference_row_logprobs(model, ids_row, n: int, g: int) -> torch.Tensor:
+    """One row, no padding: tokens [0, g) under no_grad into a cache, [g, n) with grad;
+    the (n - 1 - g) log-probs of tokens g + 1 .. n - 1."""
+    name = cache_argument(model)
+    if g == 0:
+        logits = model(input_ids=ids_row[None, :n]).logits
+    else:
+        with torch.no_grad():
+            cache = getattr(model(input_ids=ids_row[None, :g], use_cache=True), name)
+        logits = model(input_ids=ids_row[None, g:n], use_cache=True, **{name: cache}).logits
+    return torch.log_softmax(logits[0, :-1].float(), -1).gather(1, ids_row[g + 1 : n, None]).squeeze(1)
+
+
+def test_span_gradient_is_the_row_by_row_reference_and_differs_from_the_exact_one():
+    model, _ = build_tiny(seed=0)
+    ids, attn, window, response = batch()
+    weights = torch.randn(B, S - 1, generator=torch.Generator().manual_seed(1))
+    starts = span_starts(response, window)
+    lp, _ = span_logprobs(model, ids, attn, starts, 1.0)
+    batched = _grads(model, (lp * weights * window).sum())
+    reference = 0.0
+    for r in range(B):
+        g, n = int(starts[r]), LENGTHS[r]
+        row_lp = _reference_row_logprobs(model, ids[r], n, g)
+        cols = torch.arange(g, n - 1)
+        reference = reference + (row_lp * weights[r, cols] * window[r, cols]).sum()
+    expected = _grads(model, reference)
+    assert batched.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(batched[k], expected[k], atol=1e-5, rtol=1e-4)
+    exact_lp, _ = token_logprobs(model, ids, attn, 1.0)
+    exact = _grads(model, (exact_lp * weights * window).sum())
+    assert any(not torch.allclose(exact[k], batched[k], atol=1e-5, rtol=1e-4) for k in exact), "the prefix's gradient was dropped"
+    whole, _ = span_logprobs(model, ids, attn, torch.zeros(B, dtype=torch.long), 1.0)
+    for k, v in _grads(model, (whole * weights * window).sum()).items():  # no prefix anywhere: the exact gradient
+        torch.testing.assert_close(v, exact[k], atol=1e-5, rtol=1e-4)

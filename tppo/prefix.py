@@ -1,0 +1,99 @@
+"""Truncated backpropagation through the context: ``algo.prefix_grad: false``.
+
+A T-PPO row carried over k windows holds the prompt, k - 1 earlier windows and this
+window. The exact policy update back-propagates through all of it, because this
+window's log-probs depend on the parameters through the prefix's keys and values. With
+``prefix_grad: false`` the prefix runs forward once without gradient (no activations
+kept: about a third of a forward-backward's cost and none of its memory), its KV cache
+is detached, and only the row's own span, from its first token that carries a loss
+term to its end, runs with gradient. The log-probs are the same as the exact forward's
+(same numerics up to float rounding); the gradient drops the terms that flow through
+the prefix's keys and values. That is an approximation, off by default: measured in
+benchmarks/RESULTS.md ("PPO vs T-PPO").
+
+Layout: every row's span starts at its own column ``g_r``, so the prefixes are
+left-padded to a common width P and the spans right-padded to a common width T, as
+``generate`` lays out a left-padded batch: positions stay the row's own (``g_r + t``)
+and the attention mask is the prefix's mask followed by the span's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tppo import algos
+from tppo.models import cache_argument
+
+
+def span_starts(response_mask: torch.Tensor, *loss_masks: torch.Tensor) -> torch.Tensor:
+    """(B,) where each row's differentiable span begins, in the shifted frame.
+
+    That is the row's first column set in any of the (B, S - 1) ``loss_masks``: the
+    position whose logits predict its first token with a loss term. When no response
+    token comes before it (a row in its first window, or a finished correct row whose
+    LM loss covers its whole response), the span is the whole row (0): only tokens of
+    earlier windows make a prefix, so such rows get the exact gradient, prompt included.
+    A row with no loss token starts at its last column.
+    """
+    used = torch.stack(loss_masks).any(0)
+    last = torch.full_like(used[:, 0], used.shape[1] - 1, dtype=torch.long)
+    first = torch.where(used.any(1), used.int().argmax(1), last)
+    earlier = (response_mask & (torch.arange(used.shape[1], device=used.device) < first.unsqueeze(1))).any(1)
+    return torch.where(earlier, first, torch.zeros_like(first))
+
+
+def _split(input_ids, attention_mask, starts):
+    """The left-padded prefixes (ids, mask, positions) of tokens [0, g_r) and the
+    right-padded spans (ids, mask, positions) of tokens [g_r, n_r), per row."""
+    B = input_ids.shape[0]
+    lengths = attention_mask.sum(1)
+    P, T = int(starts.max()), int((lengths - starts).max())
+    dev = input_ids.device
+    pre_ids = input_ids.new_zeros(B, P)
+    pre_mask = attention_mask.new_zeros(B, P)
+    span_ids = input_ids.new_zeros(B, T)
+    span_mask = attention_mask.new_zeros(B, T)
+    for r in range(B):
+        g, n = int(starts[r]), int(lengths[r])
+        pre_ids[r, P - g :] = input_ids[r, :g]
+        pre_mask[r, P - g :] = 1
+        span_ids[r, : n - g] = input_ids[r, g:n]
+        span_mask[r, : n - g] = 1
+    pre_pos = (torch.arange(P, device=dev) - (P - starts).unsqueeze(1)).clamp(min=0)
+    span_pos = starts.unsqueeze(1) + torch.arange(T, device=dev)
+    return (pre_ids, pre_mask, pre_pos), (span_ids, span_mask, span_pos)
+
+
+def span_logprobs(model, input_ids, attention_mask, starts: torch.Tensor, temperature: float, entropy: str = "none"):
+    """Like ``trainer.token_logprobs``: (B, S - 1) log-probs of tokens 1..S-1 and their
+    entropies, but differentiable only through each row's span (columns >= ``starts``);
+    the other columns are 0. The prefix [0, g_r) runs under ``no_grad`` into a KV cache.
+
+    ``starts``: (B,) first column of each row's span (:func:`span_starts`); 0 makes the
+    whole row differentiable (an empty prefix).
+    """
+    S = input_ids.shape[1]
+    (pre_ids, pre_mask, pre_pos), (span_ids, span_mask, span_pos) = _split(input_ids, attention_mask, starts)
+    if pre_ids.shape[1] == 0:  # no row has a prefix: the ordinary forward
+        logits = model(input_ids=span_ids, attention_mask=span_mask, position_ids=span_pos).logits
+    else:
+        name = cache_argument(model)
+        with torch.no_grad():
+            cache = getattr(model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True), name)
+        logits = model(input_ids=span_ids, attention_mask=torch.cat([pre_mask, span_mask], 1), position_ids=span_pos,
+                       use_cache=True, **{name: cache}).logits
+    logits = logits[:, :-1].float()
+    if temperature > 0:
+        logits = logits / temperature
+    lp = _to_frame(algos.logprobs_from_logits(logits, span_ids[:, 1:]), starts, S - 1)
+    if entropy == "none":
+        return lp, None
+    ent = algos.entropy_from_logits(logits if entropy == "grad" else logits.detach())
+    return lp, _to_frame(ent, starts, S - 1)
+
+
+def _to_frame(x: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, T - 1) values of span positions t as (B, width) at columns g_r + t (differentiable);
+    positions past a row's end land beyond ``width`` and are cut off."""
+    cols = starts.unsqueeze(1) + torch.arange(x.shape[1], device=x.device)
+    return x.new_zeros(x.shape[0], width + x.shape[1]).scatter(1, cols, x)[:, :width]
