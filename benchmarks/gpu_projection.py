@@ -421,17 +421,24 @@ def compare(lengths: np.ndarray, s: Setting, eng: Engine, variants: list[Variant
 
 def measured_cpu(data: dict) -> dict:
     """From results/ppo_vs_tppo.json's contents: training seconds per prompt (PPO / T-PPO,
-    median over seeds) and prompts to the target (PPO / T-PPO), per window; {} when empty."""
+    median over seeds) and prompts to the target (PPO / T-PPO, medians over the seeds that
+    reach it), per run label; {} when empty. Prompts to the target are interpolated between
+    evaluations from the initial accuracy (tppo.metrics.time_to_target), as the benchmark's
+    own summary times it."""
+    from tppo.metrics import time_to_target
+
     if not data:
         return {}
     target = data.get("target_accuracy")
+    init = data.get("summary", {}).get("longtail", {}).get("initial_accuracy")
     runs: dict[str, dict[str, list]] = {}
     for key, r in data["results"].items():
         task, name, _seed = key.split("/")
         if task != "longtail" or "curve" not in r:
             continue
         prompts = r["curve"][-1]["prompts"]
-        hit = next((p["prompts"] for p in r["curve"] if p["accuracy"] >= target), None) if target is not None else None
+        pts = ([(0, init)] if init is not None else []) + [(p["prompts"], p["accuracy"]) for p in r["curve"]]
+        hit = time_to_target([x for x, _ in pts], [a for _, a in pts], target) if target is not None else None
         runs.setdefault(name, {"s_per_prompt": [], "prompts_to_target": []})
         runs[name]["s_per_prompt"].append(r["train_s"] / prompts)
         if hit is not None:

@@ -218,3 +218,16 @@ def test_projection_reads_the_constants_gpu_check_fitted(tmp_path):
     (e,) = gp.fitted_engines(path)
     assert e.decode_step_s(rows=64, context=64 * 4096) == pytest.approx(0.01 + 2e-4 * 64 + 3e-8 * 64 * 4096)
     assert e.train_token_s == 1e-5 and gp.fitted_engines(tmp_path / "absent.json") == []
+
+
+def test_measured_cpu_interpolates_prompts_to_target_from_the_initial_accuracy():
+    curve = lambda *acc: {"curve": [{"prompts": 100 * (i + 1), "accuracy": a} for i, a in enumerate(acc)], "train_s": 60.0}  # noqa: E731
+    data = {"target_accuracy": 0.40, "summary": {"longtail": {"initial_accuracy": 0.30}}, "commit": "abc",
+            "results": {"longtail/init/s0": {"accuracy": 0.30},
+                        "longtail/ppo/s0": curve(0.35, 0.45),   # crosses 0.40 at 150 prompts
+                        "longtail/ppo/s1": curve(0.50, 0.50),   # at 0.30 -> 0.50: 50 prompts
+                        "longtail/tppo-W64/s0": curve(0.40, 0.41) | {"train_s": 30.0},  # 100
+                        "longtail/tppo-W64/s1": curve(0.32, 0.36) | {"train_s": 30.0}}}  # never
+    m = gp.measured_cpu(data)
+    assert m["tppo-W64"]["prompts_to_target_ratio"] == pytest.approx(((150 + 50) / 2) / 100)
+    assert m["tppo-W64"]["throughput_ratio"] == pytest.approx(2.0) and m["tppo-W64"]["seeds"] == 2
