@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tppo.egae_bias import MODES, CutWindow, TruncationTracker, agreement, compare_row
+from tppo.egae_bias import MODES, CutWindow, TruncationTracker, agreement, agreement_from_sums, agreement_sums, compare_row
 from tppo.monitoring import carry_metrics, round_metrics
 from tppo.rollout import Row
 
@@ -80,6 +80,48 @@ def test_agreement_edge_cases():
     assert all(math.isnan(v) for v in agreement(torch.zeros(0), torch.zeros(0)).values())
     one = agreement(torch.tensor([1.0]), torch.tensor([-1.0]))
     assert one["advantage_bias"] == 2.0 and one["sign_agreement"] == 0.0 and math.isnan(one["advantage_corr"])
+
+
+def test_agreement_sums_add_over_any_split_of_the_tokens():
+    """What the ranks' all-reduce relies on: the statistics of the whole are those of the
+    summed sums of its parts, and the correlation is Pearson's (torch.corrcoef)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, generator=g, dtype=torch.float64), torch.randn(40, generator=g, dtype=torch.float64)
+    b = 0.6 * a + b
+    whole = agreement(a, b)
+    parts = agreement_from_sums(agreement_sums(a[:13], b[:13]) + agreement_sums(a[13:], b[13:]))
+    for k in whole:
+        assert parts[k] == pytest.approx(whole[k], rel=1e-12)
+    assert whole["advantage_corr"] == pytest.approx(float(torch.corrcoef(torch.stack([a, b]))[0, 1]), rel=1e-12)
+    assert whole["advantage_mae"] == pytest.approx(float((a - b).abs().mean()))
+    assert math.isnan(agreement(torch.full((5,), 0.3), b[:5])["advantage_corr"])  # a constant side
+
+
+def test_tracker_metrics_are_the_whole_batch_with_an_all_reduce():
+    """Two 'ranks' each cut and then finish one row; with an all-reduce that adds the other
+    rank's tensor, each reports what one tracker seeing both rows in one batch reports."""
+    rows_of = {0: (0.1, 1.0), 1: (0.5, 0.0)}  # uid: (first value, reward)
+
+    def steps(uids):
+        cut = ([row(u, 1, [5, 6], 1, False) for u in uids], [0] * len(uids),
+               torch.tensor([[rows_of[u][0], rows_of[u][0] + 0.1, rows_of[u][0] + 0.2] for u in uids]), [None] * len(uids))
+        done = ([row(u, 1, [5, 6, 7, 2], 2, True) for u in uids], [2] * len(uids),
+                torch.tensor([[0.0, 0.0, rows_of[u][0], 0.3, 0.0] for u in uids]), [rows_of[u][1] for u in uids])
+        return cut, done
+
+    def run(tracker, uids, all_reduce=None):
+        return [tracker.observe(*step, 1.0, all_reduce) for step in steps(uids)][-1]
+
+    together = run(TruncationTracker(1.0, "prev_value"), [0, 1])
+    sent = []
+    run(TruncationTracker(1.0, "prev_value"), [1], lambda x: sent.append(x) or x)  # rank 1's tensors, step by step
+    calls = iter(sent)
+    rank0 = run(TruncationTracker(1.0, "prev_value"), [0], lambda x: x + next(calls))
+    alone = run(TruncationTracker(1.0, "prev_value"), [0])
+    assert together["egae/rows_compared"] == rank0["egae/rows_compared"] == 2 and alone["egae/rows_compared"] == 1
+    for k, v in together.items():
+        assert rank0[k] == pytest.approx(v, rel=1e-12, nan_ok=True), k
+    assert alone["egae/advantage_mae"] != pytest.approx(together["egae/advantage_mae"])
 
 
 def test_tracker_state_round_trips():

@@ -20,7 +20,8 @@ length-L recursions when a cut row finishes.
 
 Metrics (docs/metrics.md): ``egae/rows_compared`` and, for the configured bootstrap and
 per mode under ``egae/<mode>/``: ``advantage_mae``, ``advantage_bias`` (mean of EGAE -
-GAE), ``sign_agreement``, ``advantage_corr``.
+GAE), ``sign_agreement``, ``advantage_corr``; with several ranks, of the whole batch
+(their sufficient statistics are summed over ranks).
 """
 
 from __future__ import annotations
@@ -74,18 +75,35 @@ def compare_row(windows: list[CutWindow], final_values: Sequence[float], reward:
     return received, reference
 
 
-def agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-    """How EGAE's advantages ``a`` match GAE's ``b`` (same tokens): mean |a - b|, mean
-    (a - b), share of tokens with the same sign (both 0 counts as the same), Pearson
-    correlation (NaN with fewer than 2 tokens or a constant side)."""
-    if a.numel() == 0:
-        return {k: math.nan for k in STATS}
+def agreement_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(9,) float64 sufficient statistics of how ``a`` matches ``b`` (same tokens): n,
+    sum |a - b|, sum (a - b), same-sign count, sum a, sum b, sum a^2, sum b^2, sum ab.
+    Sums add over ranks (and over any split of the tokens), so the statistics of a
+    data-parallel batch are :func:`agreement_from_sums` of the all-reduced sums."""
+    a, b = a.double(), b.double()
     diff = a - b
+    return torch.stack([torch.tensor(float(a.numel()), dtype=torch.float64), diff.abs().sum(), diff.sum(),
+                        (torch.sign(a) == torch.sign(b)).double().sum(), a.sum(), b.sum(), (a * a).sum(), (b * b).sum(), (a * b).sum()])
+
+
+def agreement_from_sums(sums: torch.Tensor) -> dict[str, float]:
+    """Mean |a - b|, mean (a - b), share of tokens with the same sign (both 0 counts as the
+    same), Pearson correlation (NaN with fewer than 2 tokens or a constant side; a side
+    whose variance is below 1e-12 of its mean square counts as constant)."""
+    n, abs_diff, diff, same, sa, sb, saa, sbb, sab = sums.tolist()
+    if n == 0:
+        return {k: math.nan for k in STATS}
+    va, vb = saa / n - (sa / n) ** 2, sbb / n - (sb / n) ** 2
     corr = math.nan
-    if a.numel() > 1 and float(a.std()) > 0 and float(b.std()) > 0:
-        corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
-    return {"advantage_mae": float(diff.abs().mean()), "advantage_bias": float(diff.mean()),
-            "sign_agreement": float((torch.sign(a) == torch.sign(b)).double().mean()), "advantage_corr": corr}
+    if n > 1 and va > 1e-12 * saa / n and vb > 1e-12 * sbb / n:
+        corr = (sab / n - sa * sb / n**2) / math.sqrt(va * vb)
+    return {"advantage_mae": abs_diff / n, "advantage_bias": diff / n, "sign_agreement": same / n, "advantage_corr": corr}
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """How EGAE's advantages ``a`` match GAE's ``b`` on one rank's tokens (see
+    :func:`agreement_from_sums`)."""
+    return agreement_from_sums(agreement_sums(a, b))
 
 
 class TruncationTracker:
@@ -101,10 +119,12 @@ class TruncationTracker:
         self.cut: dict[int, list[CutWindow]] = {}
 
     def observe(self, rows, window_start: list[int], values_full: torch.Tensor, rewards: list[float | None],
-                lam: float | torch.Tensor) -> dict[str, float]:
+                lam: float | torch.Tensor, all_reduce=None) -> dict[str, float]:
         """Record this step's cut windows; compare the cut rows that finished. ``rows`` and
         ``window_start`` are the WindowBatch's, ``values_full`` (B, S) the critic's outputs
-        over ``prompt + response`` (step 4), ``lam`` the policy's lambda per row (step 5)."""
+        over ``prompt + response`` (step 4), ``lam`` the policy's lambda per row (step 5),
+        ``all_reduce`` a sum over data-parallel ranks (the metrics are then the whole
+        batch's on every rank; every rank must call this each step)."""
         lams = torch.as_tensor(lam, dtype=torch.float64).expand(len(rows)).tolist()
         received: dict[str, list[torch.Tensor]] = {mode: [] for mode in MODES}
         reference: list[torch.Tensor] = []
@@ -118,13 +138,18 @@ class TruncationTracker:
                 for mode in MODES:
                     received[mode].append(got[mode])
                 reference.append(ref)
-        return self._metrics(received, reference)
+        return self._metrics(received, reference, all_reduce)
 
-    def _metrics(self, received: dict[str, list[torch.Tensor]], reference: list[torch.Tensor]) -> dict[str, float]:
+    def _metrics(self, received: dict[str, list[torch.Tensor]], reference: list[torch.Tensor], all_reduce=None) -> dict[str, float]:
         ref = torch.cat(reference) if reference else torch.zeros(0, dtype=torch.float64)
-        out: dict[str, float] = {"egae/rows_compared": len(reference)}
-        for mode in MODES:
-            stats = agreement(torch.cat(received[mode]) if reference else ref, ref)
+        sums = torch.stack([agreement_sums(torch.cat(received[mode]) if reference else ref, ref) for mode in MODES])
+        rows = torch.tensor([float(len(reference))], dtype=torch.float64)
+        if all_reduce is not None:  # one collective: the rows and every mode's sums
+            both = all_reduce(torch.cat([rows, sums.flatten()]))
+            rows, sums = both[:1], both[1:].view(len(MODES), -1)
+        out: dict[str, float] = {"egae/rows_compared": int(rows[0])}
+        for mode, mode_sums in zip(MODES, sums):
+            stats = agreement_from_sums(mode_sums)
             out.update({f"egae/{mode}/{k}": v for k, v in stats.items()})
             if mode == self.configured:
                 out.update({f"egae/{k}": v for k, v in stats.items()})

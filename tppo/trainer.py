@@ -567,7 +567,8 @@ class Trainer:
         batch = StepBatch(packed.input_ids, packed.attention_mask, policy_mask, critic_mask, lm_mask,
                           old_logprobs, values_full[:, :-1], adv, returns, packed.response_mask[:, 1:]).to(self.device)
         #    the truncation-bias diagnostic: cut rows that finished now, EGAE vs GAE (tppo/egae_bias.py)
-        m.update(self.egae_bias.observe(wb.rows, wb.window_start, values_full, rewards, policy_lambda(cfg, packed, W)))
+        m.update(self.egae_bias.observe(wb.rows, wb.window_start, values_full, rewards, policy_lambda(cfg, packed, W),
+                                        all_reduce=distributed.sum_ if self.world > 1 else None))
         # 6. update the policy (after the critic-only warm-up).
         t = time.perf_counter()
         with self._oom_hint("the policy update"):
