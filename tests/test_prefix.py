@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tppo.models import build_tiny, cache_argument
-from tppo.prefix import span_logprobs, span_starts
+from tppo.prefix import _span_positions, _split, span_logprobs, span_starts
 from tppo.trainer import token_logprobs
 
 B, S = 5, 30
@@ -46,11 +46,43 @@ def test_span_logprobs_equal_the_full_forward(entropy):
     model, _ = build_tiny(seed=0)
     ids, attn, window, response = batch()
     full_lp, full_ent = token_logprobs(model, ids, attn, 0.7, entropy)
-    for starts in (span_starts(response, window), torch.zeros(B, dtype=torch.long)):
-        lp, ent = span_logprobs(model, ids, attn, starts, 0.7, entropy)
-        torch.testing.assert_close(lp[window], full_lp[window], atol=2e-6, rtol=1e-5)
-        torch.testing.assert_close(ent[window], full_ent[window], atol=2e-6, rtol=1e-5)
-        assert (lp[:, :-1] == 0)[torch.arange(S - 2)[None] < starts[:, None]].all()  # nothing before the span
+    lm = torch.zeros_like(window)
+    lm[2, 4:16] = True  # row 2 finished correct: LM-loss columns before its window
+    used = window | lm
+    cases = [(span_starts(response, window), {}, window), (torch.zeros(B, dtype=torch.long), {}, used),
+             (span_starts(response, window, lm), {"columns": used}, used),  # the projection limited to the used columns
+             (torch.zeros(B, dtype=torch.long), {"always_split": True}, used)]  # a one-column all-padding prefix
+    for starts, kw, check in cases:
+        lp, ent = span_logprobs(model, ids, attn, starts, 0.7, entropy, **kw)
+        torch.testing.assert_close(lp[check], full_lp[check], atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(ent[check], full_ent[check], atol=2e-6, rtol=1e-5)
+        assert (lp == 0)[torch.arange(S - 1)[None] < starts[:, None]].all()  # nothing before the span
+
+
+def test_split_layout_by_hand():
+    """Row 0 (length 30) splits at 20, row 1 (length 22) at 0: the prefix is left-padded
+    to 20 columns, the span right-padded to 22; padding sits at position 0, so no position
+    exceeds a row's own last one."""
+    ids, attn, _, _ = batch()
+    (pre_ids, pre_mask, pre_pos), (span_ids, span_mask, span_pos) = _split(ids[:2], attn[:2], torch.tensor([20, 0]))
+    assert pre_ids.shape == (2, 20) and span_ids.shape == (2, 22)
+    assert torch.equal(pre_ids[0], ids[0, :20]) and pre_mask[1].sum() == 0 and (pre_pos[1] == 0).all()
+    assert pre_pos[0].tolist() == list(range(20))
+    assert torch.equal(span_ids[0, :10], ids[0, 20:30]) and span_mask[0].sum() == 10 and span_mask[1].sum() == 22
+    assert span_pos[0].tolist() == list(range(20, 30)) + [0] * 12 and span_pos[1].tolist() == list(range(22))
+    wide = _split(ids[1:2], attn[1:2], torch.tensor([0]), min_prefix=1)[0]
+    assert wide[0].shape == (1, 1) and wide[1].sum() == 0
+
+
+def test_projected_span_positions_by_hand():
+    """Row 0's span starts at column 3 and uses columns 4-5, row 1's at 0 and uses 1: span
+    positions 1 and 2 (of 0..4) are projected, nothing else."""
+    used = torch.zeros(2, 8, dtype=torch.bool)
+    used[0, 4:6] = True
+    used[1, 1] = True
+    assert _span_positions(used, torch.tensor([3, 0]), T=6).tolist() == [1, 2]
+    assert _span_positions(torch.zeros(2, 8, dtype=torch.bool), torch.tensor([3, 0]), T=6).tolist() == [0]  # none: one
+    assert _span_positions(None, torch.tensor([3, 0]), T=6) is None
 
 
 def _grads(model, loss) -> dict[str, torch.Tensor]:

@@ -365,19 +365,21 @@ def critic_loss_by_hand(trainer, wb) -> float:
     return 0.5 * sum(errs) / len(errs)
 
 
-@pytest.mark.parametrize("precision,source", [("fp32", "auto"), ("bf16", "auto"), ("bf16", "engine")])
-def test_frozen_models_give_ratio_one_and_the_hand_value_loss(model_dir, tmp_path, monkeypatch, precision, source):
+@pytest.mark.parametrize("precision,source,prefix_grad", [("fp32", "auto", True), ("bf16", "auto", True), ("bf16", "engine", True),
+                                                        ("fp32", "auto", False), ("bf16", "auto", False)])
+def test_frozen_models_give_ratio_one_and_the_hand_value_loss(model_dir, tmp_path, monkeypatch, precision, source, prefix_grad):
     """lr 0, T != 1, W < L with carried rows: the policy has not moved, so every PPO ratio
     is 1 and nothing is clipped; the value loss is the hand-computed one with the
     pre-update values as v_old. bf16 forces the GPU's autocast path on the CPU: the
-    engine's fp32 log-probs then differ from the update's, unless they are recomputed."""
+    engine's fp32 log-probs then differ from the update's, unless they are recomputed
+    (with ``prefix_grad: false``, with the update's own prefix / span split)."""
     import tppo.trainer as trainer_mod
 
     if precision == "bf16":
         monkeypatch.setattr(trainer_mod, "mixed_precision", lambda cfg, device: True)
     cfg = make_cfg(model_dir, tmp_path, "train.policy_lr=0", "train.critic_lr=0", "rollout.temperature=0.7",
                    "train.total_steps=4", "train.ppo_epochs=2", "algo.value_clip_low=0.001", "algo.value_clip_high=0.001",
-                   f"algo.old_logprobs={source}")
+                   f"algo.old_logprobs={source}", f"algo.prefix_grad={str(prefix_grad).lower()}")
     trainer = Trainer(cfg, tmp_path)
     windows = capture_windows(trainer)
     history = trainer.train()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from tppo import algos
-from tppo.models import cache_argument
+from tppo.models import accepts_logits_to_keep, cache_argument
 
 
 def span_starts(response_mask: torch.Tensor, *loss_masks: torch.Tensor) -> torch.Tensor:
@@ -42,12 +42,14 @@ def span_starts(response_mask: torch.Tensor, *loss_masks: torch.Tensor) -> torch
     return torch.where(earlier, first, torch.zeros_like(first))
 
 
-def _split(input_ids, attention_mask, starts):
+def _split(input_ids, attention_mask, starts, min_prefix: int = 0):
     """The left-padded prefixes (ids, mask, positions) of tokens [0, g_r) and the
-    right-padded spans (ids, mask, positions) of tokens [g_r, n_r), per row."""
+    right-padded spans (ids, mask, positions) of tokens [g_r, n_r), per row; the prefix
+    at least ``min_prefix`` columns wide (padding). Padding gets position 0, so no
+    position exceeds the row's own length (dynamic RoPE scaling reads the largest)."""
     B = input_ids.shape[0]
     lengths = attention_mask.sum(1)
-    P, T = int(starts.max()), int((lengths - starts).max())
+    P, T = max(int(starts.max()), min_prefix), int((lengths - starts).max())
     dev = input_ids.device
     pre_ids = input_ids.new_zeros(B, P)
     pre_mask = attention_mask.new_zeros(B, P)
@@ -60,40 +62,66 @@ def _split(input_ids, attention_mask, starts):
         span_ids[r, : n - g] = input_ids[r, g:n]
         span_mask[r, : n - g] = 1
     pre_pos = (torch.arange(P, device=dev) - (P - starts).unsqueeze(1)).clamp(min=0)
-    span_pos = starts.unsqueeze(1) + torch.arange(T, device=dev)
+    span_pos = torch.where(span_mask.bool(), starts.unsqueeze(1) + torch.arange(T, device=dev), 0)
     return (pre_ids, pre_mask, pre_pos), (span_ids, span_mask, span_pos)
 
 
-def span_logprobs(model, input_ids, attention_mask, starts: torch.Tensor, temperature: float, entropy: str = "none"):
+def span_logprobs(model, input_ids, attention_mask, starts: torch.Tensor, temperature: float, entropy: str = "none",
+                  columns: torch.Tensor | None = None, always_split: bool = False):
     """Like ``trainer.token_logprobs``: (B, S - 1) log-probs of tokens 1..S-1 and their
     entropies, but differentiable only through each row's span (columns >= ``starts``);
     the other columns are 0. The prefix [0, g_r) runs under ``no_grad`` into a KV cache.
 
     ``starts``: (B,) first column of each row's span (:func:`span_starts`); 0 makes the
     whole row differentiable (an empty prefix).
+    ``columns``: (B, S - 1) bool, the columns whose log-probs are used: the vocabulary
+    projection is limited to the span positions where some row has one (``logits_to_keep``,
+    as ``token_logprobs`` does); other columns hold log-probs of no use or 0.
+    ``always_split``: run the prefix pass even when no row has a prefix (a sharded model:
+    every rank must issue the same forwards, so the same collectives).
     """
     S = input_ids.shape[1]
-    (pre_ids, pre_mask, pre_pos), (span_ids, span_mask, span_pos) = _split(input_ids, attention_mask, starts)
+    (pre_ids, pre_mask, pre_pos), (span_ids, span_mask, span_pos) = _split(input_ids, attention_mask, starts, int(always_split))
+    trim = accepts_logits_to_keep(model)
+    keep = _span_positions(columns, starts, span_ids.shape[1]) if trim else None
+    extra = {} if keep is None else {"logits_to_keep": keep}
     if pre_ids.shape[1] == 0:  # no row has a prefix: the ordinary forward
-        logits = model(input_ids=span_ids, attention_mask=span_mask, position_ids=span_pos).logits
+        logits = model(input_ids=span_ids, attention_mask=span_mask, position_ids=span_pos, **extra).logits
     else:
         name = cache_argument(model)
-        with torch.no_grad():
-            cache = getattr(model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True), name)
+        with torch.no_grad():  # only the cache is wanted: one position's logits where the model allows
+            out = model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True,
+                        **({"logits_to_keep": 1} if trim else {}))
         logits = model(input_ids=span_ids, attention_mask=torch.cat([pre_mask, span_mask], 1), position_ids=span_pos,
-                       use_cache=True, **{name: cache}).logits
-    logits = logits[:, :-1].float()
+                       use_cache=True, **{name: getattr(out, name)}, **extra).logits
+    if keep is None:
+        keep = torch.arange(span_ids.shape[1] - 1, device=span_ids.device)
+        logits = logits[:, :-1]
+    logits = logits.float()
     if temperature > 0:
         logits = logits / temperature
-    lp = _to_frame(algos.logprobs_from_logits(logits, span_ids[:, 1:]), starts, S - 1)
+    lp = _to_frame(algos.logprobs_from_logits(logits, span_ids[:, keep + 1]), starts, keep, S - 1)
     if entropy == "none":
         return lp, None
     ent = algos.entropy_from_logits(logits if entropy == "grad" else logits.detach())
-    return lp, _to_frame(ent, starts, S - 1)
+    return lp, _to_frame(ent, starts, keep, S - 1)
 
 
-def _to_frame(x: torch.Tensor, starts: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, T - 1) values of span positions t as (B, width) at columns g_r + t (differentiable);
-    positions past a row's end land beyond ``width`` and are cut off."""
-    cols = starts.unsqueeze(1) + torch.arange(x.shape[1], device=x.device)
-    return x.new_zeros(x.shape[0], width + x.shape[1]).scatter(1, cols, x)[:, :width]
+def _span_positions(columns: torch.Tensor | None, starts: torch.Tensor, T: int) -> torch.Tensor | None:
+    """The span positions t (1-D, ascending, < T - 1) where some row r uses column g_r + t;
+    None without ``columns`` (every position)."""
+    if columns is None:
+        return None
+    t = torch.arange(T - 1, device=columns.device)
+    cols = (starts.unsqueeze(1) + t).clamp(max=columns.shape[1] - 1)
+    used = columns.gather(1, cols) & (starts.unsqueeze(1) + t < columns.shape[1])
+    keep = used.any(0).nonzero().squeeze(1)
+    return keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=columns.device)
+
+
+def _to_frame(x: torch.Tensor, starts: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, K) values of span positions ``positions`` (K,) as (B, width) at columns g_r + t
+    (differentiable); positions past the frame land beyond ``width`` and are cut off (a
+    shorter row's columns past its end hold values of padding: the loss masks drop them)."""
+    cols = starts.unsqueeze(1) + positions.unsqueeze(0)
+    return x.new_zeros(x.shape[0], width + int(positions.max()) + 1).scatter(1, cols, x)[:, :width]

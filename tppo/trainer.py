@@ -226,9 +226,14 @@ def compute_advantages(cfg: Config, packed, values_full: torch.Tensor, rewards: 
         _, boot_ret = algos.egae(reward_t, values, extra, finished, a.gamma, 1.0, bootstrap=a.bootstrap, next_values=next_values)
         returns = torch.where(extra, boot_ret, returns)
         critic_mask = critic_mask | extra
+    return adv, policy_mask, returns, critic_mask, positive_examples(packed, rewards)
+
+
+def positive_examples(packed, rewards: list[float | None]) -> torch.Tensor:
+    """(B, S - 1) bool: the response tokens of finished correct rows (reward >= 1), those of
+    VAPO's positive-example LM loss."""
     correct = torch.tensor([r is not None and r >= 1.0 for r in rewards])
-    lm_mask = response_mask & correct.unsqueeze(1)
-    return adv, policy_mask, returns, critic_mask, lm_mask
+    return packed.response_mask[:, 1:] & correct.unsqueeze(1)
 
 
 def policy_lambda(cfg: Config, packed, window_tokens: int | None = None) -> float | torch.Tensor:
@@ -267,7 +272,8 @@ def policy_logprobs(policy, ids, attn, pm, lmm, response_mask, cfg: Config):
     entropy = "grad" if cfg.algo.entropy_coef else "metric"
     if cfg.algo.prefix_grad:
         return token_logprobs(policy, ids, attn, cfg.rollout.temperature, entropy, used_columns(pm, lmm))
-    return span_logprobs(policy, ids, attn, span_starts(response_mask, pm, lmm), cfg.rollout.temperature, entropy)
+    return span_logprobs(policy, ids, attn, span_starts(response_mask, pm, lmm), cfg.rollout.temperature, entropy,
+                         columns=pm | lmm, always_split=sharding.is_sharded(policy))
 
 
 def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.Generator, device, ref=None) -> dict[str, float]:
@@ -559,7 +565,7 @@ class Trainer:
         t = time.perf_counter()
         updated = self.step_idx >= cfg.train.critic_warmup_steps  # the critic-only warm-up needs no old log-probs
         recompute = updated and recompute_old_logprobs(cfg, self.device)
-        old_logprobs = self._old_logprobs(packed) if recompute else packed.old_logprobs[:, 1:]
+        old_logprobs = self._old_logprobs(packed, rewards) if recompute else packed.old_logprobs[:, 1:]
         m["time/old_logprobs_s"] = time.perf_counter() - t
         # 5. advantages (EGAE on this window; GAE for PPO) and critic targets.
         adv, policy_mask, returns, critic_mask, lm_mask = compute_advantages(
@@ -660,13 +666,19 @@ class Trainer:
         """(B, S) critic values of every row's states (step 4)."""
         return self._forward_rows(self.critic, packed, lambda m, ids, attn, micro: critic_values(m, ids, attn))
 
-    def _old_logprobs(self, packed) -> torch.Tensor:
-        """(B, S - 1) log-probs of every token under the current policy, computed with the
-        update's own forward and numerics (shifted frame; see recompute_old_logprobs)."""
+    def _old_logprobs(self, packed, rewards: list[float | None]) -> torch.Tensor:
+        """(B, S - 1) log-probs of this window's tokens under the current policy, computed with
+        the update's own forward and numerics (shifted frame; see recompute_old_logprobs):
+        with ``algo.prefix_grad: false`` the same prefix / span split as the update's."""
         T, window = self.cfg.rollout.temperature, packed.window_mask[:, 1:].to(self.device)
+        response, lm = packed.response_mask[:, 1:].to(self.device), positive_examples(packed, rewards).to(self.device)
 
         def logprobs(model, ids, attn, micro):
-            return token_logprobs(model, ids, attn, T, columns=used_columns(window[micro, : ids.shape[1] - 1]))[0]
+            w = window[micro, : ids.shape[1] - 1]
+            if self.cfg.algo.prefix_grad:
+                return token_logprobs(model, ids, attn, T, columns=used_columns(w))[0]
+            starts = span_starts(response[micro, : ids.shape[1] - 1], w, lm[micro, : ids.shape[1] - 1])
+            return span_logprobs(model, ids, attn, starts, T, columns=w)[0]
 
         return self._forward_rows(self.policy, packed, logprobs)[:, :-1]
 
