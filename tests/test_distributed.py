@@ -27,13 +27,16 @@ B, S = 8, 12
 
 
 def fixed_batch(vocab: int) -> StepBatch:
-    """8 rows; rows 4-7 (rank 1's half) have no finished rows: no critic tokens there."""
+    """8 rows; rows 4-7 (rank 1's half) have no finished rows: no critic tokens there.
+    Rows 2 and 4 are carried, so with micro-batches of 2 rows rank 0's first micro-batch
+    has no prefix while rank 1's has one."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (B, S), generator=g)
     lengths = torch.tensor([12, 9, 7, 12, 10, 6, 12, 8])
     attn = torch.arange(S)[None] < lengths[:, None]
     resp = attn[:, 1:] & (torch.arange(1, S)[None] >= 4)  # tokens 4.. are the response
     policy = resp & (torch.rand(B, S - 1, generator=g) < 0.8)
+    policy[[2, 4], :6] = False  # rows 2 and 4 carried: response tokens of an earlier window before this one's
     critic = resp & (torch.arange(B)[:, None] < 3)
     return StepBatch(ids, attn, policy, critic, resp & (torch.arange(B)[:, None] == 0),
                      old_logprobs=-torch.rand(B, S - 1, generator=g) * 3, old_values=torch.randn(B, S - 1, generator=g) * 0.1,
@@ -44,9 +47,10 @@ def rows(batch: StepBatch, sl: slice) -> StepBatch:
     return StepBatch(**{k: v[sl] for k, v in vars(batch).items()})
 
 
-def one_update(model_dir: str, batch: StepBatch, cfg_dir: Path, fsdp: bool = False):
+def one_update(model_dir: str, batch: StepBatch, cfg_dir: Path, fsdp: bool = False, prefix_grad: bool = True):
     """The updated weights (gathered to rank 0 when sharded; None on rank 1 then)."""
-    cfg = make_cfg(model_dir, cfg_dir, "train.micro_batch_rows=2", "algo.lm_loss_coef=0.1", "train.grad_clip=0.5")
+    cfg = make_cfg(model_dir, cfg_dir, "train.micro_batch_rows=2", "algo.lm_loss_coef=0.1", "train.grad_clip=0.5",
+                   f"algo.prefix_grad={str(prefix_grad).lower()}")
     policy, _ = load_pretrained(model_dir)
     critic = critic_from_policy(policy)
     out = {}
@@ -61,24 +65,27 @@ def one_update(model_dir: str, batch: StepBatch, cfg_dir: Path, fsdp: bool = Fal
     return out
 
 
-def _rank_worker(rank: int, model_dir: str, tmp: str, fsdp: bool) -> None:
+def _rank_worker(rank: int, model_dir: str, tmp: str, fsdp: bool, prefix_grad: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     batch = fixed_batch(load_pretrained(model_dir)[0].config.vocab_size)
     half = rows(batch, slice(4 * rank, 4 * rank + 4))
     whitened = algos.masked_whiten(half.advantages, half.policy_mask, all_reduce=distributed.sum_)
-    torch.save({"whitened": whitened, **one_update(model_dir, half, Path(tmp), fsdp)}, f"{tmp}/rank{rank}.pt")
+    torch.save({"whitened": whitened, **one_update(model_dir, half, Path(tmp), fsdp, prefix_grad)}, f"{tmp}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["replicas", "fsdp2"])
-def test_two_ranks_update_equals_one_process_on_the_whole_batch(model_dir, tmp_path, fsdp):
+@pytest.mark.parametrize("fsdp,prefix_grad", [(False, True), (True, True), (True, False)],
+                         ids=["replicas", "fsdp2", "fsdp2-noprefixgrad"])
+def test_two_ranks_update_equals_one_process_on_the_whole_batch(model_dir, tmp_path, fsdp, prefix_grad):
     """Rank 1's half has no critic rows: the critic update pads its micro-batches
-    (FSDP) or contributes a zero gradient (replicas)."""
-    mp.spawn(_rank_worker, args=(model_dir, str(tmp_path), fsdp), nprocs=2, join=True)
+    (FSDP) or contributes a zero gradient (replicas). With ``prefix_grad: false`` some
+    micro-batches have no prefix on one rank and one on the other: the same forwards
+    must run on both (tppo/prefix.py, always_split)."""
+    mp.spawn(_rank_worker, args=(model_dir, str(tmp_path), fsdp, prefix_grad), nprocs=2, join=True)
     batch = fixed_batch(load_pretrained(model_dir)[0].config.vocab_size)
-    single = one_update(model_dir, batch, tmp_path)
+    single = one_update(model_dir, batch, tmp_path, prefix_grad=prefix_grad)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     whole = algos.masked_whiten(batch.advantages, batch.policy_mask)
     torch.testing.assert_close(torch.cat([ranks[0]["whitened"], ranks[1]["whitened"]]), whole, atol=1e-6, rtol=1e-5)
