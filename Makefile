@@ -44,8 +44,10 @@ mutants: setup
 bench-rollout: setup
 	$(PY) benchmarks/bench_rollout.py
 
+# The runs of record in benchmarks/RESULTS.md: PPO, T-PPO W = 64 and auto, W = 64 with
+# in-window refill and with the cheaper updates, 3 seeds each, 768 prompts per run.
 bench-ppo-vs-tppo: setup
-	$(PY) benchmarks/ppo_vs_tppo.py
+	$(PY) benchmarks/ppo_vs_tppo.py --seeds 3 --windows 64 auto --variants refill cheap --no-ablations --no-short --prompts 768
 	$(PY) benchmarks/gpu_projection.py
 
 bench: bench-rollout bench-ppo-vs-tppo
