@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_trainer.py", "tests/test_algos.py", "tests/test_rollout.py"]
+TESTS = ["tests/test_trainer.py", "tests/test_algos.py", "tests/test_rollout.py", "tests/test_prefix.py"]
 
 
 @dataclasses.dataclass
@@ -43,14 +43,18 @@ MUTATIONS = [
              "lengths = torch.where(packed.finished, lengths, lengths + W / 2)",
              "lengths = lengths + W / 2",
              "the adaptive lambda's W/2 length estimate applied to finished rows too"),
-    Mutation("old-values-shift", "tppo/trainer.py", "old_logprobs, values_full[:, :-1], adv, returns)",
-             "old_logprobs, values_full[:, 1:], adv, returns)", "v_old of the value clip shifted by one token"),
+    Mutation("old-values-shift", "tppo/trainer.py", "old_logprobs, values_full[:, :-1], adv, returns,",
+             "old_logprobs, values_full[:, 1:], adv, returns,", "v_old of the value clip shifted by one token"),
     Mutation("no-window-ignore", "tppo/trainer.py", "return torch.where(tail, torch.zeros_like(adv), adv)", "return adv",
              "window_ignore_tokens has no effect"),
     Mutation("no-kl-term", "tppo/trainer.py", "loss = loss + a.kl_coef * kl_term", "loss = loss",
              "kl_coef logs the KL but does not change the gradient"),
     Mutation("seq-mean-local-rows", "tppo/trainer.py", 'return {"num_seqs": distributed.sum_int(int(mask.any(1).sum()))}',
              'return {"num_seqs": None}', "seq-mean losses divide by each micro-batch's rows"),
+    Mutation("prefix-with-grad", "tppo/prefix.py", "with torch.no_grad():  # only the cache", "if True:  # only the cache",
+             "prefix_grad=false still back-propagates through the earlier windows"),
+    Mutation("span-positions-from-0", "tppo/prefix.py", "starts.unsqueeze(1) + torch.arange(T, device=dev), 0)",
+             "torch.arange(T, device=dev).expand(len(starts), T), 0)", "the span's tokens get positions from 0, not their own"),
 ]
 
 
