@@ -8,7 +8,9 @@ on the held-out split each time it has consumed another ``--eval-every`` prompts
                baseline: the engine's compaction, not padded ``generate``);
   * tppo-W{w}  T-PPO with window w = L/2, L/4, L/8 (the demo's other settings);
   * ablations  (seed 0, W = L/4): bootstrap next_value / zero, critic on all rows,
-               fixed lambda 0.95 instead of the length-adaptive one;
+               fixed lambda 0.95 instead of the length-adaptive one, in-window refill,
+               token-budget micro-batches, the prefix without gradient, both cheaper
+               updates (``cheap``); ``--variants`` runs any of them with every seed;
   * short      PPO vs T-PPO W = L/4 on short, nearly uniform chains (where the gain
                should vanish).
 
@@ -17,9 +19,12 @@ subprocesses, ``--workers`` at a time with one torch thread each, in an order th
 rotates algorithms across seeds so machine drift and the neighbour's load hit all of
 them. The summary: target = median over seeds of PPO's best accuracy minus ``--margin``;
 per seed, time to target (interpolated between evaluations, :func:`tppo.metrics.time_to_target`),
-PPO / T-PPO ratio; median, min and max over seeds for the best window.
+PPO / T-PPO ratio; median, min and max over seeds for the best window; and per run the
+sequential decode steps per 1,000 prompts (``rollout/decode_steps``: the hardware-neutral cost).
 
-    python benchmarks/ppo_vs_tppo.py            # full: about an hour on 2 cores
+    python benchmarks/ppo_vs_tppo.py            # the defaults: 1280 prompts, several hours on 2 cores
+    python benchmarks/ppo_vs_tppo.py --seeds 3 --windows 64 auto --variants refill cheap \
+        --no-ablations --no-short --prompts 768  # the runs of record (RESULTS.md): ~1 h 40 min
     python benchmarks/ppo_vs_tppo.py --quick    # smoke test of the whole pipeline: ~2 min
     python benchmarks/ppo_vs_tppo.py --summarize-only   # redo the report from the JSON
 """
