@@ -246,6 +246,11 @@ def summarize(results: dict[str, dict], margin: float) -> dict:
             pts += r["curve"]
             return time_to_target([p[axis] for p in pts], [p["accuracy"] for p in pts], target)
 
+        def ratio_to_ppo(label: str, ran: list[int], key: str) -> dict | None:
+            """PPO's ``key`` / this run's, per seed that both ran (and recorded it): their spread."""
+            pairs = [(runs.get(f"{setting}/ppo/s{s}"), runs[f"{setting}/{label}/s{s}"]) for s in ran]
+            return _spread([p[key] / r[key] for p, r in pairs if p is not None and key in p and key in r])
+
         ppo_times = {s: ttt("ppo", s, "elapsed_s") for s in seeds}
         per_label = {}
         for lab in labels:
@@ -267,13 +272,9 @@ def summarize(results: dict[str, dict], margin: float) -> dict:
                 "generated_tokens": statistics.median(r["generated_tokens"] for r in these),
                 "slot_utilization": statistics.median(r["slot_utilization"] for r in these),
                 "decode_steps_per_1k_prompts": _median_of(these, "decode_steps_per_1k_prompts"),
-                "decode_steps_ratio": _spread([runs[f"{setting}/ppo/s{s}"]["decode_steps_per_1k_prompts"]
-                                               / runs[f"{setting}/{lab}/s{s}"]["decode_steps_per_1k_prompts"]
-                                               for s in ran if "decode_steps_per_1k_prompts" in runs[f"{setting}/{lab}/s{s}"]
-                                               and f"{setting}/ppo/s{s}" in runs]),
+                "decode_steps_ratio": ratio_to_ppo(lab, ran, "decode_steps_per_1k_prompts"),
                 "phase_s": {p: statistics.median(r["phase_s"][p] for r in these) for p in PHASES},
-                "train_time_ratio": _spread([runs[f"{setting}/ppo/s{s}"]["train_s"] / runs[f"{setting}/{lab}/s{s}"]["train_s"]
-                                             for s in ran if f"{setting}/ppo/s{s}" in runs]),
+                "train_time_ratio": ratio_to_ppo(lab, ran, "train_s"),
                 "egae": these[0].get("egae") if len(these) == 1 else {s: runs[f"{setting}/{lab}/s{s}"].get("egae") for s in ran},
                 "window_tokens_mean": statistics.mean(w for r in these for w in r.get("window_tokens") or [float("nan")]),
             }

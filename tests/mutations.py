@@ -35,7 +35,7 @@ class Mutation:
 
 
 MUTATIONS = [
-    Mutation("no-temperature", "tppo/trainer.py", "logits = logits / temperature", "logits = logits",
+    Mutation("no-temperature", "tppo/algos.py", "logits = logits / temperature", "logits = logits",
              "the update's log-probs ignore the sampling temperature"),
     Mutation("whiten-set", "tppo/trainer.py", "adv = algos.masked_whiten(adv, policy_mask,", "adv = algos.masked_whiten(adv, response_mask,",
              "advantages whitened over every response token instead of this window's"),

@@ -36,6 +36,7 @@ __all__ = [
     "kl",
     "lm_loss",
     "logprobs_from_logits",
+    "tempered_logprobs",
     "masked_mean",
     "masked_sum",
     "masked_var",
@@ -503,3 +504,16 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     logits = logits.float()
     probs = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def tempered_logprobs(logits: Tensor, labels: Tensor, temperature: float, entropy: str = "none") -> tuple[Tensor, Tensor | None]:
+    """Log-probs of ``labels`` under the sampling policy softmax(logits / T) (T = 0, greedy:
+    the unscaled logits), and its entropies: ``entropy`` is "none" (None), "metric" (no
+    grad: cheap on large vocabularies) or "grad". logits (..., V), labels (...)."""
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    lp = logprobs_from_logits(logits, labels)
+    if entropy == "none":
+        return lp, None
+    return lp, entropy_from_logits(logits if entropy == "grad" else logits.detach())

@@ -97,14 +97,8 @@ def span_logprobs(model, input_ids, attention_mask, starts: torch.Tensor, temper
     if keep is None:
         keep = torch.arange(span_ids.shape[1] - 1, device=span_ids.device)
         logits = logits[:, :-1]
-    logits = logits.float()
-    if temperature > 0:
-        logits = logits / temperature
-    lp = _to_frame(algos.logprobs_from_logits(logits, span_ids[:, keep + 1]), starts, keep, S - 1)
-    if entropy == "none":
-        return lp, None
-    ent = algos.entropy_from_logits(logits if entropy == "grad" else logits.detach())
-    return lp, _to_frame(ent, starts, keep, S - 1)
+    lp, ent = algos.tempered_logprobs(logits, span_ids[:, keep + 1], temperature, entropy)
+    return _to_frame(lp, starts, keep, S - 1), (None if ent is None else _to_frame(ent, starts, keep, S - 1))
 
 
 def _span_positions(columns: torch.Tensor | None, starts: torch.Tensor, T: int) -> torch.Tensor | None:

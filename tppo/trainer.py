@@ -158,15 +158,10 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float, entropy
         columns = None  # a model without logits_to_keep: project every position
     keep = {} if columns is None else {"logits_to_keep": columns}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **keep).logits
-    logits = (logits[:, :-1] if columns is None else logits).float()
-    if temperature > 0:
-        logits = logits / temperature
     labels = input_ids[:, 1:] if columns is None else input_ids[:, columns + 1]
-    lp = _full_frame(algos.logprobs_from_logits(logits, labels), columns, input_ids.shape[1] - 1)
-    if entropy == "none":
-        return lp, None
-    ent = algos.entropy_from_logits(logits if entropy == "grad" else logits.detach())
-    return lp, _full_frame(ent, columns, input_ids.shape[1] - 1)
+    lp, ent = algos.tempered_logprobs(logits[:, :-1] if columns is None else logits, labels, temperature, entropy)
+    width = input_ids.shape[1] - 1
+    return _full_frame(lp, columns, width), (None if ent is None else _full_frame(ent, columns, width))
 
 
 def _full_frame(x: torch.Tensor, columns: torch.Tensor | None, width: int) -> torch.Tensor:
