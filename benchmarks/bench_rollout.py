@@ -14,7 +14,7 @@ medians are reported. Also measured: the engine's decode tokens/s at full batch 
 a plain batched forward loop of the same model (the engine's overhead).
 
     python benchmarks/bench_rollout.py            # full run, a few minutes on 2 cores
-    python benchmarks/bench_rollout.py --quick    # reduced, under a minute
+    python benchmarks/bench_rollout.py --quick    # reduced (the test's run), ~20 s
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from common import commit, machine, write_json  # noqa: E402
 from tppo.config import RolloutConfig  # noqa: E402
 from tppo.models import build_tiny  # noqa: E402
 from tppo.rollout import EmbeddedEngine, PromptItem  # noqa: E402
-from tppo.rollout.embedded import _cache_kwarg  # noqa: E402
+from tppo.rollout.embedded import cache_kwarg  # noqa: E402
 
 
 def lognormal_lengths(n: int, median: float, sigma: float, cap: int, seed: int) -> list[int]:
@@ -74,7 +74,7 @@ def plain_decode_tokens_per_s(model, batch: int, steps: int, prompt_len: int) ->
     """A bare batched decode loop (static cache, argmax): the floor the engine is held to."""
     ids = torch.full((batch, prompt_len), 5, dtype=torch.long)
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + steps)
-    kw = _cache_kwarg(model)
+    kw = cache_kwarg(model)
     logits = model(input_ids=ids, use_cache=True, **{kw: cache}).logits[:, -1]
     t0 = time.perf_counter()
     for s in range(steps - 1):
@@ -93,7 +93,7 @@ def engine_decode_tokens_per_s(model, tok, batch: int, steps: int, prompt_ids: l
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="reduced run (under a minute)")
+    ap.add_argument("--quick", action="store_true", help="reduced run (a test runs it: ~20 s)")
     ap.add_argument("--prompts", type=int, default=768)
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--max-response", type=int, default=512, help="L")
@@ -101,10 +101,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of response lengths")
     ap.add_argument("--windows", type=int, nargs="+", default=[4, 8], help="L / W values for the windowed engine")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default="rollout.json")
+    ap.add_argument("--out", help="output JSON: a name in benchmarks/results/ or a path (default: rollout.json, --quick: rollout_quick.json)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.prompts, args.repeats, args.max_response, args.windows = 192, 1, 256, [4]
+        args.prompts, args.slots, args.repeats, args.max_response, args.windows = 96, 32, 1, 128, [4]
     torch.manual_seed(0)
     model, tok = build_tiny()
     model.eval()
@@ -132,7 +132,7 @@ def main(argv=None) -> dict:
     med = {name: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "slot_utilization", "steady_slot_utilization", "seconds")} for name, rs in runs.items()}
     windowed = [n for n in med if n.startswith("windowed")]
     best = max(windowed, key=lambda n: med[n]["tokens_per_s"])
-    steps = 64 if args.quick else 128
+    steps = 32 if args.quick else 128
     plain = plain_decode_tokens_per_s(model, args.slots, steps, len(prompt_ids))
     eng = engine_decode_tokens_per_s(model, tok, args.slots, steps, prompt_ids)
     sorted_len = sorted(lengths)
@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
         "projected_gpu_ratio_windowed_over_sync": med[best]["slot_utilization"] / med["naive"]["slot_utilization"],
         "engine_overhead": {"engine_decode_tokens_per_s": eng, "plain_forward_tokens_per_s": plain, "engine_over_plain": eng / plain},
     }
-    path = write_json(args.out if not args.quick else "rollout_quick.json", result)
+    path = write_json(args.out or ("rollout_quick.json" if args.quick else "rollout.json"), result)
     print(f"\nbest windowed config: {best}")
     for k in ("slot_utilization", "tokens_per_s"):
         print(f"{k}: " + ", ".join(f"{n} {v:.3f}" if k == "slot_utilization" else f"{n} {v:.0f}" for n, v in result[k].items()))

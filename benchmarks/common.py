@@ -38,8 +38,10 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / name
+def write_json(name: str | Path, payload: dict) -> Path:
+    """Write ``payload`` to benchmarks/results/NAME, or to NAME itself when it is a path
+    with a directory (a test's temporary file)."""
+    path = Path(name) if Path(name).parent != Path(".") else RESULTS_DIR / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path

@@ -44,8 +44,10 @@ from trainer_helpers import deterministic_metrics, make_cfg, save_tiny  # noqa: 
 
 
 def train_cmd(cfg_path: Path, run_dir: Path, resume: bool) -> list[str]:
+    """Resume the run in ``run_dir``, or start it (again, over a run killed before its first
+    checkpoint: --overwrite)."""
     return [sys.executable, "-m", "tppo.cli", "train", *(["--resume", str(run_dir)] if resume else
-                                                         ["--config", str(cfg_path), "--run-dir", str(run_dir)])]
+                                                         ["--config", str(cfg_path), "--run-dir", str(run_dir), "--overwrite"])]
 
 
 def logged_steps(run_dir: Path) -> int:

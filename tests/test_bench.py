@@ -231,3 +231,17 @@ def test_measured_cpu_interpolates_prompts_to_target_from_the_initial_accuracy()
     m = gp.measured_cpu(data)
     assert m["tppo-W64"]["prompts_to_target_ratio"] == pytest.approx(((150 + 50) / 2) / 100)
     assert m["tppo-W64"]["throughput_ratio"] == pytest.approx(2.0) and m["tppo-W64"]["seeds"] == 2
+
+
+def test_rollout_benchmark_quick_runs_at_head(tmp_path):
+    """`make bench-rollout`'s script, reduced: it imports what the engine exports now."""
+    import json
+
+    import bench_rollout
+
+    out = tmp_path / "rollout.json"
+    res = bench_rollout.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["per_config"].keys() == res["per_config"].keys()
+    assert {"naive", "compact", "windowed_W=L/4", "windowed+refill_W=L/4"} <= set(res["per_config"])
+    # every configuration generated the same forced lengths; windows fill more slots than naive padding
+    assert res["slot_utilization"]["windowed"] > res["slot_utilization"]["naive"]

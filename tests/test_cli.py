@@ -56,3 +56,58 @@ def test_shipped_configs_load_and_pair_up(path):
         differing = diff_configs(demo, cfg, ignore=("log.",))
         assert sorted(differing) == ["algo.algorithm", "rollout.window_tokens"]
         assert cfg.algo.algorithm == "ppo" and cfg.rollout.window_tokens == cfg.rollout.max_response_tokens
+
+
+# ---------------------------------------------------------------------- run directories, arguments (#22)
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by relative path, with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _tiny_train(model_dir: str, run: Path, *extra: str) -> list[str]:
+    return ["train", "--run-dir", str(run), f"model.path={model_dir}", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+            "rollout.window_tokens=8", "rollout.max_response_tokens=16", "task.eval_problems=2", "log.eval_samples=1",
+            "log.tensorboard=false", "log.progress=false", *extra]
+
+
+def test_training_into_a_run_directory_is_refused_and_leaves_it_byte_identical(model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_tiny_train(model_dir, run, "train.total_steps=3", "log.checkpoint_every=1")) == 0
+    (run / "notes.txt").write_text("the user's own file")
+    before = _tree(run)
+    capsys.readouterr()
+    assert main(_tiny_train(model_dir, run, "train.total_steps=2", "rollout.window_tokens=16")) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and f"--resume {run}" in err and "--overwrite" in err and "Traceback" not in err
+    assert _tree(run) == before
+    # --overwrite starts again: the old run's checkpoints and metrics are gone, the user's file stays
+    assert main(_tiny_train(model_dir, run, "train.total_steps=1", "--overwrite")) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert load_config(run / "config.yaml").rollout.window_tokens == 8 and (run / "notes.txt").exists()
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--overwrite"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+
+def test_options_and_overrides_in_any_order():
+    from tppo.cli import parse_args
+
+    args = parse_args(["train", "--config", "c.yaml", "a.b=1", "--run-dir", "d", "c.d=2", "--overwrite"])
+    assert (args.cmd, args.config, args.run_dir, args.overwrite, args.overrides) == ("train", "c.yaml", "d", True, ["a.b=1", "c.d=2"])
+    args = parse_args(["eval", "x.y=1", "--model", "m", "z.w=2"])
+    assert (args.cmd, args.model, args.overrides) == ("eval", "m", ["x.y=1", "z.w=2"])
+    args = parse_args(["plot", "r1", "--out", "o.png", "r2"])
+    assert (args.runs, args.out) == (["r1", "r2"], "o.png")
+    with pytest.raises(SystemExit):
+        parse_args(["trian"])
+
+
+def test_an_option_between_overrides_trains(model_dir, tmp_path):
+    run = tmp_path / "run"
+    argv = _tiny_train(model_dir, run, "train.total_steps=1")
+    argv = [argv[0], *argv[3:6], "--run-dir", str(run), *argv[6:]]  # the option in the middle
+    assert main(argv) == 0 and (run / "checkpoints" / "step-000001").is_dir()

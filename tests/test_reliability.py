@@ -239,3 +239,76 @@ def test_loaded_weights_are_moved_to_aligned_memory_unchanged(model_dir):
     assert all(t.data_ptr() % 64 == 0 for t in [*model.parameters(), *model.buffers()])
     assert all(torch.equal(v, params(model)[k]) for k, v in before.items())
     assert (model.get_input_embeddings().weight is model.get_output_embeddings().weight) == tied
+
+
+# ---------------------------------------------------------------------- SIGINT / SIGTERM: stop, save, resume (#22)
+
+
+def _sigint_as_in_a_terminal():
+    """Children get SIGINT as a terminal's foreground process has it, even when the tests
+    run as a background job (which ignores SIGINT, and tppo leaves an ignored signal alone)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_a_stop_signal_ends_the_step_saves_and_resume_equals_an_uninterrupted_run(model_dir, tmp_path):
+    """In-process: SIGINT during step 2 of 4 (no checkpoint due before the end) stops after
+    step 2 with a checkpoint; resuming it reproduces the uninterrupted run exactly."""
+    import signal
+
+    from tppo.stopping import Interrupted
+    from tppo.trainer import resume_config
+    from trainer_helpers import deterministic_metrics
+
+    common = ("train.total_steps=4", "log.checkpoint_every=0", "log.eval_every=2")
+    Trainer(make_cfg(model_dir, tmp_path / "full", *common), tmp_path / "full").train()
+    cut = Trainer(make_cfg(model_dir, tmp_path / "cut", *common), tmp_path / "cut")
+    real_step = cut.step
+
+    def step_then_signal():
+        m = real_step()
+        if m["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered to the handler before the next bytecode
+        return m
+
+    cut.step = step_then_signal
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores SIGINT)
+    try:
+        with pytest.raises(Interrupted) as stop:
+            cut.train()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler is restored"
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert (stop.value.step, stop.value.exit_code) == (2, 130)
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step-000002"]
+    resumed = Trainer(resume_config(tmp_path / "cut", make_cfg(model_dir, tmp_path / "cut", *common)), tmp_path / "cut", resume=True)
+    assert resumed.engine.carried, "rows in flight are in the stop's checkpoint"
+    resumed.train()
+    assert deterministic_metrics(tmp_path / "cut") == deterministic_metrics(tmp_path / "full")
+
+
+def test_ctrl_c_on_the_command_line_exits_130_without_a_traceback_and_resumes_exactly(tmp_path):
+    import signal
+    import time
+
+    total = 6
+    cfg_path = soak.small_config(tmp_path, total)  # checkpoints every step
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    clean = subprocess.run(soak.train_cmd(cfg_path, tmp_path / "clean", False), capture_output=True, text=True, env=env)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    run = tmp_path / "cut"
+    proc = subprocess.Popen(soak.train_cmd(cfg_path, run, False), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
+    deadline = time.monotonic() + 120
+    while soak.logged_steps(run) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and f"tppo train --resume {run}" in err, err
+    saved = int(latest_checkpoint(run).name.split("-")[1])
+    assert 2 <= saved < total and saved == soak.logged_steps(run), "stopped within one step, the last logged one saved"
+    resumed = subprocess.run(soak.train_cmd(cfg_path, run, True), capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    soak.compare_runs(tmp_path / "clean", run)

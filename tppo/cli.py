@@ -1,12 +1,16 @@
 """The ``tppo`` command: train | sft | eval | plot | demo.
 
-    tppo train --config FILE [--run-dir DIR] [--resume DIR] [key=value ...]
+    tppo train --config FILE [--run-dir DIR] [--resume DIR | --overwrite] [key=value ...]
     tppo sft   [--config FILE] [key=value ...]
     tppo eval  --model PATH [--config FILE] [key=value ...]
     tppo convert SOURCE OUT_DIR [--gguf-file F] [--revision R] [--dtype D]
     tppo plot  RUN_DIR [RUN_DIR ...] [--out FILE]
     tppo report RUN_DIR [--out FILE]                (partial trajectories, EGAE truncation diagnostic)
-    tppo demo  [--config FILE] [key=value ...]      (SFT if needed, T-PPO, plots)
+    tppo demo  [--config FILE] [--overwrite] [key=value ...]  (SFT if needed, T-PPO, plots)
+
+Options and ``key=value`` overrides may come in any order. Exit codes: 0 done, 1 a run
+that stopped (diverged, a checkpoint not written), 2 bad input (nothing ran), 128 + N
+after signal N (130 for Ctrl-C) once the checkpoint that resumes the run is written.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config (default: built-in defaults)")
     t.add_argument("--run-dir", help="run directory (overrides log.run_dir)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="start again in a run directory that holds a run (its checkpoints and metrics are removed first)")
     t.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) malformed dataset rows instead of stopping")
     for name, help_ in (("sft", "supervised warm-start of the embedded model"), ("demo", "SFT (cached) + T-PPO + plots")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", default=str(DEMO_CONFIG) if name == "demo" else None)
+    sub.choices["demo"].add_argument("--overwrite", action="store_true", help="train the demo again (default: continue or show the run in log.run_dir)")
     e = sub.add_parser("eval", help="held-out avg@k / pass@k of a checkpoint")
     e.add_argument("--config", help="default: the run's config.yaml when --model is a run's checkpoint, else the defaults")
     e.add_argument("--model", required=True, help="policy checkpoint: a directory, a hub id or a .gguf file")
@@ -49,11 +55,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with options and overrides in any order (``tppo train a=1
+    --run-dir D b=2``): the subcommand's own parser reads its arguments intermixed
+    (argparse allows that for a parser without subparsers)."""
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if not argv or argv[0] not in commands:
+        return parser.parse_args(argv)  # help, or argparse's own message for an unknown command
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.cmd = argv[0]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     from tppo.config import ConfigError
+    from tppo.stopping import Interrupted
     from tppo.tasks import DatasetError
     from tppo.trainer import CheckpointError, TrainingDiverged
 
@@ -68,13 +89,21 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingDiverged, CheckpointError) as e:  # a run that stopped; its last checkpoint is resumable
         print(f"tppo {args.cmd}: stopped: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:  # Ctrl-C or SIGTERM: the checkpoint is written
+        print(f"tppo {args.cmd}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # before the training loop (loading, SFT): nothing to save yet
+        print(f"\ntppo {args.cmd}: interrupted before the first training step; nothing was saved", file=sys.stderr)
+        return 130
 
 
 def cmd_train(args) -> int:
-    from tppo.config import load_config
+    from tppo.config import ConfigError, load_config
     from tppo.trainer import resume_config
 
     overrides = list(args.overrides) + (["task.skip_bad_rows=true"] if args.skip_bad_rows else [])
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues a run and --overwrite starts it again: give one of them")
     if args.resume:
         # overrides without --config apply to the run's own saved config
         requested = load_config(args.config or Path(args.resume) / "config.yaml", overrides) if (args.config or overrides) else None
@@ -83,19 +112,25 @@ def cmd_train(args) -> int:
     else:
         cfg = load_config(args.config, overrides)
         run_dir = args.run_dir or cfg.log.run_dir
-    _train_and_report(cfg, run_dir, resume=bool(args.resume))
+    _train_and_report(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
     return 0
 
 
-def _train_and_report(cfg, run_dir, resume: bool) -> None:
-    from tppo.plots import plot_runs
+def _train_and_report(cfg, run_dir, resume: bool, overwrite: bool = False) -> None:
+    from tppo.stopping import Interrupted
     from tppo.trainer import Trainer
 
     from tppo import distributed
 
     try:
-        trainer = Trainer(cfg, run_dir, resume=resume)
-        history = trainer.train()
+        trainer = Trainer(cfg, run_dir, resume=resume, overwrite=overwrite)
+        trainer.train()
+    except Interrupted as e:
+        rank = distributed.rank()
+        distributed.shutdown()
+        if rank == 0:
+            raise
+        sys.exit(e.exit_code)  # rank 0 says it once
     except RuntimeError as e:
         from tppo.trainer import TrainingDiverged
 
@@ -108,14 +143,25 @@ def _train_and_report(cfg, run_dir, resume: bool) -> None:
     distributed.shutdown()
     if trainer.rank != 0:  # rank 0 reports
         return
-    plot = plot_runs([run_dir], Path(run_dir) / "plots.png")
-    final = history[-1] if history else {}
-    before = getattr(trainer, "start_eval", {}).get("eval/accuracy")
-    after = final.get("eval/accuracy")
+    _report(cfg, run_dir)
+
+
+def _report(cfg, run_dir) -> None:
+    """The run's accuracy before and after RL, from its files (a resumed or finished run too)."""
+    import json
+
+    from tppo.metrics import read_metrics
+    from tppo.plots import plot_runs
+
+    run_dir = Path(run_dir)
+    plot = plot_runs([run_dir], run_dir / "plots.png")
+    initial = run_dir / "eval_initial.json"
+    before = json.loads(initial.read_text()).get("eval/accuracy") if initial.exists() else None
+    after = next((m["eval/accuracy"] for m in reversed(read_metrics(run_dir)) if m.get("eval/accuracy") is not None), None)
     if before is not None and after is not None:
         print(f"held-out accuracy (avg@{cfg.log.eval_samples}): before RL {before:.3f} -> after RL {after:.3f} "
               f"({100 * (after - before):+.1f} points)")
-    print(f"metrics: {Path(run_dir) / 'metrics.jsonl'}\nplots:   {plot}")
+    print(f"metrics: {run_dir / 'metrics.jsonl'}\nplots:   {plot}")
 
 
 def cmd_sft(args) -> int:
@@ -202,8 +248,20 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from tppo.config import load_config
 
+    from tppo.checkpoint import latest_checkpoint
+    from tppo.config import ConfigError, load_config
+    from tppo.trainer import resume_config
+
     cfg = load_config(args.config, list(args.overrides))
-    _train_and_report(cfg, cfg.log.run_dir, resume=False)
+    run_dir = cfg.log.run_dir
+    resume = not args.overwrite and latest_checkpoint(run_dir) is not None
+    if resume:  # run twice, the demo continues its run (or shows it, when finished)
+        try:
+            cfg = resume_config(run_dir, cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{e}; `tppo demo --overwrite` trains the demo again from the start") from None
+        print(f"{run_dir} holds the demo's run: continuing it (`tppo demo --overwrite` trains it again from the start)")
+    _train_and_report(cfg, run_dir, resume=resume, overwrite=args.overwrite)
     return 0
 
 

@@ -45,6 +45,8 @@ from tppo.monitoring import carry_metrics, round_metrics
 from tppo.prefix import span_logprobs, span_starts
 from tppo.rewards import RewardScorer
 from tppo.rollout import EmbeddedEngine, WindowBatch
+from tppo.rundir import RunDirInUse, claim
+from tppo.stopping import Interrupted, StopRequest
 from tppo.tasks import ArithTask, ChainTask, Example, PromptSource, epoch_stream, load_task_data
 from tppo.window import WindowHistory, choose_window, history_from_state, history_state
 
@@ -405,7 +407,9 @@ def _clip_and_step(model, opt, sched, max_norm: float) -> tuple[float, bool]:
 class Trainer:
     """Owns the models, optimizers, engine, data and logs of one run."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False) -> None:
+    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
+        """A new run in ``run_dir`` (refused where another run is, unless ``overwrite``:
+        tppo/rundir.py), or with ``resume`` the run there, from its last checkpoint."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = resolve_device(cfg.train.device)
         if cfg.train.torch_threads:
@@ -415,6 +419,8 @@ class Trainer:
             raise FileNotFoundError(f"--resume {self.run_dir}: no checkpoint in {self.run_dir / 'checkpoints'}")
         distributed.init_from_env(self.device, cfg.train.dist_timeout_s)
         self.rank, self.world = distributed.rank(), distributed.world_size()
+        if not resume:
+            self._claim_run_dir(overwrite)
         if cfg.train.fsdp and self.world == 1:
             raise ConfigError("train.fsdp shards the models over data-parallel ranks: launch with "
                               "`torchrun --nproc_per_node N -m tppo.cli train ...` (N >= 2), or set train.fsdp=false")
@@ -433,6 +439,7 @@ class Trainer:
         self.window_history = WindowHistory()
         self.step_idx, self.version, self.elapsed, self.total_generated = 0, 0, 0.0, 0
         self.nonfinite_skips, self.nonfinite_in_a_row = 0, 0
+        self.saved_step: int | None = None  # the step of the last checkpoint this process wrote
         if ckpt is not None:
             self._restore(load_trainer_state(ckpt))
         self.logger = None  # rank 0 logs
@@ -442,6 +449,18 @@ class Trainer:
             self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, resume_step=self.step_idx if ckpt else None)
 
     # ------------------------------------------------------------------ setup
+
+    def _claim_run_dir(self, overwrite: bool) -> None:
+        """Rank 0 claims the run directory (tppo/rundir.py); every rank raises if it refused."""
+        refused = None
+        if self.rank == 0:
+            try:
+                claim(self.run_dir, overwrite=overwrite)
+            except RunDirInUse as e:
+                refused = e
+        if distributed.max_int(int(refused is not None)):
+            raise refused or RunDirInUse(f"{self.run_dir} already holds a run (rank 0 refused it)")
+        distributed.barrier()  # the old run's files are gone before any rank writes
 
     def _make_engine(self, ckpt: Path | None):
         r = self._rank_rollout()
@@ -522,19 +541,31 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> list[dict[str, Any]]:
+        """Run to ``train.total_steps``; the steps' metrics. On SIGINT / SIGTERM the run stops
+        at the end of the current step, saves a checkpoint and raises :class:`Interrupted`."""
         history = []
-        if self.step_idx == 0 and (start := self._evaluate_on_main()) is not None:
-            self.start_eval = start
-            (self.run_dir / "eval_initial.json").write_text(json.dumps(self.start_eval) + "\n")
-            print(f"held-out accuracy before RL: {self.start_eval['eval/accuracy']:.3f}")
-        try:
-            while self.step_idx < self.cfg.train.total_steps:
-                history.append(self.step())
-        finally:
-            if self.logger is not None:
-                self.logger.close()
-            self.scorer.close()
+        with StopRequest(announce=self.rank == 0) as stop:
+            try:
+                if self.step_idx == 0 and (start := self._evaluate_on_main()) is not None:
+                    self.start_eval = start
+                    (self.run_dir / "eval_initial.json").write_text(json.dumps(self.start_eval) + "\n")
+                    print(f"held-out accuracy before RL: {self.start_eval['eval/accuracy']:.3f}")
+                while self.step_idx < self.cfg.train.total_steps:
+                    if signum := distributed.max_int(stop.signum or 0):  # every rank stops at the same step
+                        self._save_for_stop(signum)
+                    history.append(self.step())
+            finally:
+                if self.logger is not None:
+                    self.logger.close()
+                self.scorer.close()
         return history
+
+    def _save_for_stop(self, signum: int) -> None:
+        """The stop asked by a signal: checkpoint this step boundary (unless just saved) and
+        raise :class:`Interrupted`."""
+        if self.saved_step != self.step_idx:
+            self.save()
+        raise Interrupted(self.step_idx, self.run_dir, signum)
 
     def step(self) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()
@@ -793,6 +824,7 @@ class Trainer:
                                       + (f"the previous checkpoint {prev} is intact: `tppo train --resume {self.run_dir}` restarts from it"
                                          if prev else "no earlier checkpoint exists")) from e
         distributed.barrier()
+        self.saved_step = self.step_idx
         return path
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -800,6 +832,7 @@ class Trainer:
             raise ConfigError(f"the checkpoint was written by {state['world_size']} ranks; resume it with the same number "
                               f"(this run has {self.world}): each rank's rows in flight and prompt cursor are its own")
         self.step_idx, self.version = state["step"], state["version"]
+        self.saved_step = self.step_idx
         self.elapsed, self.total_generated = state["elapsed"], state["total_generated"]
         self.nonfinite_skips, self.nonfinite_in_a_row = state["nonfinite"]
         sharding.load_optimizer_state(self.policy, self.policy_opt, state["policy_opt"])
