@@ -468,3 +468,90 @@ def test_lm_loss_hand():
     lp = torch.tensor([[math.log(0.5), math.log(0.25), 123.0]])
     close(lm_loss(lp, T([[1, 1, 0]])), (math.log(2) + math.log(4)) / 2)
     close(lm_loss(lp, T([[1, 1, 0]]), num_tokens=4), (math.log(2) + math.log(4)) / 4)
+
+
+# ----------------------------------------------------------------------------- GRPO (#21)
+
+
+def test_grpo_advantages_hand_computed():
+    scores, groups = T([1.0, 0.0, 1.0, 1.0, 0.0, 0.5]), T([7, 7, 3, 3, 9, 9])
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    mask[0, 2] = False  # a masked token gets 0
+    adv = algos.grpo_advantages(scores, groups, mask)
+    # group 7: mean 0.5, unbiased std sqrt(0.5) -> +-0.5 / 0.7071; group 3: all equal -> 0;
+    # group 9: mean 0.25, std sqrt(0.125) -> -+0.25 / 0.35355
+    s2, s8 = math.sqrt(0.5), math.sqrt(0.125)
+    close(adv[:, 0], T([0.5 / (s2 + 1e-6), -0.5 / (s2 + 1e-6), 0.0, 0.0, -0.25 / (s8 + 1e-6), 0.25 / (s8 + 1e-6)]))
+    assert adv[0, 2] == 0 and torch.equal(adv[1], adv[1, :1].expand(3))
+    dr = algos.grpo_advantages(scores, groups, mask, scale_by_std=False)  # Dr. GRPO: centred only
+    close(dr[:, 0], T([0.5, -0.5, 0.0, 0.0, -0.25, 0.25]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.floats(-2, 2)), min_size=1, max_size=12), st.booleans())
+def test_grpo_advantages_match_a_naive_loop(rows, scale):
+    groups, scores = T([g for g, _ in rows]), T([s for _, s in rows], dtype=torch.float32)
+    adv = algos.grpo_advantages(scores, groups, torch.ones(len(rows), 1, dtype=torch.bool), scale_by_std=scale)[:, 0]
+    values = scores.double().tolist()  # the float32 scores the function sees
+    for i, (g, _) in enumerate(rows):
+        same = [x for (h, _), x in zip(rows, values) if h == g]
+        mean = sum(same) / len(same)
+        std = math.sqrt(sum((x - mean) ** 2 for x in same) / max(1, len(same) - 1))
+        expected = (values[i] - mean) / ((std + 1e-6) if scale else 1.0)
+        assert adv[i].item() == pytest.approx(expected, abs=1e-4, rel=1e-4)
+
+
+def test_group_filter_keeps_groups_with_different_rewards():
+    keep = algos.group_filter(T([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.5]), T([0, 0, 1, 1, 2, 2, 3]))
+    assert keep.tolist() == [True, True, False, False, False, False, False]  # a group of one has no contrast
+
+
+def test_grpo_estimator_needs_finished_rows_and_returns_scores():
+    kw = dict(gamma=1.0, lam=1.0, bootstrap="prev_value", next_values=None, scores=T([1.0, 0.0]), groups=T([0, 0]), scale_by_std=False)
+    m = T([[1, 1], [1, 0]]).bool()
+    adv, ret = ADVANTAGE_ESTIMATORS["grpo"](torch.zeros(2, 2), torch.zeros(2, 2), m, T([True, True]), **kw)
+    close(adv, T([[0.5, 0.5], [-0.5, 0.0]]))
+    close(ret, T([[1.0, 1.0], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="finished"):
+        ADVANTAGE_ESTIMATORS["grpo"](torch.zeros(2, 2), torch.zeros(2, 2), m, T([True, False]), **kw)
+
+
+# ----------------------------------------------------------------------------- behaviour policy (#21)
+
+
+def test_behavior_weights_equal_policies_leave_the_loss_unchanged():
+    g = torch.Generator().manual_seed(0)
+    lp, old, adv = torch.randn(3, 5, generator=g) * 0.1 - 1, -torch.rand(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    mask = torch.rand(3, 5, generator=g) < 0.7
+    plain, _ = policy_loss(lp, old, adv, mask)
+    for mode in ("none", "tis", "icepop"):
+        w, stats = algos.behavior_weights(old, old.clone(), mask, mode)
+        assert torch.equal(w, torch.ones_like(w)) and stats["is_clipped_frac"] == 0 and stats["is_masked_frac"] == 0
+        weighted, _ = policy_loss(lp, old, adv, mask, weights=w)
+        assert torch.equal(weighted, plain)
+
+
+def test_behavior_weights_hand_computed():
+    # pi_old / mu per token: 5, 1, 0.25, 1.5 (the last one masked out)
+    old = torch.log(T([[0.5, 0.2, 0.1, 0.3]]))
+    mu = torch.log(T([[0.1, 0.2, 0.4, 0.2]]))
+    mask = T([[1, 1, 1, 0]]).bool()
+    w, s = algos.behavior_weights(old, mu, mask, "tis", clip=2.0)
+    close(w, T([[2.0, 1.0, 0.25, 1.0]]))
+    assert s["is_clipped_frac"].item() == pytest.approx(1 / 3) and s["is_weight_mean"].item() == pytest.approx(3.25 / 3)
+    w, s = algos.behavior_weights(old, mu, mask, "icepop", low=0.5, high=2.0)
+    close(w, T([[0.0, 1.0, 0.0, 1.0]]))
+    assert s["is_masked_frac"].item() == pytest.approx(2 / 3) and s["is_weight_mean"].item() == pytest.approx(1 / 3)
+    # the weighted loss is the per-token loss times the weights, then the token mean
+    lp, adv = old + 0.01, T([[1.0, -1.0, 2.0, 5.0]])
+    loss, _ = policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=None, weights=w)
+    per_token = -adv * torch.exp(lp - old)
+    assert loss.item() == pytest.approx(float((per_token * w)[mask].sum() / 3))
+
+
+def test_logprob_mismatch_hand_computed():
+    old, mu = T([[-1.0, -2.0, -0.5]]), T([[-1.5, -2.0, -0.1]])
+    out = algos.logprob_mismatch(old, mu, T([[1, 1, 0]]).bool())
+    assert out["abs_diff_sum"].item() == pytest.approx(0.5) and out["abs_diff_max"].item() == pytest.approx(0.5)
+    x = -1.5 - -1.0  # k3(mu, pi_old) with x = log mu - log pi_old: exp(-x) - 1 + x
+    assert out["kl_sum"].item() == pytest.approx(math.exp(-x) - 1 + x) and out["tokens"].item() == 2

@@ -245,3 +245,4 @@ def test_rollout_benchmark_quick_runs_at_head(tmp_path):
     assert {"naive", "compact", "windowed_W=L/4", "windowed+refill_W=L/4"} <= set(res["per_config"])
     # every configuration generated the same forced lengths; windows fill more slots than naive padding
     assert res["slot_utilization"]["windowed"] > res["slot_utilization"]["naive"]
+

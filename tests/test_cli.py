@@ -56,6 +56,10 @@ def test_shipped_configs_load_and_pair_up(path):
         differing = diff_configs(demo, cfg, ignore=("log.",))
         assert sorted(differing) == ["algo.algorithm", "rollout.window_tokens"]
         assert cfg.algo.algorithm == "ppo" and cfg.rollout.window_tokens == cfg.rollout.max_response_tokens
+    if path.name == "grpo.yaml":  # the demo's task, model, batch and policy; W = L; no critic (so none of its settings)
+        differing = diff_configs(load_config(path.parent / "demo.yaml"), cfg, ignore=("log.",))
+        assert sorted(differing) == ["algo.algorithm", "algo.lam_policy", "rollout.window_tokens", "train.critic_lr",
+                                     "train.critic_warmup_steps"]
 
 
 # ---------------------------------------------------------------------- run directories, arguments (#22)

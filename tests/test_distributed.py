@@ -21,7 +21,7 @@ from trainer_helpers import deterministic_metrics, make_cfg
 from tppo import algos, distributed, sharding
 from tppo.config import save_config
 from tppo.models import critic_from_policy, load_pretrained
-from tppo.trainer import StepBatch, update_critic, update_policy
+from tppo.updates import StepBatch, update_critic, update_policy
 
 B, S = 8, 12
 
@@ -40,7 +40,8 @@ def fixed_batch(vocab: int) -> StepBatch:
     critic = resp & (torch.arange(B)[:, None] < 3)
     return StepBatch(ids, attn, policy, critic, resp & (torch.arange(B)[:, None] == 0),
                      old_logprobs=-torch.rand(B, S - 1, generator=g) * 3, old_values=torch.randn(B, S - 1, generator=g) * 0.1,
-                     advantages=torch.randn(B, S - 1, generator=g), returns=torch.rand(B, S - 1, generator=g), response_mask=resp)
+                     advantages=torch.randn(B, S - 1, generator=g), returns=torch.rand(B, S - 1, generator=g), response_mask=resp,
+                     behavior_logprobs=-torch.rand(B, S - 1, generator=g) * 3, stale=torch.zeros_like(resp))
 
 
 def rows(batch: StepBatch, sl: slice) -> StepBatch:

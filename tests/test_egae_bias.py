@@ -166,6 +166,28 @@ def test_window_prediction_by_hand():
     assert choose_window(WindowHistory(), window_min=10, window_max=30, bias_cap=1.0, slots=2, group=1) == 30  # warm-up
 
 
+def test_auto_window_measures_the_error_before_trusting_throughput_and_refreshes_it():
+    """(#21) With no truncation error measured yet, throughput alone would take the smallest
+    W (predicted error 0): the first choice probes the mildest cut instead. Held at
+    window_max by an old, bad estimate, it probes again after STALE_STEPS steps without a
+    measurement, and a fresh, small error lets it cut."""
+    from tppo.window import STALE_STEPS, WindowHistory, choose_window
+
+    choose = lambda h: choose_window(h, window_min=10, window_max=40, bias_cap=0.05, slots=2, group=1)  # noqa: E731
+    h = WindowHistory(lengths=[10, 40] * 8, prompt_lengths=[5] * 16, decode_s_per_step=[1.0], other_s_per_token=[0.001])
+    assert choose(h) == 30  # not 10: nothing measured
+    h.record(lengths=[], prompt_lengths=[], decode_s=1.0, decode_steps=1, other_s=0.1, context_tokens=10, egae_mae=0.9, rows_compared=2)
+    assert choose(h) == 40  # a large error: no cut allowed
+    for _ in range(STALE_STEPS):  # held at W = L nothing is cut, nothing measured
+        assert choose(h) == 40
+        h.record(lengths=[], prompt_lengths=[], decode_s=1.0, decode_steps=1, other_s=0.1, context_tokens=10, egae_mae=float("nan"),
+                 rows_compared=0)
+    assert choose(h) == 30  # the probe
+    for _ in range(20):  # the critic learned: the probe's rows measure a small error
+        h.record(lengths=[], prompt_lengths=[], decode_s=1.0, decode_steps=1, other_s=0.1, context_tokens=10, egae_mae=0.01, rows_compared=2)
+    assert h.steps_since_error == 0 and choose(h) < 40
+
+
 def test_auto_window_runs_logs_its_choice_and_resumes_exactly(model_dir, tmp_path, monkeypatch):
     """rollout.window_tokens=auto: W is logged every step and, given the run's history
     (checkpointed), chosen the same way after a resume. The choice reads the step's

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tppo.models import build_tiny, cache_argument
-from tppo.prefix import _span_positions, _split, span_logprobs, span_starts
-from tppo.trainer import token_logprobs
+from tppo.prefix import prefix_width, _span_positions, _split, span_logprobs, span_starts
+from tppo.updates import token_logprobs
 
 B, S = 5, 30
 LENGTHS = [30, 22, 17, 25, 12]
@@ -38,7 +38,22 @@ def test_span_starts_by_hand():
     lm[0, 10:29] = True  # row 0 finished correct: its LM loss covers the whole response
     assert span_starts(response, window, lm).tolist() == [0, 0, 10, 0, 8]
     none = torch.zeros_like(window)
-    assert span_starts(response, none).tolist() == [S - 2] * B  # no loss token: the last column
+    # no loss token: the row's own last response column (end - 1), not the batch's last
+    assert span_starts(response, none).tolist() == [end - 1 for _, _, end in LAYOUT]
+
+
+def test_a_row_without_loss_tokens_shorter_than_its_micro_batch_runs():
+    """A partial rollout's unfinished row has no loss token; shorter than the longest row it
+    crashed the split (RuntimeError: expanded size). The other rows' log-probs are the
+    full forward's, and so with every prefix padded to a wider common width."""
+    model, _ = build_tiny(seed=0)
+    ids, attn, window, response = batch()
+    window[4] = False  # row 4 (12 tokens of 30) trains on nothing
+    full_lp, _ = token_logprobs(model, ids, attn, 0.7)
+    for width in (0, prefix_width(response, window), 25):
+        lp, _ = span_logprobs(model, ids, attn, span_starts(response, window), 0.7, prefix_width=width)
+        torch.testing.assert_close(lp[window], full_lp[window], atol=2e-6, rtol=1e-5)
+    assert prefix_width(response, window) == 20 and prefix_width(response, torch.zeros_like(window)) == 0
 
 
 @pytest.mark.parametrize("entropy", ["metric", "grad"])

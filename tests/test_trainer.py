@@ -4,6 +4,7 @@ micro-batch invariance of the update, exact resume, config errors."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -13,8 +14,17 @@ from tppo.config import Config, ConfigError, load_config
 from tppo.metrics import STEP_KEYS, read_metrics
 from trainer_helpers import capped_prompts, deterministic_metrics, make_cfg, params
 from tppo.rollout import PromptItem, Row, RolloutStats, WindowBatch
-from tppo.trainer import (StepBatch, Trainer, compute_advantages, policy_lambda, resume_config, token_logprobs, update_critic,
-                          update_policy, used_columns)
+from tppo.advantages import compute_advantages as _compute_advantages
+from tppo.advantages import policy_lambda
+from tppo.trainer import Trainer, resume_config
+from tppo.updates import StepBatch, token_logprobs, update_critic, update_policy, used_columns
+
+def compute_advantages(*args, **kwargs):
+    """tppo.advantages.compute_advantages's targets as a tuple (advantages, policy mask,
+    returns, critic mask, LM mask)."""
+    tg = _compute_advantages(*args, **kwargs)
+    return tg.advantages, tg.policy_mask, tg.returns, tg.critic_mask, tg.lm_mask
+
 
 @pytest.mark.parametrize("algorithm", ["tppo", "ppo"])
 def test_two_step_smoke_run(model_dir, tmp_path, algorithm):
@@ -99,7 +109,11 @@ def test_token_routing_by_hand():
     torch.testing.assert_close(adv[0], torch.tensor([0.0, 0.0, 1.0 - 0.2, 1.0 - 0.3]))
     # Cut row, prev_value bootstrap: A_t = V(s_{l-1}) - V(s_t) = 0.8 - V.
     torch.testing.assert_close(adv[1], torch.tensor([0.0, 0.0, 0.8 - 0.7, 0.0]))
-    assert lm.tolist() == [[False, True, True, True], [False, False, False, False]]
+    # the positive-example LM loss's tokens: none while its weight is 0 (with prefix_grad
+    # false they would widen the span: the approximation would depend on the reward)
+    assert not lm.any()
+    cfg.algo.lm_loss_coef = 0.1
+    assert compute_advantages(cfg, packed, values, [1.0, None])[4].tolist() == [[False, True, True, True], [False, False, False, False]]
 
 
 @pytest.mark.parametrize("tppo_window", [18, 6])
@@ -129,7 +143,7 @@ def one_window_batch(trainer, cfg) -> StepBatch:
     values = trainer._values(packed)
     adv, pmask, ret, cmask, lm = compute_advantages(cfg, packed, values, trainer._score(wb))
     return StepBatch(packed.input_ids, packed.attention_mask, pmask, cmask, lm, packed.old_logprobs[:, 1:], values[:, :-1], adv, ret,
-                     packed.response_mask[:, 1:])
+                     packed.response_mask[:, 1:], packed.old_logprobs[:, 1:], torch.zeros_like(pmask))
 
 
 def sgd_update(model, update, batch, cfg, *, ref=None, **overrides):
@@ -223,7 +237,6 @@ def test_resume_refuses_a_different_config_naming_fields(model_dir, tmp_path):
         (["train.policy_lr=true"], "config key 'train.policy_lr': expected float"),
         (["algo.bootstrap=maybe"], "config key 'algo.bootstrap': 'maybe' is not one of"),
         (["rollout.window_tokens=300"], "rollout.window_tokens \\(300\\) exceeds rollout.max_response_tokens"),
-        (["algo.algorithm=ppo"], "algo.algorithm 'ppo' generates whole responses"),
         (["train.mini_batches=3"], "train.mini_batches \\(3\\) must divide"),
         (["rollout.samples_per_prompt"], "not of the form"),
     ],
@@ -231,6 +244,14 @@ def test_resume_refuses_a_different_config_naming_fields(model_dir, tmp_path):
 def test_config_errors_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_synchronous_algorithms_take_whole_responses_and_say_so(algorithm):
+    cfg = load_config(None, [f"algo.algorithm={algorithm}", "rollout.window_tokens=64", "rollout.max_response_tokens=256"])
+    assert cfg.rollout.window_tokens == 256 and cfg.notes == [f"algo.algorithm {algorithm} generates whole responses: "
+                                                               "rollout.window_tokens 64 -> 256 (rollout.max_response_tokens)"]
+    assert load_config(None, ["rollout.window_tokens=64"]).notes == []
 
 
 def test_config_yaml_roundtrip_and_types(tmp_path):
@@ -365,21 +386,31 @@ def critic_loss_by_hand(trainer, wb) -> float:
     return 0.5 * sum(errs) / len(errs)
 
 
-@pytest.mark.parametrize("precision,source,prefix_grad", [("fp32", "auto", True), ("bf16", "auto", True), ("bf16", "engine", True),
-                                                        ("fp32", "auto", False), ("bf16", "auto", False)])
-def test_frozen_models_give_ratio_one_and_the_hand_value_loss(model_dir, tmp_path, monkeypatch, precision, source, prefix_grad):
+@pytest.mark.parametrize("precision,source,prefix_grad,batching", [
+    ("fp32", "auto", True, "rows"), ("bf16", "auto", True, "rows"), ("bf16", "engine", True, "rows"), ("fp32", "auto", False, "rows"),
+    ("bf16", "auto", False, "rows"), ("bf16", "auto", False, "tokens"), ("bf16", "auto", True, "tokens"),
+    ("bf16", "recompute", False, "minibatches"), ("bf16", "auto", False, "one-pass"), ("bf16", "auto", True, "one-pass")])
+def test_frozen_models_give_ratio_one_and_the_hand_value_loss(model_dir, tmp_path, monkeypatch, precision, source, prefix_grad, batching):
     """lr 0, T != 1, W < L with carried rows: the policy has not moved, so every PPO ratio
     is 1 and nothing is clipped; the value loss is the hand-computed one with the
     pre-update values as v_old. bf16 forces the GPU's autocast path on the CPU: the
     engine's fp32 log-probs then differ from the update's, unless they are recomputed
-    (with ``prefix_grad: false``, with the update's own prefix / span split)."""
-    import tppo.trainer as trainer_mod
+    (with ``prefix_grad: false``, with the update's own prefix / span split), whatever the
+    update's micro-batching (rows, a token budget, shuffled mini-batches) or with one
+    update per step, where pi_old is the update's own forward. The mismatch against the
+    engine's mu is measured: ~0 in fp32, positive under bf16."""
+    import tppo.updates as updates_mod
 
     if precision == "bf16":
-        monkeypatch.setattr(trainer_mod, "mixed_precision", lambda cfg, device: True)
+        monkeypatch.setattr(updates_mod, "mixed_precision", lambda cfg, device: True)
+    updates = {"rows": ["train.ppo_epochs=2"], "tokens": ["train.ppo_epochs=2", "train.micro_batch_tokens=40"],
+               "minibatches": ["train.mini_batches=2"], "one-pass": []}[batching]
     cfg = make_cfg(model_dir, tmp_path, "train.policy_lr=0", "train.critic_lr=0", "rollout.temperature=0.7",
-                   "train.total_steps=4", "train.ppo_epochs=2", "algo.value_clip_low=0.001", "algo.value_clip_high=0.001",
+                   "train.total_steps=4", *updates, "algo.value_clip_low=0.001", "algo.value_clip_high=0.001",
                    f"algo.old_logprobs={source}", f"algo.prefix_grad={str(prefix_grad).lower()}")
+    pi_old = updates_mod.old_logprob_source(cfg, torch.device("cpu"))
+    assert pi_old == ("engine" if source == "engine" or (precision, batching) == ("fp32", "rows") else
+                      "one_pass" if batching == "one-pass" else "recompute")
     trainer = Trainer(cfg, tmp_path)
     windows = capture_windows(trainer)
     history = trainer.train()
@@ -391,6 +422,13 @@ def test_frozen_models_give_ratio_one_and_the_hand_value_loss(model_dir, tmp_pat
         return
     assert ratio_err < (1e-5 if precision == "fp32" else 1e-6)
     assert all(m["policy/clipfrac"] == 0 and m["policy/approx_kl"] < 1e-10 for m in history)
+    kls = [m["rollout/mismatch_kl"] for m in history if m["policy/updated"]]
+    if pi_old == "engine":  # pi_old is mu itself: nothing measured
+        assert all(math.isnan(k) for k in kls)
+    elif precision == "bf16":  # the engine sampled in fp32, the update runs in bf16: a measured gap
+        assert all(k > 1e-9 for k in kls) and all(m["rollout/logprob_diff_max"] > 1e-3 for m in history)
+    else:  # fp32: the engine's and the trainer's numerics agree
+        assert all(0 <= k < 1e-10 for k in kls) and all(m["rollout/logprob_diff_max"] < 1e-4 for m in history)
     for m, wb in zip(history, windows):
         if m["rollout/finished_rows"] and precision == "fp32":
             assert m["value/loss"] == pytest.approx(critic_loss_by_hand(trainer, wb), rel=1e-5)

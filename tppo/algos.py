@@ -28,12 +28,16 @@ __all__ = [
     "AdvantageEstimator",
     "adaptive_lambda",
     "agg_loss",
+    "behavior_weights",
     "discounted_returns",
     "egae",
     "entropy_from_logits",
     "explained_variance",
     "gae",
+    "group_filter",
+    "grpo_advantages",
     "kl",
+    "logprob_mismatch",
     "lm_loss",
     "logprobs_from_logits",
     "tempered_logprobs",
@@ -260,8 +264,54 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Ten
     return advantages
 
 
+def grpo_advantages(scores: Tensor, groups: Tensor, mask: Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+    """GRPO's critic-free advantage (Shao et al. 2024, arXiv 2402.03300, sec. 4.1.2):
+    each response's score against its prompt group's, on every token of the response.
+
+        A_i = (r_i - mean_{j in g(i)} r_j) / (std_{j in g(i)} r_j + eps)     (scale_by_std)
+        A_i =  r_i - mean_{j in g(i)} r_j                                    (Dr. GRPO, arXiv 2503.20783)
+
+    std is the unbiased sample std of the group (as TRL and verl compute it); a group of
+    one response has std 0 and advantage 0.
+
+    Args:
+        scores: (B,) reward of each finished response.
+        groups: (B,) long, the prompt group of each row (rows of one prompt share it).
+        mask: (B, T), 1 on the tokens that receive the row's advantage.
+        scale_by_std: divide by the group's std (GRPO) or not (Dr. GRPO).
+
+    Returns:
+        (B, T) advantages, A_i on row i's masked tokens, 0 elsewhere.
+    """
+    _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    scores = scores.to(torch.float64)
+    n = counts.to(torch.float64)
+    mean = torch.zeros_like(n).index_add_(0, inverse, scores) / n
+    centred = scores - mean[inverse]
+    adv = centred
+    if scale_by_std:
+        var = torch.zeros_like(n).index_add_(0, inverse, centred**2) / (n - 1).clamp_min(1)
+        adv = centred / (var.sqrt()[inverse] + eps)
+    return _masked(adv.float().unsqueeze(1).expand(mask.shape), mask.bool())
+
+
+def group_filter(scores: Tensor, groups: Tensor) -> Tensor:
+    """(B,) bool: rows whose group's scores are not all equal. DAPO's dynamic sampling
+    (Yu et al. 2025, arXiv 2503.14476, eq. 11): a group where every response got the
+    same reward has no learning signal in a group baseline and is left out of the loss
+    (and of its token count)."""
+    _, inverse = torch.unique(groups, return_inverse=True)
+    k = int(inverse.max()) + 1 if inverse.numel() else 0
+    lo = torch.full((k,), float("inf"), dtype=torch.float64).scatter_reduce(0, inverse, scores.double(), "amin")
+    hi = torch.full((k,), float("-inf"), dtype=torch.float64).scatter_reduce(0, inverse, scores.double(), "amax")
+    return (hi > lo)[inverse]
+
+
 class AdvantageEstimator(Protocol):
-    """The one signature of :data:`ADVANTAGE_ESTIMATORS` (dispatched once by the trainer)."""
+    """The one signature of :data:`ADVANTAGE_ESTIMATORS` (dispatched once by
+    tppo/advantages.py). ``scores`` (B,) is each finished row's reward (0 for the others)
+    and ``groups`` (B,) its prompt group: GRPO's inputs; the GAE family uses the per-token
+    ``rewards`` and ``values`` instead."""
 
     def __call__(
         self,
@@ -274,24 +324,98 @@ class AdvantageEstimator(Protocol):
         lam: float | Tensor,
         bootstrap: Bootstrap,
         next_values: Tensor | None,
+        scores: Tensor,
+        groups: Tensor,
+        scale_by_std: bool,
     ) -> tuple[Tensor, Tensor]: ...
 
 
-def _gae_estimator(rewards, values, mask, finished, *, gamma, lam, bootstrap, next_values):
-    """GAE for synchronous PPO: every row must be finished (no bootstrap needed)."""
-    if not bool(finished.all()):
+def _gae_estimator(rewards, values, mask, finished, *, gamma, lam, bootstrap, next_values, **_):
+    """GAE over whole responses (synchronous PPO, partial-rollout PPO): every row with a
+    token in ``mask`` must be finished (nothing to bootstrap)."""
+    if bool((mask.bool().any(1) & ~finished.bool()).any()):
         raise ValueError("advantage estimator 'gae' needs finished rows only; use 'egae' for windowed rollouts")
     return gae(rewards, values, mask, gamma, lam)
 
 
-def _egae_estimator(rewards, values, mask, finished, *, gamma, lam, bootstrap, next_values):
+def _egae_estimator(rewards, values, mask, finished, *, gamma, lam, bootstrap, next_values, **_):
     return egae(rewards, values, mask, finished, gamma, lam, bootstrap=bootstrap, next_values=next_values)
+
+
+def _grpo_estimator(rewards, values, mask, finished, *, scores, groups, scale_by_std, **_):
+    """GRPO: group-relative scores, no critic; the returns are the scores on each token."""
+    if bool((mask.bool().any(1) & ~finished.bool()).any()):
+        raise ValueError("advantage estimator 'grpo' needs finished rows only (a whole group's rewards)")
+    adv = grpo_advantages(scores, groups, mask, scale_by_std)
+    return adv, _masked(scores.to(adv.dtype).unsqueeze(1).expand(mask.shape), mask.bool())
 
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
     "gae": _gae_estimator,
     "egae": _egae_estimator,
+    "grpo": _grpo_estimator,
 }
+
+
+# --------------------------------------------------------------------------- behaviour policy
+
+
+def behavior_weights(old_logprobs: Tensor, behavior_logprobs: Tensor, mask: Tensor, mode: Literal["none", "tis", "icepop"],
+                     clip: float = 2.0, low: float = 0.5, high: float = 2.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token weights that correct for tokens sampled by a behaviour policy mu other
+    than pi_old (another engine's numerics, or an older policy version), with the
+    behaviour ratio w = pi_old(y) / mu(y), detached:
+
+    * ``"tis"``: truncated importance sampling (Yao et al. 2025, "Your efficient RL
+      framework secretly brings you off-policy RL training"): weight min(w, clip).
+    * ``"icepop"``: IcePop (MiniMax / Ring-1T, 2025): weight 1 where low <= w <= high,
+      0 elsewhere (the token is masked out of the loss; the denominator stays).
+    * ``"none"``: weight 1.
+
+    Args:
+        old_logprobs, behavior_logprobs: (B, T) log pi_old and log mu of the sampled tokens.
+        mask: (B, T), 1 on the policy loss's tokens (the stats are over them).
+
+    Returns:
+        (weights (B, T), stats): weights are 1 where mask == 0; 0-dim stats over mask,
+        whatever the mode (what TIS would cap and IcePop would drop): ``is_weight_mean``
+        (mean weight applied), ``is_clipped_frac`` (w > clip) and ``is_masked_frac``
+        (w outside [low, high]).
+    """
+    with torch.no_grad():
+        m = mask.bool()
+        w = torch.exp((old_logprobs - behavior_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).float()
+        outside = (w < low) | (w > high)
+        if mode == "tis":
+            weights = w.clamp(max=clip)
+        elif mode == "icepop":
+            weights = (~outside).to(w.dtype)
+        elif mode == "none":
+            weights = torch.ones_like(w)
+        else:
+            raise ValueError(f"behavior_weights: unknown mode {mode!r}; expected none, tis or icepop")
+        weights = torch.where(m, weights, torch.ones_like(weights))
+        stats = {"is_weight_mean": masked_mean(weights, m), "is_clipped_frac": masked_mean((w > clip).to(w.dtype), m),
+                 "is_masked_frac": masked_mean(outside.to(w.dtype), m)}
+    return weights, stats
+
+
+def logprob_mismatch(old_logprobs: Tensor, behavior_logprobs: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """How far the sampling engine's log-probs mu are from the trainer's pi_old on the
+    tokens where mask == 1 (the gap verl's rollout correction, TRL's vLLM importance
+    sampling and OpenRLHF's TIS measure). Sums, so that micro-batches and ranks add up:
+
+        ``abs_diff_sum``  sum |log pi_old - log mu|
+        ``abs_diff_max``  max |log pi_old - log mu|
+        ``kl_sum``        sum k3(mu, pi_old): KL(mu || pi_old) estimated from mu's samples
+        ``tokens``        the number of tokens
+    """
+    with torch.no_grad():
+        m = mask.bool()
+        diff = (old_logprobs.float() - behavior_logprobs.float())[m]
+        return {"abs_diff_sum": diff.abs().sum(), "abs_diff_max": diff.abs().max() if diff.numel() else diff.new_zeros(()),
+                "kl_sum": kl(behavior_logprobs.float()[m], old_logprobs.float()[m], "k3").sum(),
+                "tokens": torch.tensor(float(diff.numel()))}
 
 
 # --------------------------------------------------------------------------- losses
@@ -343,6 +467,7 @@ def policy_loss(
     num_tokens: float | Tensor | None = None,
     *,
     num_seqs: float | Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate with clip-higher and dual clip.
 
@@ -361,6 +486,8 @@ def policy_loss(
         mask: (B, T), 1 on policy tokens (T-PPO: this window's tokens only).
         dual_clip: the constant c > 1, or None to disable.
         agg, num_tokens, num_seqs: see :func:`agg_loss`.
+        weights: (B, T) detached per-token factors of the loss (:func:`behavior_weights`),
+            None for 1.
 
     Returns:
         (loss, stats) with detached 0-dim stats over this call's mask: ``clipfrac``
@@ -380,6 +507,8 @@ def policy_loss(
         dual_bound = -advantages * dual_clip
         dual_active = (advantages < 0) & (loss_mat > dual_bound)
         loss_mat = torch.where(advantages < 0, torch.minimum(loss_mat, dual_bound), loss_mat)
+    if weights is not None:
+        loss_mat = loss_mat * weights.detach()
     loss = agg_loss(loss_mat, mask, agg, num_tokens, num_seqs=num_seqs)
     with torch.no_grad():
         m, ratio = mask.bool(), ratio.detach()

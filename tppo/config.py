@@ -306,8 +306,20 @@ class AlgoConfig:
     """The RL algorithm and its losses (T-PPO spec, "EGAE" and "Losses").
 
     Attributes:
-        algorithm: ``tppo`` (windowed, EGAE, critic on finished rows) or ``ppo``
-            (synchronous: requires window_tokens == max_response_tokens).
+        algorithm: ``tppo`` (windowed, EGAE, critic on finished rows), ``ppo``
+            (synchronous) or ``grpo`` (critic-free, group-relative advantages,
+            synchronous; no critic is built, no value pass or value update runs). The
+            synchronous algorithms generate whole responses: rollout.window_tokens is set
+            to max_response_tokens (and the run says so), so one config serves all three.
+        train_on: ``window`` (T-PPO: the policy trains on every window's tokens, EGAE) or
+            ``finished`` (partial-rollout PPO: the same windowed rollout with carry-over,
+            but a response is trained on once, in the step it finishes, over all its
+            tokens with GAE; tokens of older policy versions are corrected by
+            ``behavior_correction``). Needs the old log-probs from the trainer
+            (old_logprobs auto or recompute).
+        grpo_std: GRPO divides by the group's reward std (false: Dr. GRPO's unscaled form).
+        filter_groups: GRPO only: groups whose rewards are all equal get no policy loss
+            (DAPO's dynamic sampling; counted in ``train/filtered_groups``).
         gamma: discount (1 in the paper).
         lam_policy: GAE lambda of the policy's advantages; ``adaptive`` is VAPO's
             length-adaptive lambda (lam_alpha, lam_min).
@@ -327,11 +339,20 @@ class AlgoConfig:
             responses (0: off; 0.1 in the authors' port).
         window_ignore_tokens: zero the advantage of the last k tokens of an unfinished
             row's window (8 in the authors' port).
-        old_logprobs: where PPO's old log-probs come from: ``recompute`` (the trainer's
-            own forward before the update, so the ratio compares the same numerics),
-            ``engine`` (the sampling log-probs), or ``auto``: recompute under bf16
-            autocast, bf16 weights or the vLLM engine, engine's otherwise (the fp32
-            embedded path, where both agree to ~1e-6).
+        old_logprobs: where PPO's old log-probs pi_old come from. With one update per step
+            (train.ppo_epochs x train.mini_batches == 1) pi_old is the update's own forward,
+            detached, under ``auto`` and ``recompute``: the ratio is 1 and the gradient
+            the recompute's, and no separate pass runs. Otherwise ``recompute`` (the
+            trainer's own forward before the update, same numerics), ``engine`` (the
+            sampling log-probs mu), or ``auto``: recompute under bf16 autocast, bf16
+            weights, the vLLM engine, train_on=finished or a behaviour correction, the
+            engine's otherwise (the fp32 embedded path, where both agree to ~1e-6).
+        behavior_correction: correct the policy loss for tokens sampled by mu != pi_old
+            (engine numerics, older policy versions): ``none``, ``tis`` (weight
+            min(pi_old / mu, behavior_clip), detached) or ``icepop`` (drop tokens whose
+            pi_old / mu leaves icepop_range). Needs old_logprobs auto or recompute.
+        behavior_clip: TIS's cap on the behaviour ratio.
+        icepop_range: [low, high] of the behaviour ratio IcePop keeps.
         prefix_grad: back-propagate the policy loss through a carried row's earlier
             windows (true: the exact update). false: those windows (and the prompt
             before them) run forward without gradient and only the row's tokens from
@@ -339,7 +360,10 @@ class AlgoConfig:
             through the context, cheaper, an approximation (tppo/prefix.py).
     """
 
-    algorithm: Literal["tppo", "ppo"] = "tppo"
+    algorithm: Literal["tppo", "ppo", "grpo"] = "tppo"
+    train_on: Literal["window", "finished"] = "window"
+    grpo_std: bool = True
+    filter_groups: bool = False
     gamma: float = 1.0
     lam_policy: float | Literal["adaptive"] = "adaptive"
     lam_alpha: float = 0.05
@@ -359,7 +383,21 @@ class AlgoConfig:
     lm_loss_coef: float = 0.0
     window_ignore_tokens: int = 0
     old_logprobs: Literal["auto", "recompute", "engine"] = "auto"
+    behavior_correction: Literal["none", "tis", "icepop"] = "none"
+    behavior_clip: float = 2.0
+    icepop_range: tuple[float, float] = (0.5, 2.0)
     prefix_grad: bool = True
+
+    def __post_init__(self) -> None:
+        if self.filter_groups and self.algorithm != "grpo":
+            raise ConfigError("algo.filter_groups drops prompt groups with equal rewards: it needs algo.algorithm=grpo")
+        if self.old_logprobs == "engine" and (self.train_on == "finished" or self.behavior_correction != "none"):
+            raise ConfigError("algo.train_on=finished and algo.behavior_correction compare the trainer's pi_old with the "
+                              "engine's mu: set algo.old_logprobs to auto or recompute, not engine")
+        if not 0 < self.icepop_range[0] <= 1 <= self.icepop_range[1]:
+            raise ConfigError(f"algo.icepop_range must hold 1 (low <= 1 <= high, low > 0), got {list(self.icepop_range)}")
+        if self.behavior_clip < 1:
+            raise ConfigError(f"algo.behavior_clip must be >= 1 (got {self.behavior_clip})")
 
 
 @dataclasses.dataclass
@@ -484,11 +522,16 @@ class Config:
     def validate(self) -> None:
         """Checks that span sections."""
         r, a, t = self.rollout, self.algo, self.train
-        if a.algorithm == "ppo" and r.window_tokens != r.max_response_tokens:
-            raise ConfigError(
-                f"algo.algorithm 'ppo' generates whole responses: set rollout.window_tokens = "
-                f"rollout.max_response_tokens ({r.max_response_tokens}), got {r.window_tokens}"
-            )
+        self.notes: list[str] = []  # derived settings the user should see (printed at start; not a field)
+        if a.algorithm in ("ppo", "grpo") and r.window_tokens != r.max_response_tokens:
+            # synchronous algorithms generate whole responses: W is L, whatever a shared config says
+            self.notes.append(f"algo.algorithm {a.algorithm} generates whole responses: rollout.window_tokens "
+                              f"{r.window_tokens} -> {r.max_response_tokens} (rollout.max_response_tokens)")
+            r.window_tokens = r.max_response_tokens
+        if a.algorithm == "grpo" and (r.samples_per_prompt < 2 or t.critic_warmup_steps or a.critic_on != "finished"):
+            raise ConfigError("algo.algorithm 'grpo' compares each response with its prompt group's and has no critic: it needs "
+                              "rollout.samples_per_prompt >= 2, train.critic_warmup_steps = 0 and algo.critic_on = finished "
+                              f"(got {r.samples_per_prompt}, {t.critic_warmup_steps}, {a.critic_on})")
         if r.num_slots % t.mini_batches:
             raise ConfigError(
                 f"train.mini_batches ({t.mini_batches}) must divide the generation batch "

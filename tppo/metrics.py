@@ -23,6 +23,8 @@ STEP_KEYS = (
     "reward/mean", "reward/accuracy", "reward/errors", "reward/timeouts",
     "policy/loss", "policy/clipfrac", "policy/approx_kl", "policy/entropy", "policy/tokens", "policy/grad_norm",
     "policy/updated", "policy/skipped_steps", "policy/ratio_min", "policy/ratio_max",
+    "rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/mismatch_kl", "rollout/stale_token_frac",
+    "policy/is_weight_mean", "policy/is_clipped_frac", "policy/is_masked_frac", "train/filtered_groups",
     "value/loss", "value/explained_variance", "value/tokens", "value/clipfrac", "value/grad_norm",
     "time/generate_s", "time/score_s", "time/values_s", "time/old_logprobs_s", "time/policy_update_s", "time/value_update_s",
     "time/step_s", "time/elapsed_s",

@@ -33,13 +33,22 @@ def span_starts(response_mask: torch.Tensor, *loss_masks: torch.Tensor) -> torch
     token comes before it (a row in its first window, or a finished correct row whose
     LM loss covers its whole response), the span is the whole row (0): only tokens of
     earlier windows make a prefix, so such rows get the exact gradient, prompt included.
-    A row with no loss token starts at its last column.
+    A row with no loss token starts at its own last response column (a row shorter than
+    its micro-batch included).
     """
     used = torch.stack(loss_masks).any(0)
-    last = torch.full_like(used[:, 0], used.shape[1] - 1, dtype=torch.long)
+    cols = torch.arange(used.shape[1], device=used.device)
+    last = torch.where(response_mask, cols, 0).max(1).values
     first = torch.where(used.any(1), used.int().argmax(1), last)
     earlier = (response_mask & (torch.arange(used.shape[1], device=used.device) < first.unsqueeze(1))).any(1)
     return torch.where(earlier, first, torch.zeros_like(first))
+
+
+def prefix_width(response_mask: torch.Tensor, *loss_masks: torch.Tensor) -> int:
+    """The widest prefix of a step's rows (the largest :func:`span_starts`), over the whole
+    (B, S - 1) step: the ``prefix_width`` every micro-batch of the step is padded to."""
+    rows = torch.stack(loss_masks).any(0).any(1)
+    return int(span_starts(response_mask[rows], *(m[rows] for m in loss_masks)).max()) if rows.any() else 0
 
 
 def _split(input_ids, attention_mask, starts, min_prefix: int = 0):
@@ -67,7 +76,7 @@ def _split(input_ids, attention_mask, starts, min_prefix: int = 0):
 
 
 def span_logprobs(model, input_ids, attention_mask, starts: torch.Tensor, temperature: float, entropy: str = "none",
-                  columns: torch.Tensor | None = None, always_split: bool = False):
+                  columns: torch.Tensor | None = None, always_split: bool = False, prefix_width: int = 0):
     """Like ``trainer.token_logprobs``: (B, S - 1) log-probs of tokens 1..S-1 and their
     entropies, but differentiable only through each row's span (columns >= ``starts``);
     the other columns are 0. The prefix [0, g_r) runs under ``no_grad`` into a KV cache.
@@ -79,9 +88,14 @@ def span_logprobs(model, input_ids, attention_mask, starts: torch.Tensor, temper
     as ``token_logprobs`` does); other columns hold log-probs of no use or 0.
     ``always_split``: run the prefix pass even when no row has a prefix (a sharded model:
     every rank must issue the same forwards, so the same collectives).
+    ``prefix_width``: left-pad the prefixes to at least this many columns. Give every
+    micro-batch of a step the step's widest start (:func:`prefix_width`): a row's keys
+    then sit in the same columns whatever rows share its micro-batch, so the old-log-prob
+    pass and the update (which packs rows differently) compute the same numbers in bf16.
     """
     S = input_ids.shape[1]
-    (pre_ids, pre_mask, pre_pos), (span_ids, span_mask, span_pos) = _split(input_ids, attention_mask, starts, int(always_split))
+    (pre_ids, pre_mask, pre_pos), (span_ids, span_mask, span_pos) = _split(input_ids, attention_mask, starts,
+                                                                           max(prefix_width, int(always_split)))
     trim = accepts_logits_to_keep(model)
     keep = _span_positions(columns, starts, span_ids.shape[1]) if trim else None
     extra = {} if keep is None else {"logits_to_keep": keep}

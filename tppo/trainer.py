@@ -34,20 +34,22 @@ from typing import Any, Callable, Iterator
 import torch
 
 from tppo import algos, distributed, sharding
-from tppo.batching import row_micro_batches, token_micro_batches
+from tppo.advantages import compute_advantages, has_critic, policy_lambda, rows_with_values
+from tppo.batching import row_micro_batches
 from tppo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from tppo.config import Config, ConfigError, diff_configs, load_config, save_config
 from tppo.egae_bias import TruncationTracker
 from tppo.evaluation import decode_response, evaluate, run_generate_fn
 from tppo.metrics import MetricsLogger, summary_line
-from tppo.models import ModelSource, accepts_logits_to_keep, critic_from_policy, eos_token_ids, load_critic, load_pretrained, own_aligned_memory, save_pretrained
+from tppo.models import ModelSource, critic_from_policy, eos_token_ids, load_critic, load_pretrained, own_aligned_memory, save_pretrained
 from tppo.monitoring import carry_metrics, round_metrics
-from tppo.prefix import span_logprobs, span_starts
+from tppo.prefix import prefix_width, span_logprobs, span_starts
 from tppo.rewards import RewardScorer
 from tppo.rollout import EmbeddedEngine, WindowBatch
 from tppo.rundir import RunDirInUse, claim
 from tppo.stopping import Interrupted, StopRequest
 from tppo.tasks import ArithTask, ChainTask, Example, PromptSource, epoch_stream, load_task_data
+from tppo.updates import StepBatch, autocast, critic_values, old_logprob_source, token_logprobs, update_critic, update_policy, used_columns
 from tppo.window import WindowHistory, choose_window, history_from_state, history_state
 
 
@@ -63,23 +65,12 @@ class CheckpointError(OSError):
 RESUMABLE_CHANGES = ("train.total_steps", "log.")
 
 
-@dataclasses.dataclass
-class StepBatch:
-    """One step's training tensors, all (B, S - 1) in the shifted frame unless noted."""
-
-    input_ids: torch.Tensor  # (B, S)
-    attention_mask: torch.Tensor  # (B, S)
-    policy_mask: torch.Tensor  # bool: this window's tokens
-    critic_mask: torch.Tensor  # bool: the critic's tokens
-    lm_mask: torch.Tensor  # bool: tokens of finished correct responses (positive-example LM loss)
-    old_logprobs: torch.Tensor
-    old_values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    response_mask: torch.Tensor  # bool: response tokens (where a carried row's earlier windows are: tppo/prefix.py)
-
-    def to(self, device: torch.device) -> "StepBatch":
-        return StepBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+# Step metrics of a step without a policy update (critic warm-up) / of a run without a critic.
+NO_POLICY_UPDATE = {"policy/loss": 0.0, "policy/clipfrac": 0.0, "policy/approx_kl": 0.0, "policy/entropy": 0.0, "policy/grad_norm": 0.0,
+                    "policy/skipped_steps": 0, "policy/ratio_min": 1.0, "policy/ratio_max": 1.0,
+                    **dict.fromkeys(("rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/mismatch_kl", "policy/is_weight_mean",
+                                     "policy/is_clipped_frac", "policy/is_masked_frac"), float("nan"))}
+NO_CRITIC = {"value/loss": float("nan"), "value/clipfrac": float("nan"), "value/grad_norm": 0.0, "value/skipped_steps": 0}
 
 
 # ---------------------------------------------------------------------- building blocks
@@ -89,31 +80,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def mixed_precision(cfg: Config, device: torch.device) -> bool:
-    """Whether the trainer's forwards run under bf16 autocast (``train.bf16`` on CUDA)."""
-    return device.type == "cuda" and cfg.train.bf16
-
-
-def autocast(cfg: Config, device: torch.device):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=mixed_precision(cfg, device))
-
-
-def recompute_old_logprobs(cfg: Config, device: torch.device) -> bool:
-    """Whether step 4 recomputes the old log-probs with the trainer's own forward.
-
-    PPO's ratio must compare the same numerics: under bf16 autocast, in bf16 weights or
-    with another engine, the engine's sampling log-probs differ from the update's by
-    ~1e-3 and clip tokens of a policy that has not moved. ``auto`` recomputes exactly
-    then (verl's default); on the fp32 embedded path the two already agree (to ~1e-6,
-    pinned by tests) and the extra forward is skipped.
-    """
-    mode = cfg.algo.old_logprobs
-    if mode != "auto":
-        return mode == "recompute"
-    return mixed_precision(cfg, device) or cfg.model.dtype != "float32" or cfg.rollout.engine != "embedded"
-
 
 def task_examples(cfg: Config, seed: int) -> tuple[Callable[[], Iterator[Example]], list[Example], list[str]]:
     """A run's data: a factory of the deterministic training example stream (PromptSource
@@ -130,276 +96,6 @@ def make_optimizer(model: torch.nn.Module, lr: float, cfg: Config):
     warm = cfg.train.lr_warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm > 0 else 1.0)
     return opt, sched
-
-
-def micro_batches(batch: StepBatch, rows: list[int], t) -> list[list[int]]:
-    """A mini-batch's micro-batches (tppo/batching.py): by token budget when
-    ``train.micro_batch_tokens`` is set, else ``train.micro_batch_rows`` rows each."""
-    if t.micro_batch_tokens:
-        lengths = batch.attention_mask[rows].sum(1).tolist()
-        return token_micro_batches(rows, lengths, t.micro_batch_tokens, t.micro_batch_rows)
-    return row_micro_batches(rows, t.micro_batch_rows)
-
-
-def trimmed(batch: StepBatch, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """input_ids / attention_mask of ``rows``, cut to their longest sequence; that length."""
-    S = int(batch.attention_mask[rows].sum(1).max())
-    return batch.input_ids[rows, :S], batch.attention_mask[rows, :S], S
-
-
-def token_logprobs(model, input_ids, attention_mask, temperature: float, entropy: str = "none", columns: torch.Tensor | None = None):
-    """(B, S-1) log-probs of tokens 1..S-1 under the temperature-scaled policy, and their
-    entropies: ``entropy`` is "none", "metric" (no grad: cheap on large vocabularies) or "grad".
-
-    ``columns`` (1-D, ascending, in the shifted frame) limits the vocabulary projection to
-    the positions whose log-probs are used (this window's tokens), through the model's
-    ``logits_to_keep``: exact, and it skips the (B, S, V) logits of the prompt and earlier
-    windows, most of a T-PPO row. The other columns are 0.
-    """
-    if columns is not None and not accepts_logits_to_keep(model):
-        columns = None  # a model without logits_to_keep: project every position
-    keep = {} if columns is None else {"logits_to_keep": columns}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **keep).logits
-    labels = input_ids[:, 1:] if columns is None else input_ids[:, columns + 1]
-    lp, ent = algos.tempered_logprobs(logits[:, :-1] if columns is None else logits, labels, temperature, entropy)
-    width = input_ids.shape[1] - 1
-    return _full_frame(lp, columns, width), (None if ent is None else _full_frame(ent, columns, width))
-
-
-def _full_frame(x: torch.Tensor, columns: torch.Tensor | None, width: int) -> torch.Tensor:
-    """(B, K) values at ``columns`` as (B, width), zeros elsewhere (differentiable)."""
-    if columns is None:
-        return x
-    return x.new_zeros(x.shape[0], width).index_copy(1, columns, x)
-
-
-def used_columns(*masks: torch.Tensor) -> torch.Tensor:
-    """The shifted-frame columns where any row of any (b, S-1) mask is set (at least one,
-    so that a micro-batch without tokens still runs its forward)."""
-    cols = torch.stack([m.any(0) for m in masks]).any(0).nonzero().squeeze(1)
-    return cols if cols.numel() else torch.zeros(1, dtype=torch.long, device=cols.device)
-
-
-def critic_values(critic, input_ids, attention_mask) -> torch.Tensor:
-    """(B, S) value of the state ending at each position."""
-    return critic(input_ids=input_ids, attention_mask=attention_mask).logits[..., 0].float()
-
-
-# ---------------------------------------------------------------------- steps 5-7 as functions
-
-
-def compute_advantages(cfg: Config, packed, values_full: torch.Tensor, rewards: list[float | None], all_reduce=None,
-                       window_tokens: int | None = None):
-    """Step 5: per-token advantages (policy) and returns (critic), shifted frame.
-
-    values_full: (B, S) critic outputs; rewards: per row, None if unfinished;
-    all_reduce: a sum over data-parallel ranks, for whitening with global statistics;
-    window_tokens: this step's W (default: the config's).
-    Returns (advantages, policy_mask, returns, critic_mask, lm_mask).
-    """
-    a = cfg.algo
-    B, S = packed.input_ids.shape
-    finished = packed.finished
-    policy_mask = packed.window_mask[:, 1:]
-    response_mask = packed.response_mask[:, 1:]
-    values = values_full[:, :-1]
-    last = packed.attention_mask.sum(1) - 1  # index of each row's last token (unshifted)
-    next_values = values_full.gather(1, last.unsqueeze(1)).squeeze(1)  # V(s_l): after the cut
-    reward_t = torch.zeros(B, S - 1)
-    for b, r in enumerate(rewards):
-        if r is not None:
-            reward_t[b, last[b] - 1] = r  # the reward sits on the last response token
-    lam = policy_lambda(cfg, packed, window_tokens)
-    estimator = algos.ADVANTAGE_ESTIMATORS["gae" if a.algorithm == "ppo" else "egae"]
-    adv, _ = estimator(reward_t, values, policy_mask, finished, gamma=a.gamma, lam=lam, bootstrap=a.bootstrap, next_values=next_values)
-    if a.whiten_advantages:
-        adv = algos.masked_whiten(adv, policy_mask, all_reduce=all_reduce)
-    if a.window_ignore_tokens:
-        adv = _ignore_window_tail(adv, policy_mask, finished, a.window_ignore_tokens)
-    critic_mask = response_mask & finished.unsqueeze(1)
-    returns = algos.discounted_returns(reward_t, critic_mask, a.gamma)  # lambda = 1: Monte-Carlo targets
-    if a.critic_on == "all":  # ablation: unfinished rows' window tokens with bootstrapped targets
-        extra = policy_mask & ~finished.unsqueeze(1)
-        _, boot_ret = algos.egae(reward_t, values, extra, finished, a.gamma, 1.0, bootstrap=a.bootstrap, next_values=next_values)
-        returns = torch.where(extra, boot_ret, returns)
-        critic_mask = critic_mask | extra
-    return adv, policy_mask, returns, critic_mask, positive_examples(packed, rewards)
-
-
-def positive_examples(packed, rewards: list[float | None]) -> torch.Tensor:
-    """(B, S - 1) bool: the response tokens of finished correct rows (reward >= 1), those of
-    VAPO's positive-example LM loss."""
-    correct = torch.tensor([r is not None and r >= 1.0 for r in rewards])
-    return packed.response_mask[:, 1:] & correct.unsqueeze(1)
-
-
-def policy_lambda(cfg: Config, packed, window_tokens: int | None = None) -> float | torch.Tensor:
-    """VAPO's length-adaptive lambda; an unfinished row's length is estimated as the
-    length so far + W / 2 (the authors' port; W this step's window, default the config's)."""
-    a = cfg.algo
-    if a.lam_policy != "adaptive":
-        return float(a.lam_policy)
-    W = cfg.rollout.window_tokens if window_tokens is None else window_tokens
-    lengths = packed.response_lengths.float()
-    lengths = torch.where(packed.finished, lengths, lengths + W / 2)
-    return algos.adaptive_lambda(lengths, a.lam_alpha, a.lam_min)
-
-
-def _ignore_window_tail(adv, policy_mask, finished, k: int) -> torch.Tensor:
-    """Zero the advantage on the last k window tokens of unfinished rows (authors' port)."""
-    rank_from_end = policy_mask.flip(1).cumsum(1).flip(1)  # 1 on the last window token, 2 before it...
-    tail = policy_mask & (rank_from_end <= k) & ~finished.unsqueeze(1)
-    return torch.where(tail, torch.zeros_like(adv), adv)
-
-
-def loss_denominators(mask: torch.Tensor, mode: str, n_tok: int) -> dict[str, int]:
-    """The whole mini-batch's denominator of ``algos.agg_loss`` for ``mode``: its token
-    count ``n_tok`` (token-mean) or its count of rows with a token in ``mask``
-    (seq-mean-*), summed over ranks, so that micro-batching and data parallelism leave
-    the gradient unchanged (spec, "Losses")."""
-    if mode == "token-mean":
-        return {"num_tokens": n_tok}
-    return {"num_seqs": distributed.sum_int(int(mask.any(1).sum()))}
-
-
-def policy_logprobs(policy, ids, attn, pm, lmm, response_mask, cfg: Config):
-    """The update's log-probs and entropies of a micro-batch: one forward with gradient
-    through every token (the exact update), or with ``algo.prefix_grad: false`` the
-    earlier windows of carried rows without gradient (tppo/prefix.py)."""
-    entropy = "grad" if cfg.algo.entropy_coef else "metric"
-    if cfg.algo.prefix_grad:
-        return token_logprobs(policy, ids, attn, cfg.rollout.temperature, entropy, used_columns(pm, lmm))
-    return span_logprobs(policy, ids, attn, span_starts(response_mask, pm, lmm), cfg.rollout.temperature, entropy,
-                         columns=pm | lmm, always_split=sharding.is_sharded(policy))
-
-
-def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.Generator, device, ref=None) -> dict[str, float]:
-    """Step 6: PPO epochs of clipped-surrogate updates on the policy tokens."""
-    a, t = cfg.algo, cfg.train
-    rows = batch.policy_mask.any(1).nonzero().flatten().tolist()
-    sums = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "lm_loss": 0.0, "kl": 0.0}
-    grad_norms, skipped, tokens_seen, ratio_range = [], 0, 0, [math.inf, -math.inf]
-    policy.train()
-    for _ in range(t.ppo_epochs):
-        for mb in _mini_batches(rows, t.mini_batches, gen):
-            # global-token denominators: summed over data-parallel ranks
-            n_tok = distributed.sum_int(int(batch.policy_mask[mb].sum()))
-            denom = loss_denominators(batch.policy_mask[mb], a.loss_agg, n_tok)
-            n_lm = distributed.sum_int(int(batch.lm_mask[mb].sum()))
-            opt.zero_grad(set_to_none=True)
-            for micro, real in sharding.padded_micro_batches(micro_batches(batch, mb, t), policy):
-                ids, attn, S = trimmed(batch, micro)
-                pm, lmm = batch.policy_mask[micro, : S - 1], batch.lm_mask[micro, : S - 1]
-                with autocast(cfg, device):
-                    lp, ent = policy_logprobs(policy, ids, attn, pm, lmm, batch.response_mask[micro, : S - 1], cfg)
-                loss, stats = algos.policy_loss(lp, batch.old_logprobs[micro, : S - 1], batch.advantages[micro, : S - 1], pm,
-                                                a.clip_low, a.clip_high, a.dual_clip, a.loss_agg, **denom)
-                entropy = algos.agg_loss(ent, pm, "token-mean", n_tok)
-                if a.entropy_coef:
-                    loss = loss - a.entropy_coef * entropy
-                if a.kl_coef and ref is not None:
-                    with torch.no_grad(), autocast(cfg, device):
-                        ref_lp, _ = token_logprobs(ref, ids, attn, cfg.rollout.temperature, columns=used_columns(pm, lmm))
-                    kl_term = algos.agg_loss(algos.kl(lp, ref_lp, a.kl_kind), pm, "token-mean", n_tok)
-                    loss = loss + a.kl_coef * kl_term
-                    sums["kl"] += float(kl_term.detach()) * real
-                if a.lm_loss_coef and n_lm:
-                    lm = algos.lm_loss(lp, batch.lm_mask[micro, : S - 1], "token-mean", n_lm)
-                    loss = loss + a.lm_loss_coef * lm
-                    sums["lm_loss"] += float(lm.detach()) * real
-                if not real:  # FSDP padding: same collectives, no contribution
-                    (loss * 0.0).backward()
-                    continue
-                loss.backward()
-                share = int(pm.sum())  # stats are per-micro means: weight them by tokens
-                sums["loss"] += float(loss.detach())
-                for k in ("clipfrac", "approx_kl"):
-                    sums[k] += float(stats[k]) * share
-                sums["entropy"] += float(entropy.detach())
-                tokens_seen += share
-                ratio_range = [min(ratio_range[0], float(stats["ratio_min"])), max(ratio_range[1], float(stats["ratio_max"]))]
-            sharding.sync_gradients(policy)
-            norm, ok = _clip_and_step(policy, opt, sched, t.grad_clip)
-            grad_norms.append(norm)
-            skipped += not ok
-    n_updates = max(1, t.ppo_epochs * t.mini_batches)
-    return {
-        "policy/loss": sums["loss"] / n_updates,
-        "policy/clipfrac": sums["clipfrac"] / max(1, tokens_seen),
-        "policy/approx_kl": sums["approx_kl"] / max(1, tokens_seen),
-        "policy/entropy": sums["entropy"] / n_updates,
-        "policy/lm_loss": sums["lm_loss"] / n_updates,
-        "policy/kl": sums["kl"] / n_updates,
-        "policy/grad_norm": max(grad_norms) if grad_norms else 0.0,
-        "policy/skipped_steps": skipped,
-        "policy/ratio_min": ratio_range[0] if tokens_seen else 1.0,
-        "policy/ratio_max": ratio_range[1] if tokens_seen else 1.0,
-    }
-
-
-def update_critic(critic, opt, sched, batch: StepBatch, cfg: Config, gen: torch.Generator, device) -> dict[str, float]:
-    """Step 7: clipped value regression on the critic tokens (finished rows for T-PPO)."""
-    a, t = cfg.algo, cfg.train
-    rows = batch.critic_mask.any(1).nonzero().flatten().tolist()
-    loss_sum, clip_sum, tokens_seen, grad_norms, skipped = 0.0, 0.0, 0, [], 0
-    critic.train()
-    for _ in range(t.ppo_epochs):
-        for mb in _mini_batches(rows, t.mini_batches, gen):
-            denom = loss_denominators(batch.critic_mask[mb], a.loss_agg, distributed.sum_int(int(batch.critic_mask[mb].sum())))
-            opt.zero_grad(set_to_none=True)
-            for micro, real in sharding.padded_micro_batches(micro_batches(batch, mb, t), critic):
-                ids, attn, S = trimmed(batch, micro)
-                with autocast(cfg, device):
-                    v = critic_values(critic, ids, attn)[:, :-1]
-                if not real:  # FSDP padding: same collectives, no contribution
-                    (v.sum() * 0.0).backward()
-                    continue
-                cm = batch.critic_mask[micro, : S - 1]
-                loss, stats = algos.value_loss(v, batch.old_values[micro, : S - 1], batch.returns[micro, : S - 1], cm,
-                                               a.value_clip_low, a.value_clip_high, a.loss_agg, **denom)
-                loss.backward()
-                share = int(cm.sum())
-                loss_sum += float(loss.detach())
-                clip_sum += float(stats["clipfrac"]) * share
-                tokens_seen += share
-            sharding.sync_gradients(critic)
-            norm, ok = _clip_and_step(critic, opt, sched, t.grad_clip)
-            grad_norms.append(norm)
-            skipped += not ok
-    n_updates = max(1, t.ppo_epochs * t.mini_batches)
-    return {"value/loss": loss_sum / n_updates if rows else float("nan"),
-            "value/clipfrac": clip_sum / max(1, tokens_seen) if rows else float("nan"),
-            "value/grad_norm": max(grad_norms) if grad_norms else 0.0, "value/skipped_steps": skipped}
-
-
-def _mini_batches(rows: list[int], n: int, gen: torch.Generator) -> list[list[int]]:
-    """Shuffle ``rows`` with the trainer's generator and split into n near-equal groups.
-
-    Alone, a step without rows makes no group (no optimizer step). Data-parallel, every
-    rank makes exactly n groups, empty ones included, so all ranks take the same
-    optimizer steps and meet in the same gradient all-reduces.
-    """
-    if not rows and not distributed.active():
-        return []
-    order = [rows[i] for i in torch.randperm(len(rows), generator=gen).tolist()]
-    size = max(1, math.ceil(len(order) / n))
-    groups = [order[i : i + size] for i in range(0, len(order), size)]
-    return groups + [[] for _ in range(n - len(groups))] if distributed.active() else groups
-
-
-def _clip_and_step(model, opt, sched, max_norm: float) -> tuple[float, bool]:
-    """Clip the gradient and step; a non-finite gradient skips the step (weights unchanged)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor of the global norm
-        norm = norm.full_tensor()
-    if not torch.isfinite(norm):
-        opt.zero_grad(set_to_none=True)
-        return float("nan"), False
-    opt.step()
-    sched.step()
-    return float(norm), True
-
 
 # ---------------------------------------------------------------------- the trainer
 
@@ -427,7 +123,7 @@ class Trainer:
         self._seed_everything(cfg.train.seed)
         self._build_models(ckpt)
         make_stream, self.eval_set, notes = task_examples(cfg, cfg.train.seed)
-        for note in notes if self.rank == 0 else []:
+        for note in [*cfg.notes, *notes] if self.rank == 0 else []:
             print(note)
         self.source = PromptSource(self._rank_share(make_stream), self.tokenizer,
                                    max_prompt_tokens=cfg.task.max_prompt_tokens, template=cfg.task.template, system=cfg.task.system)
@@ -502,17 +198,12 @@ class Trainer:
         init = self.initial_policy()
         self.policy, self.tokenizer = load_pretrained(ModelSource.of(ckpt / "policy") if ckpt else init, dtype=dtype)
         self.eos_ids = eos_token_ids(self.tokenizer, self.policy)
-        if ckpt:
-            self.critic = load_critic(ckpt / "critic", dtype=dtype)
-        elif cfg.model.critic_path:
-            self.critic = load_critic(cfg.model.critic_path, dtype=dtype)
-        else:
-            self.critic = critic_from_policy(self.policy)
-        if self.critic.config.vocab_size != self.policy.config.vocab_size:
+        self.critic = self._build_critic(ckpt, dtype) if has_critic(cfg) else None  # GRPO has none
+        if self.critic is not None and self.critic.config.vocab_size != self.policy.config.vocab_size:
             raise ValueError(f"critic {cfg.model.critic_path} has a vocabulary of {self.critic.config.vocab_size} tokens but the "
                              f"policy {init.repo} has {self.policy.config.vocab_size}: the critic must read the policy's tokens "
                              f"(a checkpoint from another model?)")
-        for model in (self.policy, self.critic):
+        for model in filter(None, (self.policy, self.critic)):
             own_aligned_memory(model.to(self.device))  # bit-exact resume on CPU (see own_aligned_memory)
         self.ref = None
         if cfg.algo.kl_coef:  # the initial policy: loaded again on resume, a copy before the first update otherwise
@@ -522,7 +213,15 @@ class Trainer:
             for model in filter(None, (self.policy, self.critic, self.ref)):
                 sharding.shard(model, self.device)
         self.policy_opt, self.policy_sched = make_optimizer(self.policy, cfg.train.policy_lr, cfg)
-        self.critic_opt, self.critic_sched = make_optimizer(self.critic, cfg.train.critic_lr, cfg)
+        self.critic_opt, self.critic_sched = make_optimizer(self.critic, cfg.train.critic_lr, cfg) if self.critic is not None else (None, None)
+
+    def _build_critic(self, ckpt: Path | None, dtype):
+        """The critic: the checkpoint's, model.critic_path, or the policy with a value head."""
+        if ckpt:
+            return load_critic(ckpt / "critic", dtype=dtype)
+        if self.cfg.model.critic_path:
+            return load_critic(self.cfg.model.critic_path, dtype=dtype)
+        return critic_from_policy(self.policy)
 
     def initial_policy(self) -> ModelSource:
         """The checkpoint RL starts from: model.path, or the SFT warm-start (built if missing)."""
@@ -582,22 +281,23 @@ class Trainer:
         t = time.perf_counter()
         rewards = self._score(wb)
         m["time/score_s"] = time.perf_counter() - t
-        # 4. critic values over prompt + response so far (and the old log-probs, recomputed
-        #    with the update's numerics where the engine's differ).
+        # 4. critic values over prompt + response so far (none for GRPO).
         t = time.perf_counter()
         packed = wb.pack(self.tokenizer.pad_token_id)
-        values_full = self._values(packed)
+        values_full = self._values(packed, rows_with_values(cfg, packed))
         m["time/values_s"] = time.perf_counter() - t
+        # 5. advantages (tppo/advantages.py: EGAE on this window, GAE, GRPO) and critic targets;
+        #    the old log-probs, recomputed where the update's own forward cannot be pi_old.
+        tg = compute_advantages(cfg, packed, values_full, rewards, all_reduce=distributed.sum_ if self.world > 1 else None, window_tokens=W)
         t = time.perf_counter()
         updated = self.step_idx >= cfg.train.critic_warmup_steps  # the critic-only warm-up needs no old log-probs
-        recompute = updated and recompute_old_logprobs(cfg, self.device)
-        old_logprobs = self._old_logprobs(packed, rewards) if recompute else packed.old_logprobs[:, 1:]
+        recompute = updated and old_logprob_source(cfg, self.device) == "recompute"
+        old_logprobs = self._old_logprobs(packed, tg.policy_mask, tg.lm_mask) if recompute else packed.old_logprobs[:, 1:]
         m["time/old_logprobs_s"] = time.perf_counter() - t
-        # 5. advantages (EGAE on this window; GAE for PPO) and critic targets.
-        adv, policy_mask, returns, critic_mask, lm_mask = compute_advantages(
-            cfg, packed, values_full, rewards, all_reduce=distributed.sum_ if self.world > 1 else None, window_tokens=W)
-        batch = StepBatch(packed.input_ids, packed.attention_mask, policy_mask, critic_mask, lm_mask,
-                          old_logprobs, values_full[:, :-1], adv, returns, packed.response_mask[:, 1:]).to(self.device)
+        batch = StepBatch(packed.input_ids, packed.attention_mask, tg.policy_mask, tg.critic_mask, tg.lm_mask, old_logprobs,
+                          values_full[:, :-1], tg.advantages, tg.returns, packed.response_mask[:, 1:],
+                          behavior_logprobs=packed.old_logprobs[:, 1:], stale=packed.versions[:, 1:] < self.version).to(self.device)
+        m["train/filtered_groups"] = distributed.sum_int(tg.filtered_groups)
         #    the truncation-bias diagnostic: cut rows that finished now, EGAE vs GAE (tppo/egae_bias.py)
         m.update(self.egae_bias.observe(wb.rows, wb.window_start, values_full, rewards, policy_lambda(cfg, packed, W),
                                         all_reduce=distributed.sum_ if self.world > 1 else None))
@@ -605,14 +305,13 @@ class Trainer:
         t = time.perf_counter()
         with self._oom_hint("the policy update"):
             m.update(update_policy(self.policy, self.policy_opt, self.policy_sched, batch, cfg, self.gen, self.device, self.ref)
-                     if updated else {"policy/loss": 0.0, "policy/clipfrac": 0.0, "policy/approx_kl": 0.0, "policy/entropy": 0.0,
-                                      "policy/grad_norm": 0.0, "policy/skipped_steps": 0, "policy/ratio_min": 1.0,
-                                      "policy/ratio_max": 1.0})
+                     if updated else NO_POLICY_UPDATE)
         m["time/policy_update_s"] = time.perf_counter() - t
         # 7. update the critic on its tokens.
         t = time.perf_counter()
         with self._oom_hint("the critic update"):
-            m.update(update_critic(self.critic, self.critic_opt, self.critic_sched, batch, cfg, self.gen, self.device))
+            m.update(update_critic(self.critic, self.critic_opt, self.critic_sched, batch, cfg, self.gen, self.device)
+                     if self.critic is not None else NO_CRITIC)
         m["time/value_update_s"] = time.perf_counter() - t
         # 8. carry over: the engine holds the unfinished rows for the next window.
         self.version += updated
@@ -688,33 +387,39 @@ class Trainer:
             rewards[i] = s
         return rewards
 
-    def _values(self, packed) -> torch.Tensor:
-        """(B, S) critic values of every row's states (step 4)."""
-        return self._forward_rows(self.critic, packed, lambda m, ids, attn, micro: critic_values(m, ids, attn))
+    def _values(self, packed, rows: list[int] | None = None) -> torch.Tensor:
+        """(B, S) critic values of the states of ``rows`` (step 4; default every row); zeros
+        elsewhere and without a critic (GRPO)."""
+        if self.critic is None:
+            return torch.zeros(packed.input_ids.shape)
+        rows = list(range(packed.input_ids.shape[0])) if rows is None else rows
+        return self._forward_rows(self.critic, packed, lambda m, ids, attn, micro: critic_values(m, ids, attn), rows)
 
-    def _old_logprobs(self, packed, rewards: list[float | None]) -> torch.Tensor:
-        """(B, S - 1) log-probs of this window's tokens under the current policy, computed with
-        the update's own forward and numerics (shifted frame; see recompute_old_logprobs):
+    def _old_logprobs(self, packed, policy_mask: torch.Tensor, lm_mask: torch.Tensor) -> torch.Tensor:
+        """(B, S - 1) log-probs of the policy tokens under the current policy, computed with
+        the update's own forward and numerics (shifted frame; updates.old_logprob_source):
         with ``algo.prefix_grad: false`` the same prefix / span split as the update's."""
-        T, window = self.cfg.rollout.temperature, packed.window_mask[:, 1:].to(self.device)
-        response, lm = packed.response_mask[:, 1:].to(self.device), positive_examples(packed, rewards).to(self.device)
+        T, policy_mask = self.cfg.rollout.temperature, policy_mask.to(self.device)
+        response, lm = packed.response_mask[:, 1:].to(self.device), lm_mask.to(self.device)
+        width = 0 if self.cfg.algo.prefix_grad else prefix_width(response, policy_mask, lm)  # the update's (updates.update_policy)
 
         def logprobs(model, ids, attn, micro):
-            w = window[micro, : ids.shape[1] - 1]
+            w = policy_mask[micro, : ids.shape[1] - 1]
             if self.cfg.algo.prefix_grad:
                 return token_logprobs(model, ids, attn, T, columns=used_columns(w))[0]
             starts = span_starts(response[micro, : ids.shape[1] - 1], w, lm[micro, : ids.shape[1] - 1])
-            return span_logprobs(model, ids, attn, starts, T, columns=w)[0]
+            return span_logprobs(model, ids, attn, starts, T, columns=w, prefix_width=width)[0]
 
-        return self._forward_rows(self.policy, packed, logprobs)[:, :-1]
+        rows = policy_mask.any(1).nonzero().flatten().tolist()
+        return self._forward_rows(self.policy, packed, logprobs, rows)[:, :-1]
 
     @torch.no_grad()
-    def _forward_rows(self, model, packed, fn) -> torch.Tensor:
-        """(B, S) on the CPU: ``fn(model, ids, attn, micro)`` ((b, s') with s' <= s) over every
-        row, micro-batched, in eval mode and the trainer's autocast; zeros past each output."""
+    def _forward_rows(self, model, packed, fn, rows: list[int]) -> torch.Tensor:
+        """(B, S) on the CPU: ``fn(model, ids, attn, micro)`` ((b, s') with s' <= s) over
+        ``rows``, micro-batched, in eval mode and the trainer's autocast; zeros past each
+        output and in the other rows."""
         model.eval()
         out = torch.zeros(packed.input_ids.shape)
-        rows = list(range(packed.input_ids.shape[0]))
         with sharding.gathered(model):  # ranks have different row counts: no collectives inside
             for micro in row_micro_batches(rows, self.cfg.train.micro_batch_rows):
                 S = int(packed.attention_mask[micro].sum(1).max())
@@ -751,6 +456,7 @@ class Trainer:
             "reward/errors": self.scorer.errors + self.scorer.timeouts,
             "reward/timeouts": self.scorer.timeouts,
             "policy/tokens": int(batch.policy_mask.sum()),
+            "rollout/stale_token_frac": float((batch.stale & batch.policy_mask).sum()) / max(1, int(batch.policy_mask.sum())),
             "policy/updated": int(updated),
             "value/tokens": int(cm.sum()),
             "value/explained_variance": float(algos.explained_variance(batch.old_values, batch.returns, cm)) if cm.any() else float("nan"),
@@ -793,13 +499,16 @@ class Trainer:
     def save(self) -> Path | None:
         """Rank 0 writes one checkpoint holding the (identical) models and optimizers and
         every rank's own state: its rows in flight, prompt cursor, scorer counts, RNGs."""
-        policy_state, critic_state = sharding.full_model_state(self.policy), sharding.full_model_state(self.critic)
+        critic = self.critic is not None  # GRPO has none
+        policy_state = sharding.full_model_state(self.policy)
+        critic_state = sharding.full_model_state(self.critic) if critic else None
         policy_opt = sharding.full_optimizer_state(self.policy, self.policy_opt)
-        critic_opt = sharding.full_optimizer_state(self.critic, self.critic_opt)
+        critic_opt = sharding.full_optimizer_state(self.critic, self.critic_opt) if critic else None
 
         def write_models(d: Path) -> None:
             save_pretrained(self.policy, self.tokenizer, d / "policy", state_dict=policy_state)
-            self.critic.save_pretrained(d / "critic", state_dict=critic_state, safe_serialization=True)
+            if critic:
+                self.critic.save_pretrained(d / "critic", state_dict=critic_state, safe_serialization=True)
 
         ranks = distributed.gather_to_main({
             "engine": self.engine.state_dict(), "source": self.source.state_dict(), "egae_bias": self.egae_bias.state_dict(),
@@ -813,7 +522,7 @@ class Trainer:
                 "step": self.step_idx, "version": self.version, "elapsed": self.elapsed, "total_generated": self.total_generated,
                 "nonfinite": [self.nonfinite_skips, self.nonfinite_in_a_row],
                 "policy_opt": policy_opt, "policy_sched": self.policy_sched.state_dict(),
-                "critic_opt": critic_opt, "critic_sched": self.critic_sched.state_dict(),
+                "critic_opt": critic_opt, "critic_sched": self.critic_sched.state_dict() if critic else None,
                 "world_size": self.world, "ranks": ranks,
             }
             try:
@@ -837,8 +546,9 @@ class Trainer:
         self.nonfinite_skips, self.nonfinite_in_a_row = state["nonfinite"]
         sharding.load_optimizer_state(self.policy, self.policy_opt, state["policy_opt"])
         self.policy_sched.load_state_dict(state["policy_sched"])
-        sharding.load_optimizer_state(self.critic, self.critic_opt, state["critic_opt"])
-        self.critic_sched.load_state_dict(state["critic_sched"])
+        if self.critic is not None:
+            sharding.load_optimizer_state(self.critic, self.critic_opt, state["critic_opt"])
+            self.critic_sched.load_state_dict(state["critic_sched"])
         mine = state["ranks"][self.rank]
         self.source.load_state_dict(mine["source"])
         self.engine.load_state_dict(mine["engine"])

@@ -11,7 +11,11 @@ one with the most predicted finished prompts per second whose predicted truncati
 stays <= ``window_bias_cap``; ties go to the larger W (less truncation); if none meets the
 cap, the largest W. Until the run has measured enough (:data:`MIN_LENGTHS` finished
 responses and one timed step), W = window_max, which also measures the length tail
-without cuts.
+without cuts. The truncation error is measured before it is trusted: while no error has
+been measured, or after :data:`STALE_STEPS` steps without a new measurement (a run held
+at window_max cuts nothing, so an old, worse estimate would hold it there for good), the
+step probes the mildest cut, the largest candidate below window_max, whose cut rows
+measure the error when they finish.
 
 The prediction for a candidate W (:func:`predict`), from the measured inputs
 (:class:`WindowHistory`, kept with the checkpoint, so the choice is deterministic given
@@ -46,6 +50,7 @@ from typing import Any
 LENGTHS_KEPT = 1024
 MIN_LENGTHS = 16
 TIMED_STEPS = 20
+STALE_STEPS = 10  # steps without a new truncation-error measurement before a probe
 
 
 @dataclasses.dataclass
@@ -57,6 +62,7 @@ class WindowHistory:
     decode_s_per_step: list[float] = dataclasses.field(default_factory=list)
     other_s_per_token: list[float] = dataclasses.field(default_factory=list)
     cut_token_error: list[float] = dataclasses.field(default_factory=list)
+    steps_since_error: int = 0  # steps recorded since the last truncation-error measurement
 
     def record(self, *, lengths: list[int], prompt_lengths: list[int], decode_s: float, decode_steps: int, other_s: float,
                context_tokens: int, egae_mae: float, rows_compared: int) -> None:
@@ -68,6 +74,9 @@ class WindowHistory:
             self.other_s_per_token = (self.other_s_per_token + [max(0.0, other_s) / context_tokens])[-TIMED_STEPS:]
         if rows_compared and math.isfinite(egae_mae):
             self.cut_token_error = (self.cut_token_error + [egae_mae])[-TIMED_STEPS:]
+            self.steps_since_error = 0
+        else:
+            self.steps_since_error += 1
 
     @property
     def ready(self) -> bool:
@@ -114,7 +123,10 @@ def choose_window(h: WindowHistory, *, window_min: int, window_max: int, bias_ca
     """The window of the next step (the rule in the module docstring)."""
     if not h.ready:
         return window_max
-    candidates = [predict(W, h, slots, group) for W in sorted({*range(window_min, window_max + 1, window_min), window_max})]
+    windows = sorted({*range(window_min, window_max + 1, window_min), window_max})
+    if (not h.cut_token_error or h.steps_since_error >= STALE_STEPS) and len(windows) > 1:
+        return windows[-2]  # measure the error (again) at the mildest cut before trusting throughput
+    candidates = [predict(W, h, slots, group) for W in windows]
     allowed = [p for p in candidates if p.truncation_error <= bias_cap]
     if not allowed:
         return window_max

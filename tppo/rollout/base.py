@@ -136,7 +136,8 @@ class PackedWindow:
     ``attention_mask`` any real token; ``response_mask`` a response token (all windows);
     ``window_mask`` a token of this window (the policy loss's tokens). ``old_logprobs``
     and ``versions`` hold the sampling log-prob / policy version at response positions
-    (0 elsewhere). ``finished`` is (B,) bool, ``response_lengths`` (B,) long.
+    (0 elsewhere). ``finished`` is (B,) bool, ``response_lengths`` (B,) long,
+    ``group_ids`` (B,) long the prompt group of each row (its ``prompt_id``).
     """
 
     input_ids: torch.Tensor
@@ -147,6 +148,7 @@ class PackedWindow:
     versions: torch.Tensor
     finished: torch.Tensor
     response_lengths: torch.Tensor
+    group_ids: torch.Tensor
 
 
 def pack_window(batch: WindowBatch, pad_id: int) -> PackedWindow:
@@ -174,6 +176,7 @@ def pack_window(batch: WindowBatch, pad_id: int) -> PackedWindow:
         versions=versions,
         finished=torch.tensor([r.finished for r in batch.rows], dtype=torch.bool),
         response_lengths=torch.tensor([len(r.response_ids) for r in batch.rows], dtype=torch.long),
+        group_ids=torch.tensor([r.prompt_id for r in batch.rows], dtype=torch.long),
     )
 
 
