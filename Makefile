@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup demo test test-slow test-vllm mutants bench bench-rollout bench-ppo-vs-tppo soak clean
+.PHONY: setup demo test test-slow test-vllm mutants bench bench-rollout bench-ppo-vs-tppo bench-speed soak clean
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,11 @@ bench-rollout: setup
 bench-ppo-vs-tppo: setup
 	$(PY) benchmarks/ppo_vs_tppo.py --seeds 3 --windows 64 auto --variants refill cheap --no-ablations --no-short --prompts 768
 	$(PY) benchmarks/gpu_projection.py
+
+# The speed study (#20): ppo, tppo, grpo, partial-ppo (5 seeds) and the T-PPO variants (3),
+# every arm with every exact optimisation; results/speed_study.json.
+bench-speed: setup
+	$(PY) benchmarks/speed_study.py
 
 bench: bench-rollout bench-ppo-vs-tppo
 

@@ -51,8 +51,10 @@ def train_cmd(cfg_path: Path, run_dir: Path, resume: bool) -> list[str]:
 
 
 def logged_steps(run_dir: Path) -> int:
+    """Training steps logged so far (step 0, the evaluation before RL, is not one)."""
     path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    # lines, not parsed JSON: the file is read while a run appends to it
+    return sum(1 for line in path.read_text().splitlines() if line.strip() and not line.startswith('{"step": 0,')) if path.exists() else 0
 
 
 def run_with_kills(cfg_path: Path, run_dir: Path, total_steps: int, kills: int, seed: int) -> int:

@@ -246,3 +246,81 @@ def test_rollout_benchmark_quick_runs_at_head(tmp_path):
     # every configuration generated the same forced lengths; windows fill more slots than naive padding
     assert res["slot_utilization"]["windowed"] > res["slot_utilization"]["naive"]
 
+
+# ---------------------------------------------------------------------- the speed study (#20)
+
+
+def test_speed_study_arms_share_every_optimisation_but_what_defines_them():
+    import speed_study as ss
+
+    from tppo.config import load_config
+
+    defining = {"algo.algorithm", "rollout.window_tokens", "algo.train_on", "algo.behavior_correction",
+                "rollout.refill_within_window", "algo.prefix_grad"}
+    for arm in ss.ARMS:
+        ov = ss.arm_overrides(arm)
+        assert all(c in ov for c in ss.COMMON), arm
+        keys = {o.split("=")[0] for o in ov if o not in ss.COMMON}
+        assert keys <= defining, (arm, keys - defining)
+        load_config(ss.DEMO, ov)  # every arm is a valid config
+    assert set(ss.MAIN_ARMS) <= set(ss.ARMS) and "train.micro_batch_tokens=4096" in ss.COMMON
+    assert set(ss.APPROXIMATIONS) == {a for a in ss.ARMS if "algo.prefix_grad=false" in ss.ARMS[a]}
+
+
+def test_speed_study_jobs_rotate_arms_and_give_variants_fewer_seeds():
+    import speed_study as ss
+
+    jobs = ss.build_jobs(["ppo", "tppo", "tppo-auto"], seeds=3, variant_seeds=1)
+    assert jobs[0].name == "init/s0"
+    assert [j.name for j in jobs[1:]] == ["ppo/s0", "tppo/s0", "tppo-auto/s0", "tppo/s1", "ppo/s1", "ppo/s2", "tppo/s2"]
+
+
+def test_eval_standard_error_matches_the_binomial_one():
+    """k = 1 sample per problem, n problems at accuracy p: SE = sqrt(p (1 - p) / n)."""
+    import stats
+
+    correct = [[True]] * 300 + [[False]] * 700
+    assert stats.eval_standard_error(correct, draws=1000) == pytest.approx((0.3 * 0.7 / 1000) ** 0.5, rel=0.1)
+    # samples within a problem that always agree add nothing: SE is the problems' alone
+    same = [[True] * 4] * 300 + [[False] * 4] * 700
+    assert stats.eval_standard_error(same, draws=1000) == pytest.approx((0.3 * 0.7 / 1000) ** 0.5, rel=0.1)
+
+
+def test_time_ratios_keep_the_seeds_that_missed_the_target():
+    import stats
+
+    assert stats.seed_ratios([10.0, 10.0, None, None], [5.0, None, 4.0, None]) == [2.0, 0.0, float("inf")]
+    ci = stats.time_ratio_ci([2.0, 0.0, float("inf")], draws=500)
+    assert ci["median"] == 2.0 and ci["n"] == 3 and ci["ci_low"] == 0.0 and ci["ci_high"] == float("inf")
+    tight = stats.time_ratio_ci([1.5] * 5, draws=200)
+    assert tight["ci_low"] == tight["ci_high"] == tight["median"] == 1.5
+    assert stats.time_ratio_ci([]) == {"median": None, "ci_low": None, "ci_high": None, "n": 0}
+
+
+def test_value_at_interpolates_and_never_extrapolates():
+    import stats
+
+    assert stats.value_at([0.0, 10.0, 20.0], [0.3, 0.5, 0.4], 5.0) == pytest.approx(0.4)
+    assert stats.value_at([0.0, 10.0], [0.3, 0.5], 10.0) == 0.5
+    assert stats.value_at([0.0, 10.0], [0.3, 0.5], 11.0) is None
+
+
+def test_speed_study_quick_runs_end_to_end(tmp_path):
+    """`python benchmarks/speed_study.py --quick`: the four main arms, one seed, tiny; the
+    JSON has the fields the study of record reports."""
+    import json
+
+    import speed_study as ss
+
+    out = tmp_path / "study.json"
+    assert ss.main(["--quick", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert {"commit", "machine", "seeds", "initial_accuracy", "eval_se", "target_accuracy", "arms", "ratios"} <= set(res)
+    assert set(res["arms"]) == set(ss.MAIN_ARMS) and set(res["ratios"]) == set(ss.MAIN_ARMS) - {"ppo"}
+    for arm, a in res["arms"].items():
+        assert a["overrides"] == ss.arm_overrides(arm) and len(a["final_accuracy"]) == len(a["time_to_target_s"]) == 1
+        assert a["work"]["work/decode_steps"] > 0 and a["work"]["work/policy_positions"] > 0
+        assert (a["work"]["work/value_positions"] == 0) == (arm == "grpo")  # GRPO runs no value pass
+    assert res["target_accuracy"] >= res["initial_accuracy"] + 3 * res["eval_se"]
+    for r in res["ratios"].values():
+        assert {"median", "ci_low", "ci_high", "n"} == set(r["per_prompt"]) and r["per_prompt"]["n"] == 1

@@ -21,8 +21,8 @@ def test_train_then_plot(tmp_path, capsys):
                  "task.eval_problems=2", "log.eval_samples=1", "log.tensorboard=false"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "step    2 |" in out and "held-out accuracy (avg@1): before RL" in out
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert "step    2/2 |" in out and "held-out accuracy (avg@1): before RL" in out
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]  # 0: before RL
     assert (run / "plots.png").stat().st_size > 10_000
     assert main(["plot", str(run), str(run), "--out", str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "both.png").exists()
@@ -60,6 +60,7 @@ def test_shipped_configs_load_and_pair_up(path):
         differing = diff_configs(load_config(path.parent / "demo.yaml"), cfg, ignore=("log.",))
         assert sorted(differing) == ["algo.algorithm", "algo.lam_policy", "rollout.window_tokens", "train.critic_lr",
                                      "train.critic_warmup_steps"]
+        assert load_config(path.parent / "demo.yaml", ["algo.algorithm=grpo"]).notes  # the demo's config serves GRPO too
 
 
 # ---------------------------------------------------------------------- run directories, arguments (#22)
@@ -88,7 +89,7 @@ def test_training_into_a_run_directory_is_refused_and_leaves_it_byte_identical(m
     # --overwrite starts again: the old run's checkpoints and metrics are gone, the user's file stays
     assert main(_tiny_train(model_dir, run, "train.total_steps=1", "--overwrite")) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     assert load_config(run / "config.yaml").rollout.window_tokens == 8 and (run / "notes.txt").exists()
 
 
@@ -115,3 +116,59 @@ def test_an_option_between_overrides_trains(model_dir, tmp_path):
     argv = _tiny_train(model_dir, run, "train.total_steps=1")
     argv = [argv[0], *argv[3:6], "--run-dir", str(run), *argv[6:]]  # the option in the middle
     assert main(argv) == 0 and (run / "checkpoints" / "step-000001").is_dir()
+
+
+def test_config_command_prints_the_resolved_documented_yaml(capsys):
+    import yaml
+
+    from tppo.config import to_dict
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert main(["config", "--config", str(configs / "demo.yaml"), "rollout.window_tokens=32"]) == 0
+    out = capsys.readouterr().out
+    assert "  window_tokens: 32  # W, new tokens a row may generate per step." in out
+    assert yaml.safe_load(out) == to_dict(load_config(configs / "demo.yaml", ["rollout.window_tokens=32"]))
+    assert main(["config", "algo.algorithm=grpo"]) == 0 and "# note: algo.algorithm grpo generates whole responses" in capsys.readouterr().out
+
+
+def test_dry_run_checks_everything_offline_and_loads_no_weights(gsm8k, smol_tiny_dir, tmp_path, monkeypatch, capsys):
+    """configs/gsm8k.yaml with local files: exit 0 without network, weights never loaded,
+    nothing written; with a tokenizer on disk the first prompt is shown as the model sees it."""
+    import transformers
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the dry run loaded weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    train, test = gsm8k
+    gsm = str(Path(__file__).resolve().parents[1] / "configs" / "gsm8k.yaml")
+    files = ["task.name=file", f"task.train_path={train}", f"task.eval_path={test}"]
+    run = tmp_path / "run"
+    assert main(["train", "--config", gsm, "--dry-run", "--run-dir", str(run), *files]) == 0
+    out = capsys.readouterr().out
+    assert "hub id Qwen/Qwen2.5-0.5B-Instruct" in out and "reward: math" in out and "512 slots = 64 prompts x 8 samples" in out
+    assert not run.exists()
+    assert main(["train", "--config", gsm, "--dry-run", "--run-dir", str(run), *files, f"model.path={smol_tiny_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert "as the model sees it:" in out and "<|im_start|>user" in out and "Please reason step by step" in out
+    # a reward that does not exist, a missing local model: the errors a run would meet, at once
+    assert main(["train", "--config", gsm, "--dry-run", *files, "model.path=./models/typo"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_samples_are_logged_with_their_fields_and_the_console_shows_them(model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = _tiny_train(model_dir, run, "train.total_steps=2", "log.eval_every=1", "log.samples=2", "log.samples_every=1",
+                       "log.tensorboard=true", "log.progress=true")
+    assert main([argv[0], *argv[3:5], "--run-dir", str(run), *argv[5:]]) == 0  # the option in the middle
+    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert {tuple(sorted(r)) for r in rows} == {("completion", "finished", "prompt", "reward", "split", "step", "windows")}
+    assert [(r["step"], r["split"]) for r in rows] == [(0, "eval")] * 2 + [(1, "train")] * 2 + [(1, "eval")] * 2 + [(2, "train")] * 2 + [(2, "eval")] * 2
+    assert all(r["prompt"] and isinstance(r["completion"], str) for r in rows)
+    assert all((r["reward"] is None) == (not r["finished"]) for r in rows)
+    out = capsys.readouterr().out
+    assert out.count("sample (eval):") == 3 and "step    2/2 |" in out and " nan" not in out
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and "eval/accuracy" in lines[0] and lines[1]["eval/k"] == 1 and "eval/pass@k" in lines[1]
+    assert lines[1]["train/policy_lr"] > 0

@@ -147,5 +147,48 @@ def test_format_penalty():
 
 
 def test_unknown_reward_name():
-    with pytest.raises(ValueError, match="unknown reward 'bogus'"):
+    with pytest.raises(ValueError, match="task.reward 'bogus' is not a registered reward"):
         RewardScorer("bogus")
+
+
+# ---------------------------------------------------------------------- rewards from the config (#23)
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "rewards.py"
+
+
+def test_a_reward_is_a_name_a_module_function_or_a_file_function(tmp_path):
+    from tppo.rewards import REWARD_FNS, RewardSpecError, exact_reward, resolve_reward
+
+    assert resolve_reward("math") is REWARD_FNS["math"] and resolve_reward("tppo.rewards:exact_reward") is exact_reward
+    fn = resolve_reward(f"{EXAMPLES}:length_penalised_exact")
+    assert fn("p", "x" * 300 + "=7", "7") == pytest.approx(1.0 - 0.001 * 102) and fn("p", "=8", "7") == 0.0
+    (tmp_path / "two.py").write_text("def two(p, c, a, k):\n    return 1.0\nraise_it = 3\n")
+    for spec, match in (("exact_match", "not a registered reward"), ("nope.module:f", "cannot import nope.module"),
+                        (f"{tmp_path}/missing.py:f", "no file"), (f"{tmp_path}/two.py:absent", "has no function 'absent'"),
+                        (f"{tmp_path}/two.py:raise_it", "has no function"), (f"{tmp_path}/two.py:two", "must accept")):
+        with pytest.raises(RewardSpecError, match=match):
+            resolve_reward(spec)
+
+
+def test_a_reward_from_a_file_scores_in_worker_processes():
+    from tppo.rewards import RewardScorer
+
+    with RewardScorer(f"{EXAMPLES}:length_penalised_exact", workers=2, timeout_s=5) as scorer:
+        assert scorer.score(["p"] * 3, ["=7", "=8", "x" * 250 + "=7"], ["7"] * 3) == pytest.approx([1.0, 0.0, 1.0 - 0.001 * 52])
+    assert scorer.errors == 0
+
+
+def test_a_wrong_reward_is_one_line_and_exit_2_before_any_model_loads(monkeypatch, capsys, tmp_path):
+    import time
+
+    import tppo.trainer
+    from tppo.cli import main
+
+    monkeypatch.setattr(tppo.trainer, "load_pretrained", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a model loaded")))
+    t0 = time.perf_counter()
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "task.reward=exact_match"]) == 2
+    err = capsys.readouterr().err
+    assert time.perf_counter() - t0 < 10 and err.count("\n") == 1 and "Traceback" not in err and "'exact_match'" in err
+    (tmp_path / "bad.py").write_text("def r(p, c, a):\n    raise KeyError('column')\n")
+    assert main(["train", "--run-dir", str(tmp_path / "r"), f"task.reward={tmp_path}/bad.py:r"]) == 2
+    assert "a call on a sample raised KeyError" in capsys.readouterr().err

@@ -410,3 +410,26 @@ def test_vllm_engine_keeps_the_trainers_random_state():
     with preserved_rng():  # what in-process vLLM does when it starts
         torch.manual_seed(0), random.seed(0), np.random.seed(0)
     assert torch.equal(torch.rand(2), expect[0]) and random.random() == expect[1] and np.random.rand() == expect[2]
+
+
+@pytest.mark.parametrize("mode", ["naive", "compact"])
+def test_row_steps_count_the_decode_batch_padding_included(countdown, mode):
+    """16 rows of lengths 1-10 over 16 slots, 10 decode steps: naive padding keeps every row
+    for every step (160 row-steps); compaction drops finished rows once an eighth of the
+    batch is dead (COMPACT_FRACTION), so it counts the decode batch's size per step by
+    that rule (a naive loop here), between the generated tokens and 160."""
+    import tppo.rollout.embedded as emb
+
+    lengths = [3, 10, 1, 7, 5, 5, 8, 2, 9, 4, 6, 6, 10, 3, 7, 8]
+    cfg = RolloutConfig(prompts_per_step=16, samples_per_prompt=1, window_tokens=16, max_response_tokens=16, **MODES[mode])
+    wb = EmbeddedEngine(cfg, countdown_prompts(lengths), eos_token_ids=EOS, pad_token_id=PAD).generate_window(countdown, 0)
+    expected = 160
+    if mode == "compact":
+        batch, expected = list(lengths), 0
+        for s in range(1, max(lengths) + 1):
+            expected += len(batch)
+            dead = sum(n <= s for n in batch)
+            if dead and dead >= emb.COMPACT_FRACTION * len(batch):
+                batch = [n for n in batch if n > s]
+        assert sum(lengths) < expected < 160
+    assert wb.stats.row_steps == expected and wb.stats.generated_tokens == sum(lengths)

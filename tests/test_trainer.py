@@ -467,3 +467,46 @@ def test_token_micro_batches_pack_rows_of_similar_length_by_hand():
     assert token_micro_batches(rows, lengths, budget=60, max_rows=2) == [[1, 3], [2, 0], [4]]
     assert token_micro_batches(rows, lengths, budget=20, max_rows=8) == [[1], [3], [2], [0, 4]]  # longer than the budget: alone
     assert row_micro_batches(rows, 2) == [[0, 1], [2, 3], [4]]
+
+
+def test_work_counter_by_hand():
+    from tppo.updates import WorkCounter
+
+    attn = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    w = WorkCounter()
+    w.forward("work/value_positions", attn)  # 2 rows x 5 positions, 2 of them padding
+    assert w.counts["work/value_positions"] == 10 and w.counts["work/padding_positions"] == 2
+    # the prefix/span split at starts (2, 0): prefix width 2, spans of 3 and 3 -> 4 + 6 positions for 8 tokens
+    w.forward("work/policy_positions", attn, torch.tensor([2, 0]), prefix_key="work/policy_prefix_positions")
+    assert w.counts["work/policy_positions"] == 6 and w.counts["work/policy_prefix_positions"] == 4
+    assert w.counts["work/padding_positions"] == 2 + 2
+    w.forward("work/old_logprob_positions", attn, torch.tensor([2, 0]), min_prefix=4)  # padded to the step's width 4: 8 + 6
+    assert w.counts["work/old_logprob_positions"] == 14 and w.counts["work/padding_positions"] == 4 + 6
+
+
+@pytest.mark.parametrize("prefix_grad", [True, False])
+def test_every_step_logs_the_work_of_each_pass_by_hand(model_dir, tmp_path, prefix_grad):
+    """One micro-batch of all B rows (8 slots; fewer when a lone free slot waits for a
+    group): the value pass and the update run B x the longest row; the critic update the finished rows x their longest; no recompute (one pass);
+    the decode and prefill counts are the engine's."""
+    cfg = make_cfg(model_dir, tmp_path, "train.micro_batch_rows=8", "train.total_steps=3", f"algo.prefix_grad={str(prefix_grad).lower()}")
+    trainer = Trainer(cfg, tmp_path)
+    windows = capture_windows(trainer)
+    history = trainer.train()
+    assert any(wb.window_start[i] > 0 for wb in windows for i in range(len(wb.rows)))
+    for m, wb in zip(history, windows):
+        n, B = [len(r.prompt_ids) + len(r.response_ids) for r in wb.rows], len(wb.rows)
+        fin = [x for x, r in zip(n, wb.rows) if r.finished]
+        crit = len(fin) * max(fin, default=0)
+        assert m["work/value_positions"] == B * max(n) and m["work/old_logprob_positions"] == 0
+        assert m["work/critic_positions"] == crit
+        assert m["work/prefill_tokens"] == sum(len(r.prompt_ids) + s for r, s in zip(wb.rows, wb.window_start))
+        assert m["work/decode_steps"] == m["rollout/decode_steps"] and m["rollout/generated_tokens"] <= m["work/row_steps"] <= B * m["work/decode_steps"]
+        if prefix_grad:
+            assert m["work/policy_positions"] == B * max(n) and m["work/policy_prefix_positions"] == 0
+            assert m["work/padding_positions"] == 2 * (B * max(n) - sum(n)) + crit - sum(fin)
+        else:  # spans from each carried row's window start; prefixes left-padded to the widest
+            starts = [len(r.prompt_ids) - 1 + s if s else 0 for r, s in zip(wb.rows, wb.window_start)]
+            P, T = max(starts), max(x - g for x, g in zip(n, starts))
+            assert m["work/policy_positions"] == B * T and m["work/policy_prefix_positions"] == B * P
+            assert m["work/padding_positions"] == (B * max(n) - sum(n)) + (B * (P + T) - sum(n)) + crit - sum(fin)

@@ -1,8 +1,9 @@
 """The ``tppo`` command: train | sft | eval | plot | demo.
 
-    tppo train --config FILE [--run-dir DIR] [--resume DIR | --overwrite] [key=value ...]
+    tppo train --config FILE [--run-dir DIR] [--resume DIR | --overwrite] [--dry-run] [key=value ...]
     tppo sft   [--config FILE] [key=value ...]
     tppo eval  --model PATH [--config FILE] [key=value ...]
+    tppo config [--config FILE] [key=value ...]     (the resolved config, each field documented)
     tppo convert SOURCE OUT_DIR [--gguf-file F] [--revision R] [--dtype D]
     tppo plot  RUN_DIR [RUN_DIR ...] [--out FILE]
     tppo report RUN_DIR [--out FILE]                (partial trajectories, EGAE truncation diagnostic)
@@ -16,6 +17,7 @@ after signal N (130 for Ctrl-C) once the checkpoint that resumes the run is writ
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -31,10 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="start again in a run directory that holds a run (its checkpoints and metrics are removed first)")
     t.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) malformed dataset rows instead of stopping")
+    t.add_argument("--dry-run", action="store_true", help="check the config, data, reward and model path, say what would run, "
+                                                          "and exit without loading weights or writing anything")
     for name, help_ in (("sft", "supervised warm-start of the embedded model"), ("demo", "SFT (cached) + T-PPO + plots")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", default=str(DEMO_CONFIG) if name == "demo" else None)
     sub.choices["demo"].add_argument("--overwrite", action="store_true", help="train the demo again (default: continue or show the run in log.run_dir)")
+    cf = sub.add_parser("config", help="print the resolved config (YAML), each field with its documentation")
+    cf.add_argument("--config", help="YAML config (default: built-in defaults)")
     e = sub.add_parser("eval", help="held-out avg@k / pass@k of a checkpoint")
     e.add_argument("--config", help="default: the run's config.yaml when --model is a run's checkpoint, else the defaults")
     e.add_argument("--model", required=True, help="policy checkpoint: a directory, a hub id or a .gguf file")
@@ -50,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="PNG plots of runs, overlaid")
     pl.add_argument("runs", nargs="+")
     pl.add_argument("--out", help="output PNG (default: FIRST_RUN/plots.png)")
-    for s in (t, sub.choices["sft"], sub.choices["demo"], e):
+    for s in (t, sub.choices["sft"], sub.choices["demo"], e, cf):
         s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p
 
@@ -81,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the step lines
 
     try:
-        commands = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "convert": cmd_convert, "report": cmd_report, "plot": cmd_plot, "demo": cmd_demo}
+        commands = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "config": cmd_config, "convert": cmd_convert,
+                    "report": cmd_report, "plot": cmd_plot, "demo": cmd_demo}
         return commands[args.cmd](args)
     except (ConfigError, DatasetError, FileNotFoundError, ImportError) as e:  # bad input or a missing extra: nothing ran
         print(f"tppo {args.cmd}: error: {e}", file=sys.stderr)
@@ -92,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:  # Ctrl-C or SIGTERM: the checkpoint is written
         print(f"tppo {args.cmd}: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `tppo config | head`: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:  # before the training loop (loading, SFT): nothing to save yet
         print(f"\ntppo {args.cmd}: interrupted before the first training step; nothing was saved", file=sys.stderr)
         return 130
@@ -112,6 +122,11 @@ def cmd_train(args) -> int:
     else:
         cfg = load_config(args.config, overrides)
         run_dir = args.run_dir or cfg.log.run_dir
+    if args.dry_run:
+        from tppo.dryrun import dry_run
+
+        print("\n".join(dry_run(cfg, run_dir, resume=bool(args.resume))))
+        return 0
     _train_and_report(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
     return 0
 
@@ -215,6 +230,17 @@ def eval_config(args):
         if cfg.model.gguf_file and not (model / cfg.model.gguf_file).is_file():
             cfg.model.gguf_file = None
     return cfg, config_file
+
+
+def cmd_config(args) -> int:
+    from tppo.config import describe, load_config
+
+    cfg = load_config(args.config, list(args.overrides))
+    print(f"# tppo config{' --config ' + args.config if args.config else ''}{''.join(' ' + o for o in args.overrides)}")
+    for note in cfg.notes:
+        print(f"# note: {note}")
+    print(describe(cfg))
+    return 0
 
 
 def cmd_convert(args) -> int:

@@ -133,9 +133,9 @@ class TinyModelConfig:
     """Sizes of the embedded tiny Llama (defaults: ~1.06M parameters).
 
     Attributes:
-        hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
-        num_key_value_heads, max_position_embeddings, tie_word_embeddings: as in
-            transformers' ``LlamaConfig``.
+        hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads: as in transformers'
+            ``LlamaConfig``.
+        max_position_embeddings, tie_word_embeddings: as in transformers' ``LlamaConfig``.
     """
 
     hidden_size: int = 128
@@ -464,21 +464,39 @@ class LogConfig:
 
     Attributes:
         run_dir: run directory (metrics.jsonl, config.yaml, checkpoints, plots).
-        tensorboard: also write TensorBoard event files.
+        tensorboard: also write TensorBoard event files (false drops ``tensorboard`` from
+            report_to).
+        report_to: the trackers beside metrics.jsonl: ``tensorboard``, ``wandb``
+            (``tppo[wandb]``), ``mlflow`` (``tppo[mlflow]``); tppo/trackers.py.
+        project: the W&B project / MLflow experiment.
+        run_name: the tracker run's name (null: the run directory's name).
+        mlflow_tracking_uri: MLflow's tracking URI (null: a file store in
+            RUN_DIR/trackers/mlruns, no server needed).
         progress: show a progress bar and one summary line per step.
         eval_every: evaluate held-out accuracy every N steps (0: only at the start and end).
         eval_samples: samples per held-out problem (avg@k and pass@k).
         checkpoint_every: save a checkpoint every N steps (0: only at the end).
         keep_checkpoints: keep the last K checkpoints.
+        samples: prompts whose completions are logged at each evaluation (the first
+            sample of the first problems) and every samples_every steps (the first rows
+            of the window, finished or not) to RUN_DIR/samples.jsonl and TensorBoard;
+            the console shows one (0: off).
+        samples_every: log training samples every N steps (0: only at evaluations).
     """
 
     run_dir: str = "runs/demo"
     tensorboard: bool = True
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    project: str = "tppo"
+    run_name: str | None = None
+    mlflow_tracking_uri: str | None = None
     progress: bool = True
     eval_every: int = 0
     eval_samples: int = 4
     checkpoint_every: int = 25
     keep_checkpoints: int = 2
+    samples: int = 4
+    samples_every: int = 0
 
 
 @dataclasses.dataclass
@@ -528,10 +546,12 @@ class Config:
             self.notes.append(f"algo.algorithm {a.algorithm} generates whole responses: rollout.window_tokens "
                               f"{r.window_tokens} -> {r.max_response_tokens} (rollout.max_response_tokens)")
             r.window_tokens = r.max_response_tokens
-        if a.algorithm == "grpo" and (r.samples_per_prompt < 2 or t.critic_warmup_steps or a.critic_on != "finished"):
+        if a.algorithm == "grpo" and t.critic_warmup_steps:  # no critic: its warm-up would train nothing
+            self.notes.append(f"algo.algorithm grpo has no critic: train.critic_warmup_steps {t.critic_warmup_steps} -> 0")
+            t.critic_warmup_steps = 0
+        if a.algorithm == "grpo" and (r.samples_per_prompt < 2 or a.critic_on != "finished"):
             raise ConfigError("algo.algorithm 'grpo' compares each response with its prompt group's and has no critic: it needs "
-                              "rollout.samples_per_prompt >= 2, train.critic_warmup_steps = 0 and algo.critic_on = finished "
-                              f"(got {r.samples_per_prompt}, {t.critic_warmup_steps}, {a.critic_on})")
+                              f"rollout.samples_per_prompt >= 2 and algo.critic_on = finished (got {r.samples_per_prompt}, {a.critic_on})")
         if r.num_slots % t.mini_batches:
             raise ConfigError(
                 f"train.mini_batches ({t.mini_batches}) must divide the generation batch "
@@ -602,9 +622,14 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    out = dataclasses.asdict(cfg)
-    out["train"]["betas"] = list(out["train"]["betas"])
-    return out
+    """The config as plain YAML-able data (tuples as lists, as YAML reads them back)."""
+    return _lists(dataclasses.asdict(cfg))
+
+
+def _lists(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _lists(v) for k, v in x.items()}
+    return [_lists(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -690,3 +715,45 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# ---------------------------------------------------------------------- the resolved config, documented
+
+
+_DOC_ENTRY = re.compile(r"^(\s+)([a-z_][a-z0-9_]*(?:, [a-z_][a-z0-9_]*)*): (.*)$")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's documentation from the class docstring's ``Attributes:`` section (the
+    one place a field is documented), continuation lines joined; ``a, b: doc`` documents
+    both."""
+    text = (cls.__doc__ or "").split("Attributes:", 1)
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    indent = None
+    for line in (text[1] if len(text) > 1 else "").splitlines():
+        m = _DOC_ENTRY.match(line)
+        if m and (indent is None or len(m.group(1)) == indent):
+            indent, names = len(m.group(1)), m.group(2).split(", ")
+            for n in names:
+                docs[n] = m.group(3).strip()
+        elif line.strip() and names:
+            for n in names:
+                docs[n] += " " + line.strip()
+    return docs
+
+
+def describe(cfg: Any, indent: str = "") -> str:
+    """The resolved config as YAML, each field followed by its documentation as a comment
+    (``tppo config``); ``yaml.safe_load`` of it gives ``to_dict(cfg)``."""
+    docs, lines = field_docs(type(cfg)), []
+    for f in dataclasses.fields(cfg):
+        value, doc = getattr(cfg, f.name), docs.get(f.name, "")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{indent}{f.name}:" + (f"  # {doc}" if doc else ""))
+            lines.append(describe(value, indent + "  "))
+            continue
+        value = _lists(value)
+        rendered = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").removesuffix(" ...")
+        lines.append(f"{indent}{f.name}: {rendered}" + (f"  # {doc}" if doc else ""))
+    return "\n".join(lines)

@@ -39,6 +39,7 @@ class EvalResult:
     pass_at_k: dict[int, float]  # k -> mean unbiased pass@k over problems
     correct: list[list[bool]]  # per problem, per sample
     completions: list[list[str]]
+    rewards: list[list[float]] = dataclasses.field(default_factory=list)  # per problem, per sample
 
 
 def evaluate(examples: Sequence[Example], generate: GenerateFn, scorer: RewardScorer, samples: int,
@@ -54,7 +55,8 @@ def evaluate(examples: Sequence[Example], generate: GenerateFn, scorer: RewardSc
     correct = [[r >= 1.0 for r in rewards[i * samples : (i + 1) * samples]] for i in range(len(examples))]
     avg = sum(map(sum, correct)) / max(1, len(examples) * samples)
     passes = {k: sum(pass_at_k(samples, sum(c), k) for c in correct) / max(1, len(correct)) for k in ks if k <= samples}
-    return EvalResult(avg_at_k=avg, pass_at_k=passes, correct=correct, completions=completions)
+    per_problem = [list(rewards[i * samples : (i + 1) * samples]) for i in range(len(examples))]
+    return EvalResult(avg_at_k=avg, pass_at_k=passes, correct=correct, completions=completions, rewards=per_problem)
 
 
 def engine_generate_fn(model: torch.nn.Module, tokenizer, *, max_response_tokens: int, batch_prompts: int = 16,

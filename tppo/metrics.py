@@ -25,7 +25,10 @@ STEP_KEYS = (
     "policy/updated", "policy/skipped_steps", "policy/ratio_min", "policy/ratio_max",
     "rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/mismatch_kl", "rollout/stale_token_frac",
     "policy/is_weight_mean", "policy/is_clipped_frac", "policy/is_masked_frac", "train/filtered_groups",
+    "work/decode_steps", "work/row_steps", "work/prefill_tokens", "work/value_positions", "work/old_logprob_positions",
+    "work/policy_positions", "work/policy_prefix_positions", "work/critic_positions", "work/padding_positions",
     "value/loss", "value/explained_variance", "value/tokens", "value/clipfrac", "value/grad_norm",
+    "train/policy_lr", "train/critic_lr",
     "time/generate_s", "time/score_s", "time/values_s", "time/old_logprobs_s", "time/policy_update_s", "time/value_update_s",
     "time/step_s", "time/elapsed_s",
 )
@@ -36,19 +39,17 @@ class MetricsLogger:
     """Appends step metrics to ``run_dir/metrics.jsonl`` (and TensorBoard when asked).
 
     On resume, lines of steps after the checkpoint (logged before a crash, about to be
-    redone) are dropped first, so the file keeps exactly one line per step.
+    redone) are dropped first, so the file keeps exactly one line per step. Step 0 is the
+    evaluation before RL (``eval/*`` only); a run resumed at step 0 evaluates again and
+    writes it anew.
     """
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None, trackers: list | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
+        for path in (self.path, self.path.parent / "samples.jsonl"):
+            _keep_steps_up_to(path, resume_step)
+        self.trackers = list(trackers or [])  # tppo/trackers.py: W&B, MLflow
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -59,29 +60,91 @@ class MetricsLogger:
         clean = {k: _jsonable(v) for k, v in metrics.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
+        for tracker in self.trackers:
+            tracker.log(clean)
         if self._tb is not None:
             for k, v in clean.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
                     self._tb.add_scalar(k, v, clean["step"])
 
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """Append completions (``split``, ``prompt``, ``completion``, ``reward``, ``finished``,
+        ``windows``) of ``step`` to ``samples.jsonl``, and to TensorBoard as text."""
+        with (self.path.parent / "samples.jsonl").open("a") as f:
+            for s in samples:
+                f.write(json.dumps({"step": step, **{k: _jsonable(v) for k, v in s.items()}}) + "\n")
+        for tracker in self.trackers if samples else []:
+            tracker.log_samples(step, samples)
+        if self._tb is not None and samples:
+            rows = "\n".join(f"| {s['split']} | {_md(s['prompt'])} | {_md(s['completion'])} | {s['reward']} | {s['finished']} |" for s in samples)
+            self._tb.add_text(f"samples/{samples[0]['split']}", "| split | prompt | completion | reward | finished |\n|---|---|---|---|---|\n" + rows, step)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+def _keep_steps_up_to(path: Path, resume_step: int | None) -> None:
+    """A JSONL file of step lines as a resume from ``resume_step`` needs it: lines of later
+    steps dropped (they are about to be redone), the whole file for a new run (None)."""
+    if not path.exists():
+        return
+    if resume_step is None:
+        path.unlink()
+        return
+    steps = [(line, json.loads(line)["step"]) for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line, step in steps if 0 < step <= resume_step or (step == 0 and resume_step > 0)]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def read_metrics(run_dir: str | Path, initial: bool = False) -> list[dict[str, Any]]:
+    """The run's step lines (with ``initial``, also step 0: the evaluation before RL)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [m for m in rows if initial or m["step"] > 0]
 
 
-def summary_line(m: dict[str, Any]) -> str:
-    """The one-line console summary of a step."""
+def summary_line(m: dict[str, Any], total_steps: int | None = None, eta_s: float | None = None) -> str:
+    """The one-line console summary of a step; an undefined value (no row finished, no
+    update) shows as ``-``, never ``nan``."""
+    step = f"step {m['step']:>4}" + (f"/{total_steps}" if total_steps else "")
+    eta = f" | eta {_duration(eta_s)}" if eta_s is not None else ""
     acc = m.get("eval/accuracy")
-    eval_part = f" | eval acc {acc:.3f}" if acc is not None else ""
-    return (f"step {m['step']:>4} | reward {m['reward/mean']:.3f} acc {m['reward/accuracy']:.3f} | "
-            f"len {m['rollout/response_length']:.1f} (max {m['rollout/response_length_max']}) | "
-            f"util {m['rollout/slot_utilization']:.2f} | carried {m['rollout/carried_rows']} | "
-            f"{m['time/step_s']:.2f} s{eval_part}")
+    eval_part = f" | eval acc {_fmt(acc, '.3f')}" if acc is not None else ""
+    return (f"{step} | reward {_fmt(m.get('reward/mean'), '.3f')} acc {_fmt(m.get('reward/accuracy'), '.3f')} | "
+            f"pg {_fmt(m.get('policy/loss'), '.4f')} kl {_fmt(m.get('policy/approx_kl'), '.1e')} "
+            f"lr {_fmt(m.get('train/policy_lr'), '.1e')} | W {m.get('rollout/window_tokens', '-')} | "
+            f"len {_fmt(m.get('rollout/response_length'), '.1f')} (max {m.get('rollout/response_length_max', '-')}) | "
+            f"util {_fmt(m.get('rollout/slot_utilization'), '.2f')} | carried {m.get('rollout/carried_rows', '-')} | "
+            f"{_fmt(m.get('time/step_s'), '.2f')} s{eta}{eval_part}")
+
+
+def _fmt(v: Any, spec: str) -> str:
+    """``v`` formatted, or ``-`` when it is undefined (None, NaN, inf)."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return format(v, spec)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _md(text: str) -> str:
+    """A string as one Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def sample_line(s: dict[str, Any], width: int = 160) -> str:
+    """One sample on one console line: prompt -> completion [reward]."""
+    flat = lambda t: " ".join(t.split())  # noqa: E731
+    return (f"sample ({s['split']}): {flat(s['prompt'])[-width // 3:]!r} -> {flat(s['completion'])[: 2 * width // 3]!r} "
+            f"[reward {_fmt(s['reward'], '.2f')}{'' if s['finished'] else ', unfinished'}]")
 
 
 def _jsonable(v: Any) -> Any:

@@ -107,7 +107,7 @@ class ModelSource:
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
-def _check_source(src: ModelSource) -> None:
+def check_source(src: ModelSource) -> None:
     """Fail early, with the reason, on what from_pretrained would report obscurely."""
     if src.is_local:
         if src.gguf_file and not (Path(src.repo) / src.gguf_file).is_file():
@@ -150,7 +150,7 @@ def load_pretrained(path: str | Path | ModelSource, *, dtype: torch.dtype | None
     decoder-only models.
     """
     src = path if isinstance(path, ModelSource) else ModelSource.of(path)
-    _check_source(src)
+    check_source(src)
     tokenizer = _from_pretrained(AutoTokenizer, src)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer of {src.repo} has no EOS token; set eos_token in its tokenizer_config.json")
@@ -250,7 +250,7 @@ def load_critic(path: str | Path | ModelSource, *, dtype: torch.dtype | None = N
     """A critic saved by ``save_pretrained`` (a token-classification model, one label), from
     a local directory or a hub id; dropout off."""
     src = path if isinstance(path, ModelSource) else ModelSource.of(path)
-    _check_source(src)
+    check_source(src)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     critic = _from_pretrained(AutoModelForTokenClassification, src, num_labels=1, **kwargs)
     if critic.config.num_labels != 1:

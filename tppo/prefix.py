@@ -51,6 +51,11 @@ def prefix_width(response_mask: torch.Tensor, *loss_masks: torch.Tensor) -> int:
     return int(span_starts(response_mask[rows], *(m[rows] for m in loss_masks)).max()) if rows.any() else 0
 
 
+def split_widths(attention_mask: torch.Tensor, starts: torch.Tensor, min_prefix: int = 0) -> tuple[int, int]:
+    """(P, T): the widths of a micro-batch's left-padded prefixes and right-padded spans."""
+    return max(int(starts.max()), min_prefix), int((attention_mask.sum(1) - starts).max())
+
+
 def _split(input_ids, attention_mask, starts, min_prefix: int = 0):
     """The left-padded prefixes (ids, mask, positions) of tokens [0, g_r) and the
     right-padded spans (ids, mask, positions) of tokens [g_r, n_r), per row; the prefix
@@ -58,7 +63,7 @@ def _split(input_ids, attention_mask, starts, min_prefix: int = 0):
     position exceeds the row's own length (dynamic RoPE scaling reads the largest)."""
     B = input_ids.shape[0]
     lengths = attention_mask.sum(1)
-    P, T = max(int(starts.max()), min_prefix), int((lengths - starts).max())
+    P, T = split_widths(attention_mask, starts, min_prefix)
     dev = input_ids.device
     pre_ids = input_ids.new_zeros(B, P)
     pre_mask = attention_mask.new_zeros(B, P)

@@ -16,11 +16,14 @@ This module imports nothing else of tppo's.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
+import inspect
 import logging
 import math
 import multiprocessing
 import re
 import signal
+from pathlib import Path
 from typing import Callable
 
 RewardFn = Callable[[str, str, str], float]
@@ -121,6 +124,80 @@ REWARD_FNS: dict[str, RewardFn] = {
 }
 
 
+# Functions loaded from a file (task.reward=path.py:fn) -> their spec: a spawned worker
+# cannot import them by reference, so it resolves the spec itself.
+_FILE_REWARDS: dict[Callable, str] = {}
+
+
+class RewardSpecError(ValueError):
+    """``task.reward`` names no reward that can be called as ``fn(prompt, completion, answer)``."""
+
+
+def resolve_reward(spec: str) -> RewardFn:
+    """The reward function ``spec`` names: a key of :data:`REWARD_FNS`, ``package.module:function``
+    (imported as Python imports it) or ``path/to/file.py:function``. A function taking
+    ``(prompt, completion, answer)`` and returning a float, at module level (workers
+    receive it by reference)."""
+    if spec in REWARD_FNS:
+        return REWARD_FNS[spec]
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise RewardSpecError(f"task.reward {spec!r} is not a registered reward ({', '.join(REWARD_FNS)}), "
+                              f"nor package.module:function or path/to/file.py:function")
+    module = _reward_module(spec, where)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise RewardSpecError(f"task.reward {spec!r}: {where} has no function {name!r}")
+    try:
+        inspect.signature(fn).bind("prompt", "completion", "answer")
+    except TypeError as e:
+        raise RewardSpecError(f"task.reward {spec!r}: {name} must accept (prompt, completion, answer): {e}") from None
+    except ValueError:  # a builtin without a signature: trust it
+        pass
+    if where.endswith(".py"):
+        _FILE_REWARDS[fn] = spec
+    return fn
+
+
+def _reward_module(spec: str, where: str):
+    import importlib
+    import importlib.util
+    import sys
+
+    if where.endswith(".py"):
+        path = Path(where).expanduser().resolve()
+        if not path.is_file():
+            raise RewardSpecError(f"task.reward {spec!r}: no file {where}")
+        name = f"tppo_reward_{path.stem}_{abs(hash(str(path))) % 10**8}"  # registered: forked workers find it by name
+        if name not in sys.modules:
+            loader = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(loader)
+            sys.modules[name] = module
+            try:
+                loader.loader.exec_module(module)
+            except Exception as e:
+                del sys.modules[name]
+                raise RewardSpecError(f"task.reward {spec!r}: importing {where} failed: {type(e).__name__}: {e}") from None
+        return sys.modules[name]
+    try:
+        return importlib.import_module(where)
+    except ImportError as e:
+        raise RewardSpecError(f"task.reward {spec!r}: cannot import {where} ({e})") from None
+
+
+def checked_reward(spec: str) -> RewardFn:
+    """:func:`resolve_reward`, then one call on a sample: what a run would meet at its first
+    score, before any model loads."""
+    fn = resolve_reward(spec)
+    try:
+        value = float(fn("What is 1 + 1?", "1 + 1 = 2. The answer is \\boxed{2}.", "2"))
+    except Exception as e:
+        raise RewardSpecError(f"task.reward {spec!r}: a call on a sample raised {type(e).__name__}: {e}") from None
+    if not math.isfinite(value):
+        raise RewardSpecError(f"task.reward {spec!r}: a call on a sample returned {value}, not a finite number")
+    return fn
+
+
 # ---------------------------------------------------------------------- the scorer
 
 
@@ -132,8 +209,16 @@ def _alarm(signum, frame):
     raise _Timeout()
 
 
-def _score_one(fn: RewardFn, prompt: str, completion: str, answer: str, timeout_s: float) -> tuple[float, str | None]:
-    """Run in a worker: (reward, None) or (0.0, 'error'|'timeout')."""
+@functools.lru_cache(maxsize=None)
+def _worker_reward(spec: str) -> RewardFn:
+    """A spawned worker's own copy of the reward ``spec`` names (a function from a file
+    cannot be sent by reference)."""
+    return resolve_reward(spec)
+
+
+def _score_one(fn: RewardFn | str, prompt: str, completion: str, answer: str, timeout_s: float) -> tuple[float, str | None]:
+    """Run in a worker: (reward, None) or (0.0, 'error'|'timeout'); ``fn`` a function or its spec."""
+    fn = _worker_reward(fn) if isinstance(fn, str) else fn
     use_alarm = timeout_s > 0 and hasattr(signal, "setitimer")
     if use_alarm:
         signal.signal(signal.SIGALRM, _alarm)
@@ -156,8 +241,8 @@ class RewardScorer:
     """Scores batches of completions with a registered reward function.
 
     Args:
-        fn: a key of :data:`REWARD_FNS`, or a reward function defined at module level
-            (workers import it by reference).
+        fn: a reward function defined at module level (workers import it by
+            reference), or its name for :func:`resolve_reward`.
         timeout_s: per-call limit; a call past it scores 0 (counted in ``timeouts``).
         workers: worker processes (0: score inline in this process, with the alarm
             guard only when running on the main thread).
@@ -172,9 +257,7 @@ class RewardScorer:
 
     def __init__(self, fn: str | RewardFn, *, timeout_s: float = 10.0, workers: int = 2, format_penalty: float = 0.0,
                  batch_slack_s: float = 5.0) -> None:
-        if isinstance(fn, str) and fn not in REWARD_FNS:
-            raise ValueError(f"unknown reward {fn!r}; registered: {', '.join(REWARD_FNS)}")
-        self.fn = REWARD_FNS[fn] if isinstance(fn, str) else fn
+        self.fn = resolve_reward(fn) if isinstance(fn, str) else fn
         self.timeout_s, self.workers = timeout_s, workers
         self.format_penalty, self.batch_slack_s = format_penalty, batch_slack_s
         self.calls = self.errors = self.timeouts = self.pool_restarts = 0
@@ -202,7 +285,8 @@ class RewardScorer:
 
     def _run_pool(self, prompts, completions, answers):
         pool = self._ensure_pool()
-        futures = [pool.submit(_score_one, self.fn, p, c, a, self.timeout_s) for p, c, a in zip(prompts, completions, answers)]
+        sent = _FILE_REWARDS.get(self.fn, self.fn)  # a function from a file goes as its spec, resolved in the worker
+        futures = [pool.submit(_score_one, sent, p, c, a, self.timeout_s) for p, c, a in zip(prompts, completions, answers)]
         deadline = self.timeout_s + self.batch_slack_s + self.timeout_s * math.ceil(len(futures) / self.workers) / 4
         done, not_done = cf.wait(futures, timeout=deadline)
         if not_done:  # a call stuck where no signal reaches it: abandon the pool

@@ -40,16 +40,18 @@ from tppo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoi
 from tppo.config import Config, ConfigError, diff_configs, load_config, save_config
 from tppo.egae_bias import TruncationTracker
 from tppo.evaluation import decode_response, evaluate, run_generate_fn
-from tppo.metrics import MetricsLogger, summary_line
+from tppo.metrics import MetricsLogger, sample_line, summary_line
 from tppo.models import ModelSource, critic_from_policy, eos_token_ids, load_critic, load_pretrained, own_aligned_memory, save_pretrained
 from tppo.monitoring import carry_metrics, round_metrics
 from tppo.prefix import prefix_width, span_logprobs, span_starts
-from tppo.rewards import RewardScorer
+from tppo.rewards import RewardScorer, RewardSpecError, checked_reward
 from tppo.rollout import EmbeddedEngine, WindowBatch
 from tppo.rundir import RunDirInUse, claim
 from tppo.stopping import Interrupted, StopRequest
 from tppo.tasks import ArithTask, ChainTask, Example, PromptSource, epoch_stream, load_task_data
-from tppo.updates import StepBatch, autocast, critic_values, old_logprob_source, token_logprobs, update_critic, update_policy, used_columns
+from tppo.trackers import check_trackers, make_trackers
+from tppo.updates import (StepBatch, WorkCounter, autocast, critic_values, old_logprob_source, token_logprobs, update_critic, update_policy,
+                          used_columns)
 from tppo.window import WindowHistory, choose_window, history_from_state, history_state
 
 
@@ -115,6 +117,11 @@ class Trainer:
             raise FileNotFoundError(f"--resume {self.run_dir}: no checkpoint in {self.run_dir / 'checkpoints'}")
         distributed.init_from_env(self.device, cfg.train.dist_timeout_s)
         self.rank, self.world = distributed.rank(), distributed.world_size()
+        check_trackers(cfg.log.report_to)  # a missing extra, a reward that cannot be called: refused before anything loads
+        try:
+            checked_reward(cfg.task.reward)
+        except RewardSpecError as e:
+            raise ConfigError(str(e)) from None
         if not resume:
             self._claim_run_dir(overwrite)
         if cfg.train.fsdp and self.world == 1:
@@ -136,13 +143,15 @@ class Trainer:
         self.step_idx, self.version, self.elapsed, self.total_generated = 0, 0, 0.0, 0
         self.nonfinite_skips, self.nonfinite_in_a_row = 0, 0
         self.saved_step: int | None = None  # the step of the last checkpoint this process wrote
+        self.work = WorkCounter()  # this step's positions per pass (work/*)
         if ckpt is not None:
             self._restore(load_trainer_state(ckpt))
         self.logger = None  # rank 0 logs
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, resume_step=self.step_idx if ckpt else None)
+            self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard and "tensorboard" in cfg.log.report_to,
+                                        resume_step=self.step_idx if ckpt else None, trackers=make_trackers(cfg, self.run_dir, bool(ckpt)))
 
     # ------------------------------------------------------------------ setup
 
@@ -248,6 +257,7 @@ class Trainer:
                 if self.step_idx == 0 and (start := self._evaluate_on_main()) is not None:
                     self.start_eval = start
                     (self.run_dir / "eval_initial.json").write_text(json.dumps(self.start_eval) + "\n")
+                    self.logger.log({"step": 0, **start, "time/elapsed_s": 0.0})  # step 0: the accuracy before RL
                     print(f"held-out accuracy before RL: {self.start_eval['eval/accuracy']:.3f}")
                 while self.step_idx < self.cfg.train.total_steps:
                     if signum := distributed.max_int(stop.signum or 0):  # every rank stops at the same step
@@ -284,6 +294,7 @@ class Trainer:
         # 4. critic values over prompt + response so far (none for GRPO).
         t = time.perf_counter()
         packed = wb.pack(self.tokenizer.pad_token_id)
+        self.work = WorkCounter()  # the positions each pass runs (work/*)
         values_full = self._values(packed, rows_with_values(cfg, packed))
         m["time/values_s"] = time.perf_counter() - t
         # 5. advantages (tppo/advantages.py: EGAE on this window, GAE, GRPO) and critic targets;
@@ -304,13 +315,13 @@ class Trainer:
         # 6. update the policy (after the critic-only warm-up).
         t = time.perf_counter()
         with self._oom_hint("the policy update"):
-            m.update(update_policy(self.policy, self.policy_opt, self.policy_sched, batch, cfg, self.gen, self.device, self.ref)
-                     if updated else NO_POLICY_UPDATE)
+            m.update(update_policy(self.policy, self.policy_opt, self.policy_sched, batch, cfg, self.gen, self.device, self.ref,
+                                   self.work) if updated else NO_POLICY_UPDATE)
         m["time/policy_update_s"] = time.perf_counter() - t
         # 7. update the critic on its tokens.
         t = time.perf_counter()
         with self._oom_hint("the critic update"):
-            m.update(update_critic(self.critic, self.critic_opt, self.critic_sched, batch, cfg, self.gen, self.device)
+            m.update(update_critic(self.critic, self.critic_opt, self.critic_sched, batch, cfg, self.gen, self.device, self.work)
                      if self.critic is not None else NO_CRITIC)
         m["time/value_update_s"] = time.perf_counter() - t
         # 8. carry over: the engine holds the unfinished rows for the next window.
@@ -322,13 +333,17 @@ class Trainer:
         self._record_for_window(wb, packed, m)
         self.elapsed += m["time/step_s"]
         m["time/elapsed_s"] = self.elapsed
+        if self._due(cfg.log.samples_every) and self.rank == 0:
+            self._log_samples(self._train_samples(wb, rewards))
         if self._due(cfg.log.eval_every) or self.step_idx == cfg.train.total_steps:
             m.update(self._evaluate_on_main() or {})
         m["train/nonfinite_skips"] = self._count_nonfinite(m["policy/skipped_steps"] + m["value/skipped_steps"])
+        m["train/policy_lr"] = self.policy_sched.get_last_lr()[0]  # the rate the next optimizer step uses
+        m["train/critic_lr"] = self.critic_sched.get_last_lr()[0] if self.critic_sched is not None else float("nan")
         if self.logger is not None:
             self.logger.log(m)
         if cfg.log.progress and self.rank == 0:
-            print(summary_line(m), flush=True)
+            print(summary_line(m, cfg.train.total_steps, self._eta_s(m)), flush=True)
         if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
             raise TrainingDiverged(
                 f"step {self.step_idx}: {self.nonfinite_in_a_row} steps in a row had a NaN/inf loss or gradient "
@@ -337,6 +352,10 @@ class Trainer:
         if self._due(cfg.log.checkpoint_every) or self.step_idx == cfg.train.total_steps:
             self.save()
         return m
+
+    def _eta_s(self, m: dict[str, Any]) -> float | None:
+        """Seconds left at the mean step time of this run (evaluations excluded)."""
+        return (self.cfg.train.total_steps - self.step_idx) * self.elapsed / self.step_idx if self.step_idx else None
 
     def _next_window(self) -> int:
         """This step's W: the config's, or with ``auto`` the choice of tppo/window.py."""
@@ -393,7 +412,11 @@ class Trainer:
         if self.critic is None:
             return torch.zeros(packed.input_ids.shape)
         rows = list(range(packed.input_ids.shape[0])) if rows is None else rows
-        return self._forward_rows(self.critic, packed, lambda m, ids, attn, micro: critic_values(m, ids, attn), rows)
+        def values(model, ids, attn, micro):
+            self.work.forward("work/value_positions", attn)
+            return critic_values(model, ids, attn)
+
+        return self._forward_rows(self.critic, packed, values, rows)
 
     def _old_logprobs(self, packed, policy_mask: torch.Tensor, lm_mask: torch.Tensor) -> torch.Tensor:
         """(B, S - 1) log-probs of the policy tokens under the current policy, computed with
@@ -406,8 +429,10 @@ class Trainer:
         def logprobs(model, ids, attn, micro):
             w = policy_mask[micro, : ids.shape[1] - 1]
             if self.cfg.algo.prefix_grad:
+                self.work.forward("work/old_logprob_positions", attn)
                 return token_logprobs(model, ids, attn, T, columns=used_columns(w))[0]
             starts = span_starts(response[micro, : ids.shape[1] - 1], w, lm[micro, : ids.shape[1] - 1])
+            self.work.forward("work/old_logprob_positions", attn, starts, width)
             return span_logprobs(model, ids, attn, starts, T, columns=w, prefix_width=width)[0]
 
         rows = policy_mask.any(1).nonzero().flatten().tolist()
@@ -436,6 +461,10 @@ class Trainer:
         m = {
             "rollout/slot_utilization": wb.stats.slot_utilization,
             "rollout/decode_steps": wb.stats.decode_steps,
+            "work/decode_steps": wb.stats.decode_steps,
+            "work/row_steps": wb.stats.row_steps,
+            "work/prefill_tokens": wb.stats.prefill_tokens,
+            **self.work.counts,
             "rollout/tokens_per_s": wb.stats.tokens_per_s,
             "time/prefill_s": wb.stats.prefill_s,
             "time/decode_s": wb.stats.decode_s,
@@ -473,7 +502,8 @@ class Trainer:
     def _sum_over_ranks(self, m: dict[str, Any], scored: list[float]) -> None:
         """Counts and reward statistics of the whole data-parallel batch (the other
         metrics stay rank 0's: utilization, lengths, losses, timings)."""
-        counts = ("rollout/generated_tokens", "rollout/finished_rows", "rollout/carried_rows", "policy/tokens", "value/tokens")
+        counts = ("rollout/generated_tokens", "rollout/finished_rows", "rollout/carried_rows", "policy/tokens", "value/tokens",
+                  *(k for k in m if k.startswith("work/") and k != "work/decode_steps"))  # work done by all ranks
         local = [float(m[k]) for k in counts] + [sum(scored), float(len(scored)), float(sum(x >= 1.0 for x in scored))]
         total = distributed.sum_(torch.tensor(local, dtype=torch.float64)).tolist()
         m.update({k: int(v) for k, v in zip(counts, total)})
@@ -482,17 +512,42 @@ class Trainer:
         m["reward/accuracy"] = total[-1] / n if n else float("nan")
 
     def _evaluate_on_main(self) -> dict[str, float] | None:
-        """Rank 0 evaluates (None elsewhere); all ranks call it (a sharded policy is
-        gathered for it)."""
+        """Rank 0 evaluates and logs its samples (None elsewhere); all ranks call it (a
+        sharded policy is gathered for it)."""
         with sharding.gathered(self.policy):
-            return self.evaluate() if self.rank == 0 else None
+            if self.rank != 0:
+                return None
+            metrics, samples = self._evaluate_with_samples()
+        self._log_samples(samples)
+        return metrics
 
     def evaluate(self) -> dict[str, float]:
         """Held-out avg@k (``eval/accuracy``) and pass@k of the current policy."""
-        k = self.cfg.log.eval_samples
+        return self._evaluate_with_samples()[0]
+
+    def _evaluate_with_samples(self) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        k, n = self.cfg.log.eval_samples, self.cfg.log.samples
         generate = run_generate_fn(self.cfg, self.policy, self.tokenizer, self.eos_ids, self.device)
         res = evaluate(self.eval_set, generate, self.scorer, samples=k, ks=(1, k))
-        return {"eval/accuracy": res.avg_at_k, f"eval/pass@{k}": res.pass_at_k[k]}
+        samples = [{"split": "eval", "prompt": e.prompt, "completion": c[0], "reward": r[0], "finished": True, "windows": None}
+                   for e, c, r in zip(self.eval_set[:n], res.completions, res.rewards)]
+        # pass@k under one key whatever k is (eval/k says which); pass@{k} kept for earlier readers
+        return {"eval/accuracy": res.avg_at_k, "eval/pass@k": res.pass_at_k[k], "eval/k": k, f"eval/pass@{k}": res.pass_at_k[k]}, samples
+
+    def _train_samples(self, wb: WindowBatch, rewards: list[float | None]) -> list[dict[str, Any]]:
+        """The first ``log.samples`` rows of the window: the response so far, its reward
+        (None while unfinished) and the windows it has spanned."""
+        return [{"split": "train", "prompt": self.tokenizer.decode(r.prompt_ids, skip_special_tokens=True),
+                 "completion": decode_response(self.tokenizer, r.response_ids), "reward": x, "finished": r.finished, "windows": r.windows}
+                for r, x in list(zip(wb.rows, rewards))[: self.cfg.log.samples]]
+
+    def _log_samples(self, samples: list[dict[str, Any]]) -> None:
+        """To samples.jsonl and TensorBoard (rank 0), one on the console."""
+        if not samples or self.logger is None:
+            return
+        self.logger.log_samples(self.step_idx, samples)
+        if self.cfg.log.progress:
+            print(sample_line(samples[0]), flush=True)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -17,9 +17,37 @@ from tppo import algos, distributed, sharding
 from tppo.batching import row_micro_batches, token_micro_batches
 from tppo.config import Config
 from tppo.models import accepts_logits_to_keep
-from tppo.prefix import prefix_width, span_logprobs, span_starts
+from tppo.prefix import prefix_width, span_logprobs, span_starts, split_widths
 
 OldLogprobSource = Literal["one_pass", "recompute", "engine"]
+WORK_KEYS = ("work/value_positions", "work/old_logprob_positions", "work/policy_positions", "work/policy_prefix_positions",
+             "work/critic_positions", "work/padding_positions")
+
+
+class WorkCounter:
+    """Token positions each pass of a step runs (docs/metrics.md, ``work/*``): the
+    hardware-neutral cost the speed study's cost model is fitted on. A forward over a
+    micro-batch of b rows padded to S runs b x S positions; the split of
+    ``prefix_grad: false`` runs b x P prefix positions without gradient and b x T span
+    positions with it. The positions that hold no token are also counted as padding."""
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(WORK_KEYS, 0)
+
+    def forward(self, key: str, attention_mask: torch.Tensor, starts: torch.Tensor | None = None, min_prefix: int = 0,
+                prefix_key: str | None = None) -> None:
+        """Count one micro-batch's forward: whole (``starts`` None), or split at ``starts``
+        (the prefix to ``prefix_key``, default ``key``)."""
+        b = attention_mask.shape[0]
+        if starts is None:
+            run = {key: b * attention_mask.shape[1]}
+        else:
+            P, T = split_widths(attention_mask, starts, min_prefix)
+            run = {key: b * T}
+            run[prefix_key or key] = run.get(prefix_key or key, 0) + b * P
+        for k, n in run.items():
+            self.counts[k] += n
+        self.counts["work/padding_positions"] += sum(run.values()) - int(attention_mask.sum())
 
 
 @dataclasses.dataclass
@@ -142,16 +170,20 @@ def loss_denominators(mask: torch.Tensor, mode: str, n_tok: int) -> dict[str, in
     return {"num_seqs": distributed.sum_int(int(mask.any(1).sum()))}
 
 
-def policy_logprobs(policy, ids, attn, pm, lmm, response_mask, cfg: Config, width: int = 0):
+def policy_logprobs(policy, ids, attn, pm, lmm, response_mask, cfg: Config, width: int = 0, work: WorkCounter | None = None):
     """The update's log-probs and entropies of a micro-batch: one forward with gradient
     through every token (the exact update), or with ``algo.prefix_grad: false`` the
     earlier windows of carried rows without gradient (tppo/prefix.py), their prefixes
-    padded to the step's ``width`` (prefix.prefix_width)."""
+    padded to the step's ``width`` (prefix.prefix_width); counted in ``work``."""
     entropy = "grad" if cfg.algo.entropy_coef else "metric"
+    work = work or WorkCounter()
     if cfg.algo.prefix_grad:
+        work.forward("work/policy_positions", attn)
         return token_logprobs(policy, ids, attn, cfg.rollout.temperature, entropy, used_columns(pm, lmm))
-    return span_logprobs(policy, ids, attn, span_starts(response_mask, pm, lmm), cfg.rollout.temperature, entropy,
-                         columns=pm | lmm, always_split=sharding.is_sharded(policy), prefix_width=width)
+    starts, split = span_starts(response_mask, pm, lmm), sharding.is_sharded(policy)
+    work.forward("work/policy_positions", attn, starts, max(width, int(split)), prefix_key="work/policy_prefix_positions")
+    return span_logprobs(policy, ids, attn, starts, cfg.rollout.temperature, entropy,
+                         columns=pm | lmm, always_split=split, prefix_width=width)
 
 
 class BehaviorStats:
@@ -195,15 +227,16 @@ def pi_old_and_weights(lp: torch.Tensor, batch: StepBatch, micro: list[int], pm:
     return old, (weights if a.behavior_correction != "none" else None), algos.logprob_mismatch(old, mu, pm), wstats
 
 
-def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.Generator, device, ref=None) -> dict[str, float]:
+def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.Generator, device, ref=None,
+                  work: WorkCounter | None = None) -> dict[str, float]:
     """Step 6: PPO epochs of clipped-surrogate updates on the policy tokens, each token's
-    loss weighted by ``algo.behavior_correction``."""
+    loss weighted by ``algo.behavior_correction``; the positions run counted in ``work``."""
     a, t = cfg.algo, cfg.train
     source = old_logprob_source(cfg, device)
     rows = batch.policy_mask.any(1).nonzero().flatten().tolist()
     sums = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "lm_loss": 0.0, "kl": 0.0}
     grad_norms, skipped, tokens_seen, ratio_range = [], 0, 0, [math.inf, -math.inf]
-    behavior = BehaviorStats()
+    behavior, work = BehaviorStats(), work or WorkCounter()
     width = 0 if a.prefix_grad else prefix_width(batch.response_mask, batch.policy_mask, batch.lm_mask)
     policy.train()
     for epoch in range(t.ppo_epochs):
@@ -217,7 +250,8 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
                 ids, attn, S = trimmed(batch, micro)
                 pm, lmm = batch.policy_mask[micro, : S - 1], batch.lm_mask[micro, : S - 1]
                 with autocast(cfg, device):
-                    lp, ent = policy_logprobs(policy, ids, attn, pm, lmm, batch.response_mask[micro, : S - 1], cfg, width)
+                    lp, ent = policy_logprobs(policy, ids, attn, pm, lmm, batch.response_mask[micro, : S - 1], cfg, width,
+                                              work if real else None)
                 old, weights, mismatch, wstats = pi_old_and_weights(lp, batch, micro, pm, cfg, source)
                 if epoch == 0 and real and source != "engine":
                     behavior.add(mismatch, wstats)
@@ -267,8 +301,10 @@ def update_policy(policy, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
     }
 
 
-def update_critic(critic, opt, sched, batch: StepBatch, cfg: Config, gen: torch.Generator, device) -> dict[str, float]:
-    """Step 7: clipped value regression on the critic tokens (finished rows for T-PPO)."""
+def update_critic(critic, opt, sched, batch: StepBatch, cfg: Config, gen: torch.Generator, device,
+                  work: WorkCounter | None = None) -> dict[str, float]:
+    """Step 7: clipped value regression on the critic tokens (finished rows for T-PPO);
+    the positions run counted in ``work``."""
     a, t = cfg.algo, cfg.train
     rows = batch.critic_mask.any(1).nonzero().flatten().tolist()
     loss_sum, clip_sum, tokens_seen, grad_norms, skipped = 0.0, 0.0, 0, [], 0
@@ -279,6 +315,8 @@ def update_critic(critic, opt, sched, batch: StepBatch, cfg: Config, gen: torch.
             opt.zero_grad(set_to_none=True)
             for micro, real in sharding.padded_micro_batches(micro_batches(batch, mb, t), critic):
                 ids, attn, S = trimmed(batch, micro)
+                if real and work is not None:
+                    work.forward("work/critic_positions", attn)
                 with autocast(cfg, device):
                     v = critic_values(critic, ids, attn)[:, :-1]
                 if not real:  # FSDP padding: same collectives, no contribution

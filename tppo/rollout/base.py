@@ -76,7 +76,9 @@ class Row:
 
 @dataclasses.dataclass
 class RolloutStats:
-    """What one window cost. ``slot_utilization`` = generated tokens / (slots x decode steps)."""
+    """What one window cost. ``slot_utilization`` = generated tokens / (slots x decode steps);
+    ``row_steps`` = decode-batch rows summed over the decode steps, padding included (a
+    finished row not yet compacted away still costs its step)."""
 
     slots: int
     decode_steps: int
@@ -84,6 +86,7 @@ class RolloutStats:
     prefill_tokens: int
     prefill_s: float
     decode_s: float
+    row_steps: int = 0
 
     @property
     def slot_utilization(self) -> float:

@@ -121,8 +121,9 @@ class _Window:
         self.out_lp = torch.zeros(B, self.n_steps, dtype=torch.float32, device=self.dev)
         self.resp_len = self.start_len.clone()
         self.reason = torch.zeros(B, dtype=torch.long, device=self.dev)  # 0 running/cut, 1 eos, 2 length
-        steps = generated = 0
+        steps = generated = row_steps = 0
         for s in range(self.n_steps):
+            row_steps += int(self.active.numel())  # the decode batch this step computes, dead entries included
             generated += self._sample(logits, s)
             steps += 1
             if s == self.n_steps - 1:
@@ -136,7 +137,7 @@ class _Window:
             logits = self._feed(s)
         decode_s = time.perf_counter() - t0 - self.admit_s
         self._commit(version)
-        return RolloutStats(self.cfg.num_slots, steps, generated, self.prefill_tokens, self.prefill_s + self.admit_s, decode_s)
+        return RolloutStats(self.cfg.num_slots, steps, generated, self.prefill_tokens, self.prefill_s + self.admit_s, decode_s, row_steps)
 
     # ------------------------------------------------------------------ phases
 

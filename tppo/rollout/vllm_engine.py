@@ -211,7 +211,8 @@ class VLLMEngine(SlotFiller):
             self.llm.sleep(level=1)
             self.asleep = True
         stats = RolloutStats(slots=self.cfg.num_slots, decode_steps=max(new_tokens, default=0), generated_tokens=sum(new_tokens),
-                             prefill_tokens=sum(len(r.prompt_ids) + s for r, s in zip(rows, starts)), prefill_s=0.0, decode_s=elapsed)
+                             prefill_tokens=sum(len(r.prompt_ids) + s for r, s in zip(rows, starts)), prefill_s=0.0, decode_s=elapsed,
+                             row_steps=sum(new_tokens))  # continuous batching: a finished sequence leaves the batch
         return self._close_window(rows, starts, stats)
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,288 @@
+"""Is T-PPO faster, and when? The speed study (#20): fair arms, measured noise, work counted.
+
+Every arm trains the demo's model and task (configs/demo.yaml) from the same SFT
+warm-start, on the same prompts in the same order (seeds shared across arms), and is
+evaluated on the same held-out problems every ``--eval-every`` prompts. Only training
+steps are timed (``time/elapsed_s``). Runs go ``--workers`` at a time, one torch thread
+each, arms rotated across seeds so drift and a neighbour's load hit every arm.
+
+Fairness: :data:`COMMON` holds every exact optimisation the library has, and every arm
+gets all of it (a test pins that the arms share every override except those that
+define them): token-budget micro-batches, logits only at the positions used (always on),
+the one-pass pi_old (one update per step: always on). An arm is a list of overrides:
+
+  ppo          synchronous PPO, finished rows leave the decode batch
+  tppo         T-PPO, the paper's exact update, W = L/4
+  grpo         GRPO, critic-free, synchronous
+  partial-ppo  the windowed rollout of T-PPO, each response trained once when it finishes,
+               TIS on its older policies' tokens (what training on unfinished windows buys)
+  tppo-auto, tppo-refill        T-PPO variants
+  tppo-noprefixgrad             an approximation of the gradient (tppo/prefix.py), labelled so
+
+Statistics (benchmarks/stats.py): the starting accuracy's standard error by bootstrap
+over problems and samples; the target = start + max(3 SE, ``--min-gain``); per arm the
+time to target per seed (null where not reached: reported, never dropped), its ratio to
+PPO's with a bootstrap CI over seeds, the accuracy at a third, two thirds and the end of
+PPO's median training time, training time per prompt.
+
+    python benchmarks/speed_study.py            # the study of record (RESULTS.md): see --help for its size
+    python benchmarks/speed_study.py --quick    # the harness end to end, tiny (a test runs it)
+    python benchmarks/speed_study.py --summarize-only
+
+TODO(#20): the per-phase cost model fitted on a calibration run and checked against every
+arm (D), and the GPU conditions table (E), are not in this harness yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, commit, machine, write_json  # noqa: E402
+from stats import eval_standard_error, seed_ratios, time_ratio_ci, value_at  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo.yaml"
+L = 256  # the demo's max_response_tokens
+
+# Every exact optimisation, for every arm (the gradient is unchanged by each).
+COMMON = ["train.micro_batch_tokens=4096"]
+ARMS: dict[str, list[str]] = {
+    "ppo": ["algo.algorithm=ppo"],
+    "tppo": ["algo.algorithm=tppo", f"rollout.window_tokens={L // 4}"],
+    "grpo": ["algo.algorithm=grpo"],  # W = L and no critic warm-up, derived by the config
+    "partial-ppo": ["algo.algorithm=tppo", f"rollout.window_tokens={L // 4}", "algo.train_on=finished", "algo.behavior_correction=tis"],
+    "tppo-auto": ["algo.algorithm=tppo", "rollout.window_tokens=auto"],
+    "tppo-refill": ["algo.algorithm=tppo", f"rollout.window_tokens={L // 4}", "rollout.refill_within_window=true"],
+    "tppo-noprefixgrad": ["algo.algorithm=tppo", f"rollout.window_tokens={L // 4}", "algo.prefix_grad=false"],
+}
+MAIN_ARMS = ("ppo", "tppo", "grpo", "partial-ppo")
+APPROXIMATIONS = {"tppo-noprefixgrad": "the gradient without the terms through earlier windows (prefix_grad=false)"}
+PHASES = ("generate", "score", "values", "old_logprobs", "policy_update", "value_update")
+WORK = ("work/decode_steps", "work/row_steps", "work/prefill_tokens", "work/value_positions", "work/old_logprob_positions",
+        "work/policy_positions", "work/policy_prefix_positions", "work/critic_positions", "work/padding_positions")
+
+
+def arm_overrides(arm: str) -> list[str]:
+    return [*COMMON, *ARMS[arm]]
+
+
+@dataclasses.dataclass
+class Job:
+    arm: str  # an ARMS key, or "init" (the starting evaluation)
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}/s{self.seed}"
+
+
+def build_jobs(arms: list[str], seeds: int, variant_seeds: int) -> list[Job]:
+    """The starting evaluation, then every arm for each seed (main arms ``seeds`` seeds,
+    the others ``variant_seeds``), the order rotated per seed."""
+    jobs = [Job("init", 0)]
+    for s in range(seeds):
+        these = [a for a in arms if a in MAIN_ARMS or s < variant_seeds]
+        k = s % len(these)
+        jobs += [Job(a, s) for a in these[k:] + these[:k]]
+    return jobs
+
+
+# ---------------------------------------------------------------------- one run (in a subprocess)
+
+
+def run_job(spec: dict) -> dict:
+    """The starting evaluation (per-problem correctness), or one arm's training curve."""
+    import torch
+
+    from tppo.config import load_config
+    from tppo.evaluation import evaluate, run_generate_fn
+    from tppo.trainer import Trainer
+
+    torch.set_num_threads(1)
+    arm, seed = spec["arm"], spec["seed"]
+    overrides = [f"model.path={spec['sft_dir']}", f"train.seed={seed}", f"rollout.seed={seed}", "train.total_steps=100000",
+                 "train.torch_threads=1", "log.eval_every=0", "log.checkpoint_every=0", "log.tensorboard=false",
+                 "log.progress=false", f"task.eval_problems={spec['eval_problems']}", f"log.eval_samples={spec['eval_samples']}",
+                 *(arm_overrides(arm) if arm != "init" else []), *spec.get("extra", [])]
+    cfg = load_config(DEMO, overrides)
+    with tempfile.TemporaryDirectory() as run_dir:
+        tr = Trainer(cfg, run_dir)
+        try:
+            if arm == "init":
+                res = evaluate(tr.eval_set, run_generate_fn(cfg, tr.policy, tr.tokenizer, tr.eos_ids, tr.device), tr.scorer,
+                               samples=cfg.log.eval_samples)
+                return {"accuracy": res.avg_at_k, "correct": res.correct}
+            return train_curve(tr, spec["prompts"], spec["eval_every"])
+        finally:
+            tr.logger.close()
+            tr.scorer.close()
+
+
+def train_curve(tr, prompts: int, eval_every: int) -> dict:
+    """Train until ``prompts`` prompts were admitted, evaluating every ``eval_every``."""
+    curve, steps, next_eval = [], [], eval_every
+    while tr.source.cursor < prompts:
+        m = tr.step()
+        steps.append({k: m.get(k) for k in ("time/step_s", *(f"time/{p}_s" for p in PHASES), *WORK, "rollout/generated_tokens")})
+        if tr.source.cursor >= next_eval or tr.source.cursor >= prompts:
+            while next_eval <= tr.source.cursor:
+                next_eval += eval_every
+            curve.append({"prompts": tr.source.cursor, "elapsed_s": tr.elapsed, "step": tr.step_idx,
+                          "accuracy": tr.evaluate()["eval/accuracy"]})
+    return {"curve": curve, "steps": len(steps), "prompts": tr.source.cursor, "train_s": tr.elapsed,
+            "phase_s": {p: sum(s[f"time/{p}_s"] or 0.0 for s in steps) for p in PHASES},
+            "work": {k: sum(s[k] or 0 for s in steps) for k in WORK}, "per_step": steps}
+
+
+# ---------------------------------------------------------------------- the driver
+
+
+def run_all(jobs: list[Job], args, sft_dir: Path) -> dict[str, dict]:
+    def launch(job: Job) -> tuple[str, dict]:
+        spec = {"arm": job.arm, "seed": job.seed, "sft_dir": str(sft_dir), "prompts": args.prompts, "eval_every": args.eval_every,
+                "eval_problems": args.eval_problems, "eval_samples": args.eval_samples, "extra": args.extra}
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--job", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{job.name} failed:\n{proc.stderr[-3000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        brief = f"final {res['curve'][-1]['accuracy']:.3f}, {res['train_s']:.0f} s training" if "curve" in res else f"accuracy {res['accuracy']:.3f}"
+        print(f"  {job.name:<24} {time.perf_counter() - t0:6.0f} s  {brief}", flush=True)
+        return job.name, res
+
+    inits, runs = [j for j in jobs if j.arm == "init"], [j for j in jobs if j.arm != "init"]
+    results: dict[str, dict] = {}
+    with ThreadPoolExecutor(args.workers) as pool:
+        for batch in (inits, runs):
+            results.update(pool.map(launch, batch))
+    return results
+
+
+def ensure_sft(quick: bool) -> Path:
+    from ppo_vs_tppo import ensure_sft as demo_sft
+
+    return demo_sft(argparse.Namespace(quick=quick))
+
+
+# ---------------------------------------------------------------------- the summary
+
+
+def summarize(results: dict[str, dict], min_gain: float, commit_: str, machine_: str) -> dict:
+    """The JSON of record (the file format #20 names); see the module docstring."""
+    from tppo.metrics import time_to_target
+
+    init = results["init/s0"]
+    start, se = init["accuracy"], eval_standard_error(init["correct"])
+    target = start + max(3 * se, min_gain)
+    arms = sorted({k.split("/")[0] for k in results if not k.startswith("init/")}, key=lambda a: list(ARMS).index(a))
+    seeds = sorted({int(k.split("/s")[1]) for k in results if not k.startswith("init/")})
+
+    def curve(arm: str, s: int):
+        r = results.get(f"{arm}/s{s}")
+        if r is None:
+            return None
+        pts = [{"elapsed_s": 0.0, "accuracy": start}] + r["curve"]
+        return [p["elapsed_s"] for p in pts], [p["accuracy"] for p in pts]
+
+    def ttt(arm: str, s: int) -> float | None:
+        c = curve(arm, s)
+        return None if c is None else time_to_target(c[0], c[1], target)
+
+    ppo_train = [results[f"ppo/s{s}"]["train_s"] for s in seeds if f"ppo/s{s}" in results]
+    marks = {f"{f:.2f}": f * statistics.median(ppo_train) for f in (1 / 3, 2 / 3, 1.0)} if ppo_train else {}
+    out_arms, ratios = {}, {}
+    for arm in arms:
+        ran = [s for s in seeds if f"{arm}/s{s}" in results]
+        rs = [results[f"{arm}/s{s}"] for s in ran]
+        out_arms[arm] = {
+            "overrides": arm_overrides(arm),
+            "approximation": APPROXIMATIONS.get(arm),
+            "seeds": ran,
+            "final_accuracy": [r["curve"][-1]["accuracy"] for r in rs],
+            "time_to_target_s": [ttt(arm, s) for s in ran],
+            "reached_target": sum(ttt(arm, s) is not None for s in ran),
+            "train_s": [r["train_s"] for r in rs],
+            "train_s_per_prompt": [r["train_s"] / r["prompts"] for r in rs],
+            "accuracy_at_ppo_time": {k: [value_at(*curve(arm, s), t) for s in ran] for k, t in marks.items()},
+            "phase_s": {p: statistics.median(r["phase_s"][p] for r in rs) for p in PHASES},
+            "work": {k: statistics.median(r["work"][k] for r in rs) for k in WORK},
+        }
+        if arm != "ppo" and "ppo" in arms:
+            both = [s for s in ran if f"ppo/s{s}" in results]
+            ratios[arm] = {
+                "time_to_target": time_ratio_ci(seed_ratios([ttt("ppo", s) for s in both], [ttt(arm, s) for s in both])),
+                "per_prompt": time_ratio_ci([results[f"ppo/s{s}"]["train_s"] / results[f"ppo/s{s}"]["prompts"]
+                                             / (results[f"{arm}/s{s}"]["train_s"] / results[f"{arm}/s{s}"]["prompts"]) for s in both]),
+            }
+    return {"commit": commit_, "machine": machine_, "seeds": seeds, "initial_accuracy": start, "eval_se": se,
+            "target_accuracy": target, "target_margin_se": (target - start) / se if se else None,
+            "ppo_time_marks_s": marks, "arms": out_arms, "ratios": ratios,
+            "cost_model": None}  # TODO(#20, D): per arm, per phase, the fitted model's relative error
+
+
+def report(summary: dict) -> str:
+    lines = [f"start {summary['initial_accuracy']:.3f} (SE {summary['eval_se']:.4f}), target {summary['target_accuracy']:.3f}"]
+    for arm, a in summary["arms"].items():
+        r = summary["ratios"].get(arm, {})
+        ttt, pp = r.get("time_to_target", {}), r.get("per_prompt", {})
+        fmt = lambda d: "-" if not d or d.get("median") is None else f"{d['median']:.2f}x [{d['ci_low']:.2f}, {d['ci_high']:.2f}]"  # noqa: E731
+        lines.append(f"{arm:<18} final {statistics.median(a['final_accuracy']):.3f}  reached {a['reached_target']}/{len(a['seeds'])}  "
+                     f"time to target vs PPO {fmt(ttt)}  per prompt {fmt(pp)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny SFT, one seed, few prompts: checks the harness end to end")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--seeds", type=int, default=5, help="seeds of the main arms (ppo, tppo, grpo, partial-ppo)")
+    ap.add_argument("--variant-seeds", type=int, default=3, help="seeds of the other arms")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=512, help="prompts each run trains on")
+    ap.add_argument("--eval-every", type=int, default=128)
+    ap.add_argument("--eval-problems", type=int, default=512)
+    ap.add_argument("--eval-samples", type=int, default=2)
+    ap.add_argument("--min-gain", type=float, default=0.02, help="the target is at least this far above the start")
+    ap.add_argument("--out", help="output JSON (default: results/speed_study.json; --quick: results/speed_study_quick.json)")
+    ap.add_argument("--summarize-only", action="store_true")
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.extra = []  # overrides of every arm (--quick only)
+    if args.job:
+        print(json.dumps(run_job(json.loads(args.job))))
+        return 0
+    out = args.out or ("speed_study_quick.json" if args.quick else "speed_study.json")
+    if args.summarize_only:
+        payload = json.loads((RESULTS_DIR / out).read_text())
+        results = payload["results"]
+    else:
+        if args.quick:
+            args.arms, args.seeds, args.variant_seeds = [a for a in args.arms if a in MAIN_ARMS], 1, 0
+            # every arm updates its policy at least once: one step of critic warm-up, three steps of PPO
+            args.prompts, args.eval_every, args.eval_problems, args.eval_samples = 48, 48, 8, 2
+            args.extra = ["train.critic_warmup_steps=1"]
+        jobs = build_jobs(args.arms, args.seeds, args.variant_seeds)
+        sft_dir = ensure_sft(args.quick)
+        print(f"{len(jobs)} runs, {args.workers} at a time, {args.prompts} prompts each", flush=True)
+        t0 = time.perf_counter()
+        results = run_all(jobs, args, sft_dir)
+        payload = {"wall_s": time.perf_counter() - t0, "args": {k: v for k, v in vars(args).items() if k != "job"}, "results": results}
+    payload.update(summarize(results, args.min_gain, commit(), machine()))
+    path = write_json(out, payload)
+    print(report(payload))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
