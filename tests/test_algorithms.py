@@ -25,7 +25,7 @@ PARTIAL = ("algo.train_on=finished", "algo.behavior_correction=tis")
 def parity_rewards(trainer) -> None:
     """Reward 1 for a completion of odd length, else 0: groups with and without contrast,
     the same in every run (a random tiny model never solves the task)."""
-    trainer.scorer.score = lambda prompts, texts, answers: [float(len(t) % 2) for t in texts]
+    trainer.scorer.score = lambda prompts, texts, answers, columns=None: [float(len(t) % 2) for t in texts]
 
 
 def run(model_dir, run_dir, *overrides, resume_from=None):

@@ -169,6 +169,55 @@ def test_samples_are_logged_with_their_fields_and_the_console_shows_them(model_d
     assert all((r["reward"] is None) == (not r["finished"]) for r in rows)
     out = capsys.readouterr().out
     assert out.count("sample (eval):") == 3 and "step    2/2 |" in out and " nan" not in out
+    assert out.count("evaluating 2 problems x 1 samples") == 3  # no silent evaluation in a log file
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["step"] == 0 and "eval/accuracy" in lines[0] and lines[1]["eval/k"] == 1 and "eval/pass@k" in lines[1]
     assert lines[1]["train/policy_lr"] > 0
+
+
+def test_a_mistyped_model_path_fails_at_once_naming_it(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    calls = []
+
+    def no_such_model(repo, **kwargs):
+        calls.append(repo)
+        raise OSError("404 Repository Not Found")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", no_such_model)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    (tmp_path / "models" / "smollm2").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "model.path=models/smolm2", "task.name=arith"]) == 2
+    err = capsys.readouterr().err
+    assert "no local directory models/smolm2 (models/ exists: a typo?)" in err and "hub has no such model" in err and calls == ["models/smolm2"]
+    assert main(["eval", "--model", "./models/typo"]) == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_eval_needs_only_the_model_and_the_evaluation_file(model_dir, gsm8k, tmp_path, capsys):
+    _, test = gsm8k
+    assert main(["eval", "--model", model_dir, "task.name=file", f"task.eval_path={test}", "task.eval_problems=3", "log.eval_samples=1",
+                 "rollout.max_response_tokens=8", "rollout.window_tokens=8", "task.reward=math"]) == 0
+    assert "3 problems x 1 samples" in capsys.readouterr().out
+    assert main(["train", "--run-dir", str(tmp_path / "r"), f"model.path={model_dir}", "task.name=file", f"task.eval_path={test}"]) == 2
+    assert "training needs training data: task.train_path" in capsys.readouterr().err
+
+
+def test_plot_labels_every_panel_and_refuses_a_missing_run(model_dir, tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+
+    from tppo import plots
+
+    run = tmp_path / "run"
+    assert main(_tiny_train(model_dir, run, "train.total_steps=1")) == 0  # one step: most series have one point
+    saved = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out, dpi, layout=True: saved.append(fig) or Path(out))
+    plots.plot_runs([run], tmp_path / "p.png")
+    (fig,) = saved
+    assert isinstance(fig, matplotlib.figure.Figure) and len(fig.legends) == 1
+    axes = [ax for ax in fig.axes if ax.get_xlabel()]
+    assert len(axes) == len(plots.PANELS) and all(ax.get_ylabel() for ax in axes)
+    notes = [t.get_text() for ax in axes for t in ax.texts]
+    assert any(n == "fewer than 2 points: run" for n in notes)
+    assert any("rolling mean" in t.get_text() for t in fig.texts)
+    assert main(["plot", str(tmp_path / "nope")]) == 2 and "not a run directory" in capsys.readouterr().err

@@ -150,3 +150,54 @@ def test_two_rank_run_checkpoints_and_resumes_exactly(model_dir, tmp_path, fsdp)
     single = subprocess.run([sys.executable, "-m", "tppo.cli", "train", "--resume", str(tmp_path / "cut"), "train.total_steps=4"],
                             capture_output=True, text=True)
     assert single.returncode == 2 and ("train.fsdp shards" if fsdp else "written by 2 ranks") in single.stderr
+
+
+def _rank_pids(parent: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's workers (descendants of ``parent`` with RANK in their environment)."""
+    out, todo = {}, [parent]
+    while todo:
+        pid = todo.pop()
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        todo += [int(c) for c in children]
+        rank = next((int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"RANK=")), None)
+        if rank is not None and pid != parent:
+            out.setdefault(rank, pid)
+    return out
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step_and_resumes_exactly(model_dir, tmp_path):
+    """SIGINT to rank 1 alone: both ranks agree on the stop at the next step boundary, the
+    checkpoint of that step is written, and resuming it under torchrun equals the
+    uninterrupted two-rank run."""
+    import signal
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from soak import logged_steps
+
+    total = 6
+    cfg = make_cfg(model_dir, tmp_path / "unused", f"train.total_steps={total}", "log.checkpoint_every=0", "train.device=cpu",
+                   "train.torch_threads=1")
+    save_config(cfg, tmp_path / "c.yaml")
+    full = _torchrun("--config", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tppo.cli", "train",
+           "--config", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "cut")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 240
+    while logged_steps(tmp_path / "cut") < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(_rank_pids(proc.pid)[1], signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    saved = [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()]
+    assert len(saved) == 1 and 2 <= int(saved[0].split("-")[1]) < total, (saved, err[-3000:])
+    # rank 0 says it once; no traceback of tppo's (torchrun reports its workers' exit 130 with its own)
+    assert err.count(f"tppo train --resume {tmp_path / 'cut'}") == 1 and "/tppo/" not in err, err[-3000:]
+    resumed = _torchrun("--resume", str(tmp_path / "cut"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = deterministic_metrics(tmp_path / "full", ("eval/",)), deterministic_metrics(tmp_path / "cut", ("eval/",))
+    assert [m["step"] for m in b] == list(range(1, total + 1)) and a == b

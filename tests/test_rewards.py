@@ -162,10 +162,10 @@ def test_a_reward_is_a_name_a_module_function_or_a_file_function(tmp_path):
     assert resolve_reward("math") is REWARD_FNS["math"] and resolve_reward("tppo.rewards:exact_reward") is exact_reward
     fn = resolve_reward(f"{EXAMPLES}:length_penalised_exact")
     assert fn("p", "x" * 300 + "=7", "7") == pytest.approx(1.0 - 0.001 * 102) and fn("p", "=8", "7") == 0.0
-    (tmp_path / "two.py").write_text("def two(p, c, a, k):\n    return 1.0\nraise_it = 3\n")
+    (tmp_path / "two.py").write_text("def one(p):\n    return 1.0\nraise_it = 3\n")
     for spec, match in (("exact_match", "not a registered reward"), ("nope.module:f", "cannot import nope.module"),
                         (f"{tmp_path}/missing.py:f", "no file"), (f"{tmp_path}/two.py:absent", "has no function 'absent'"),
-                        (f"{tmp_path}/two.py:raise_it", "has no function"), (f"{tmp_path}/two.py:two", "must accept")):
+                        (f"{tmp_path}/two.py:raise_it", "has no function"), (f"{tmp_path}/two.py:one", "must accept")):
         with pytest.raises(RewardSpecError, match=match):
             resolve_reward(spec)
 
@@ -192,3 +192,28 @@ def test_a_wrong_reward_is_one_line_and_exit_2_before_any_model_loads(monkeypatc
     (tmp_path / "bad.py").write_text("def r(p, c, a):\n    raise KeyError('column')\n")
     assert main(["train", "--run-dir", str(tmp_path / "r"), f"task.reward={tmp_path}/bad.py:r"]) == 2
     assert "a call on a sample raised KeyError" in capsys.readouterr().err
+
+
+def test_a_reward_reads_dataset_columns_and_logs_its_extra_values(smol_tiny_dir, tmp_path):
+    """A JSONL with an extra column; the example reward takes it as a keyword argument and
+    returns a dict: the score trains, reward/over_budget is logged."""
+    import json
+
+    from tppo.metrics import read_metrics
+    from tppo.rewards import RewardScorer, checked_reward
+    from tppo.trainer import Trainer
+    from trainer_helpers import make_cfg
+
+    spec = f"{EXAMPLES}:exact_within_budget"
+    assert checked_reward(spec)  # it needs a column a sample lacks: the signature is checked, no call
+    with RewardScorer(spec, workers=0) as scorer:
+        assert scorer.score(["p", "p"], ["=7", "xxxxxx=7"], ["7", "7"], [{"max_chars": 4}, {"max_chars": 4}]) == [1.0, 0.5]
+        assert scorer.last_extras == [{"over_budget": 0.0}, {"over_budget": 1.0}]
+        assert scorer.score(["p"], ["=7"], ["7"]) == [0.0] and scorer.errors == 1  # no column: the call fails, counted
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{a} + 1 =", "answer": f"#### {a + 1}", "max_chars": 5}) + "\n" for a in range(20)))
+    cfg = make_cfg(smol_tiny_dir, tmp_path / "run", "task.name=file", f"task.train_path={data}", f"task.reward={spec}",
+                   "rollout.window_tokens=18")
+    Trainer(cfg, tmp_path / "run").train()
+    rows = read_metrics(tmp_path / "run")
+    assert all(m["reward/errors"] == 0 for m in rows) and any(m.get("reward/over_budget") is not None for m in rows)

@@ -248,3 +248,42 @@ def test_evaluate_avg_and_pass_at_k_with_a_scripted_generator():
     assert res.avg_at_k == pytest.approx(5 / 8)
     assert res.pass_at_k[1] == pytest.approx((0.25 + 1.0) / 2)
     assert res.pass_at_k[2] == pytest.approx((0.5 + 1.0) / 2)
+
+
+# ---------------------------------------------------------------------- conversational prompts, chat template off (#23)
+
+
+def _conversation_jsonl(path):
+    rows = [{"prompt": [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": f"What is {a} + {b}?"}],
+             "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a in range(2, 12) for b in range(1, 4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_conversational_prompts_and_chat_template_off_train_with_smollm2s_tokenizer(smol_tiny_dir, tmp_path, capsys, chat_template):
+    from tppo.cli import main
+
+    data = _conversation_jsonl(tmp_path / "conv.jsonl") if chat_template else None
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"question": f"{a} + 1 =", "answer": f"#### {a + 1}"}) + "\n" for a in range(20)))
+    task = ([f"task.train_path={data}", "task.prompt_field=prompt"] if chat_template else
+            [f"task.train_path={plain}", "task.chat_template=false", "task.template='{prompt} Answer:'"])
+    argv = ["train", "--run-dir", str(tmp_path / "run"), f"model.path={smol_tiny_dir}", "task.name=file", *task, "task.reward=math",
+            "task.eval_problems=2", "log.eval_samples=1", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+            "rollout.window_tokens=8", "rollout.max_response_tokens=8", "train.total_steps=1", "log.tensorboard=false"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    first = out.split("first training prompt, as the model sees it:\n", 1)[1]
+    if chat_template:  # the dataset's own system turn, SmolLM2's template
+        assert first.startswith("<|im_start|>system\nYou add numbers.<|im_end|>\n<|im_start|>user\nWhat is ")
+    else:  # the templated text as it is: no chat markup
+        assert first.split("\n")[0].endswith("+ 1 = Answer:") and "<|im_start|>" not in first.split("\n")[0]
+
+
+def test_a_malformed_conversation_names_the_line_and_message(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}], "answer": "#### 1"}) + "\n"
+                    + json.dumps({"prompt": [{"role": "user", "text": "hi"}], "answer": "#### 1"}) + "\n")
+    with pytest.raises(DatasetError, match=r"bad.jsonl:2: field 'prompt'\[0\]: a message must be an object with string 'role' and 'content'"):
+        load_examples(path, prompt_field="prompt", answer_field="answer", answer_format="gsm8k")

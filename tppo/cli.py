@@ -195,14 +195,14 @@ def cmd_eval(args) -> int:
     from tppo.evaluation import evaluate, run_generate_fn
     from tppo.models import ModelSource, eos_token_ids, load_pretrained
     from tppo.rewards import RewardScorer
-    from tppo.trainer import resolve_device, task_examples
+    from tppo.trainer import eval_examples, resolve_device
 
     cfg, config_file = eval_config(args)
     print(f"config: {config_file or 'the defaults'}; model: {cfg.model.path}" + (f" ({cfg.model.gguf_file})" if cfg.model.gguf_file else ""))
     device = resolve_device(cfg.train.device)
     model, tok = load_pretrained(ModelSource.of(cfg.model.path, cfg.model.gguf_file, cfg.model.revision), dtype=getattr(torch, cfg.model.dtype))
     model.to(device)
-    _, examples, notes = task_examples(cfg, cfg.train.seed)
+    examples, notes = eval_examples(cfg)
     for note in notes:
         print(note)
     k = cfg.log.eval_samples

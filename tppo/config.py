@@ -261,11 +261,16 @@ class TaskConfig:
             ``eval_problems`` training rows are held out: removed from the training
             stream and used for evaluation (the log says so).
         prompt_field, answer_field, answer_format: dataset columns and answer format
-            (gsm8k, boxed, integer, raw).
+            (gsm8k, boxed, integer, raw). The prompt column may hold a string or a
+            conversation (a list of ``{role, content}`` messages, TRL's conversational
+            format), rendered with the tokenizer's chat template.
         skip_bad_rows: skip malformed dataset rows (counted) instead of failing.
         template: prompt template; ``{prompt}`` is replaced by the question and every
             other brace is kept as it is (``\\boxed{}``, JSON, LaTeX).
         system: optional system message for chat templates.
+        chat_template: apply the tokenizer's chat template to a string prompt (false: the
+            templated text goes to the model as it is, for a base model; a conversation
+            always needs the chat template).
         max_prompt_tokens: longer prompts are skipped and counted.
         eval_problems: held-out problems per evaluation.
     """
@@ -289,14 +294,15 @@ class TaskConfig:
     skip_bad_rows: bool = False
     template: str = "{prompt}"
     system: str | None = None
+    chat_template: bool = True
     max_prompt_tokens: int = 1024
     eval_problems: int = 128
 
     def __post_init__(self) -> None:
         if "{prompt}" not in self.template:
             raise ConfigError(f"task.template must contain '{{prompt}}' (got {self.template!r})")
-        if self.name == "file" and not self.train_path:
-            raise ConfigError("task.name 'file' needs task.train_path")
+        if self.name == "file" and not (self.train_path or self.eval_path):
+            raise ConfigError("task.name 'file' needs task.train_path (training) or task.eval_path (evaluation only)")
         if self.name == "hf" and not self.dataset:
             raise ConfigError("task.name 'hf' needs task.dataset (a Hugging Face dataset name like openai/gsm8k, or a local dataset directory)")
 

@@ -55,7 +55,7 @@ def _model_lines(cfg: Config) -> list[str]:
         state = "exists" if (out / "config.json").exists() else f"missing: trained at start ({cfg.sft.steps} SFT steps)"
         return [f"model: the embedded tiny model, SFT warm-start {out} ({state})"]
     src = ModelSource.of(m.path, m.gguf_file, m.revision)
-    check_source(src)
+    check_source(src, probe_hub=False)  # the dry run asks no server: it says whether the cache has it
     if src.is_local:
         return [f"model: local {src.repo}" + (f" ({src.gguf_file})" if src.gguf_file else "")]
     import huggingface_hub
@@ -89,7 +89,7 @@ def _prompt_lines(cfg: Config, example) -> list[str]:
         return ["prompt: (the tokenizer is not on disk: the rendered prompt is printed at start)"]
     tok = AutoTokenizer.from_pretrained(src.repo, **src.kwargs())
     item = next(iter(PromptSource(lambda: iter([example]), tok, max_prompt_tokens=cfg.task.max_prompt_tokens,
-                                  template=cfg.task.template, system=cfg.task.system)), None)
+                                  template=cfg.task.template, system=cfg.task.system, chat_template=cfg.task.chat_template)), None)
     if item is None:
         return [f"prompt: the first prompt is longer than task.max_prompt_tokens ({cfg.task.max_prompt_tokens}) or empty"]
     return [f"prompt ({len(item.prompt_ids)} tokens), as the model sees it:", tok.decode(item.prompt_ids)]

@@ -16,7 +16,7 @@ import torch
 from tppo.config import Config, RolloutConfig
 from tppo.rewards import RewardScorer
 from tppo.rollout import EmbeddedEngine
-from tppo.tasks.base import Example, PromptSource
+from tppo.tasks.base import Example, PromptSource, prompt_text
 
 GenerateFn = Callable[[Sequence[str], int], list[list[str]]]
 
@@ -51,7 +51,8 @@ def evaluate(examples: Sequence[Example], generate: GenerateFn, scorer: RewardSc
     """
     completions = generate([e.prompt for e in examples], samples)
     flat = [(e, c) for e, cs in zip(examples, completions) for c in cs]
-    rewards = scorer.score([e.prompt for e, _ in flat], [c for _, c in flat], [e.answer for e, _ in flat])
+    rewards = scorer.score([prompt_text(e.prompt) for e, _ in flat], [c for _, c in flat], [e.answer for e, _ in flat],
+                           [e.meta for e, _ in flat])  # the other dataset columns, for a reward that takes them
     correct = [[r >= 1.0 for r in rewards[i * samples : (i + 1) * samples]] for i in range(len(examples))]
     avg = sum(map(sum, correct)) / max(1, len(examples) * samples)
     passes = {k: sum(pass_at_k(samples, sum(c), k) for c in correct) / max(1, len(correct)) for k in ks if k <= samples}
@@ -61,29 +62,48 @@ def evaluate(examples: Sequence[Example], generate: GenerateFn, scorer: RewardSc
 
 def engine_generate_fn(model: torch.nn.Module, tokenizer, *, max_response_tokens: int, batch_prompts: int = 16,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                       max_prompt_tokens: int = 4096, template: str = "{prompt}", system: str | None = None,
-                       eos_token_ids: int | Sequence[int] | None = None, device: str | torch.device = "cpu") -> GenerateFn:
+                       max_prompt_tokens: int = 4096, template: str = "{prompt}", system: str | None = None, chat_template: bool = True,
+                       eos_token_ids: int | Sequence[int] | None = None, device: str | torch.device = "cpu",
+                       progress: bool = False) -> GenerateFn:
     """A generate function on the embedded engine (synchronous, W = L). Prompts are
     formatted as in training (``template``, ``system``, the chat template); generation
-    stops on any of ``eos_token_ids`` (default: the tokenizer's EOS)."""
+    stops on any of ``eos_token_ids`` (default: the tokenizer's EOS). With ``progress``
+    it says what it evaluates, and draws a bar of finished samples on a terminal."""
 
     def generate(prompts: Sequence[str], samples: int) -> list[list[str]]:
         examples = [Example(p, "") for p in prompts]
-        source = PromptSource(lambda: iter(examples), tokenizer, max_prompt_tokens=max_prompt_tokens, template=template, system=system)
+        source = PromptSource(lambda: iter(examples), tokenizer, max_prompt_tokens=max_prompt_tokens, template=template, system=system,
+                              chat_template=chat_template)
         cfg = RolloutConfig(prompts_per_step=batch_prompts, samples_per_prompt=samples, window_tokens=max_response_tokens,
                             max_response_tokens=max_response_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         eos = tokenizer.eos_token_id if eos_token_ids is None else eos_token_ids
         engine = EmbeddedEngine(cfg, source, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, device=device)
         out: list[list[str]] = [[] for _ in prompts]
+        bar = _progress_bar(len(prompts), samples) if progress else None
         while (wb := engine.generate_window(model, 0)).rows:
             for row in wb.rows:
                 out[row.prompt_id].append(decode_response(tokenizer, row.response_ids))
+            if bar is not None:
+                bar.update(len(wb.rows))
+        if bar is not None:
+            bar.close()
         if source.skipped_long or source.skipped_empty:
             raise ValueError(f"evaluation: {source.skipped_long} prompts exceed max_prompt_tokens={max_prompt_tokens}, "
                              f"{source.skipped_empty} are empty; every evaluation prompt must be generated")
         return out
 
     return generate
+
+
+def _progress_bar(problems: int, samples: int):
+    """A bar on a terminal (tqdm, on stderr); elsewhere one line, so a log shows why it waits."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    if not sys.stderr.isatty():
+        print(f"evaluating {problems} problems x {samples} samples", flush=True)
+    return tqdm(total=problems * samples, desc="evaluation", unit="sample", leave=False, disable=not sys.stderr.isatty())
 
 
 def run_generate_fn(cfg: Config, model: torch.nn.Module, tokenizer, eos_token_ids: Sequence[int], device) -> GenerateFn:
@@ -93,8 +113,9 @@ def run_generate_fn(cfg: Config, model: torch.nn.Module, tokenizer, eos_token_id
     Used by the trainer and by ``tppo eval`` alike."""
     t, r = cfg.task, cfg.rollout
     return engine_generate_fn(model, tokenizer, max_response_tokens=r.max_response_tokens, temperature=r.temperature,
-                              top_p=r.top_p, top_k=r.top_k, seed=r.seed + 7919, template=t.template, system=t.system,
-                              max_prompt_tokens=t.max_prompt_tokens, eos_token_ids=eos_token_ids, device=device)
+                              top_p=r.top_p, top_k=r.top_k, seed=r.seed + 7919, template=t.template, system=t.system, chat_template=t.chat_template,
+                              max_prompt_tokens=t.max_prompt_tokens, eos_token_ids=eos_token_ids, device=device,
+                              progress=cfg.log.progress)
 
 
 def decode_response(tokenizer, ids: Sequence[int]) -> str:

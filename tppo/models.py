@@ -107,8 +107,9 @@ class ModelSource:
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
-def check_source(src: ModelSource) -> None:
-    """Fail early, with the reason, on what from_pretrained would report obscurely."""
+def check_source(src: ModelSource, probe_hub: bool = True) -> None:
+    """Fail early, with the reason, on what from_pretrained would report obscurely (with
+    ``probe_hub``, a hub id not in the cache is looked up on the hub: :func:`_probe_hub`)."""
     if src.is_local:
         if src.gguf_file and not (Path(src.repo) / src.gguf_file).is_file():
             raise ModelSourceError(f"model directory {src.repo} has no GGUF file {src.gguf_file}")
@@ -116,10 +117,31 @@ def check_source(src: ModelSource) -> None:
         raise ModelSourceError(f"model path {src.repo} is a file, not a checkpoint directory (a .gguf file is accepted as it is)")
     elif not _HUB_ID.fullmatch(src.repo) or src.repo.startswith((".", "/", "~")):
         raise ModelSourceError(f"model directory {src.repo} does not exist (and it is not a Hugging Face hub id like 'owner/name')")
+    elif probe_hub:
+        _probe_hub(src)
     if src.gguf_file:
         for module in ("gguf", "accelerate"):
             if importlib.util.find_spec(module) is None:
                 raise ImportError(f"loading the GGUF file {src.gguf_file} needs the '{module}' package: pip install 'tppo[gguf]'")
+
+
+def _probe_hub(src: ModelSource) -> None:
+    """A hub id not in the local cache is looked up once on the hub, quickly, before
+    from_pretrained's retries: ``models/typo`` (a local path mistyped, or an unknown hub
+    model) fails in seconds with both possibilities named. Offline mode is left to
+    from_pretrained, which reads the cache and says so."""
+    if huggingface_hub.is_offline_mode():
+        return
+    if isinstance(huggingface_hub.try_to_load_from_cache(src.repo, src.gguf_file or "config.json", revision=src.revision), str):
+        return
+    try:
+        huggingface_hub.model_info(src.repo, revision=src.revision, timeout=10)
+    except Exception as e:  # not found, gated, no network: from_pretrained would fail the same way, slowly
+        parent = Path(src.repo).parent
+        local = (f"no local directory {src.repo} ({parent}/ exists: a typo?)" if parent != Path(".") and parent.is_dir()
+                 else f"no local directory {src.repo}")
+        raise ModelSourceError(f"model '{src.repo}': {local}, and the Hugging Face hub has no such model or could not be "
+                               f"reached ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 def _from_pretrained(cls, src: ModelSource, **kwargs):

@@ -149,7 +149,7 @@ def resolve_reward(spec: str) -> RewardFn:
     if not callable(fn):
         raise RewardSpecError(f"task.reward {spec!r}: {where} has no function {name!r}")
     try:
-        inspect.signature(fn).bind("prompt", "completion", "answer")
+        inspect.signature(fn).bind_partial("prompt", "completion", "answer")
     except TypeError as e:
         raise RewardSpecError(f"task.reward {spec!r}: {name} must accept (prompt, completion, answer): {e}") from None
     except ValueError:  # a builtin without a signature: trust it
@@ -185,12 +185,25 @@ def _reward_module(spec: str, where: str):
         raise RewardSpecError(f"task.reward {spec!r}: cannot import {where} ({e})") from None
 
 
+def _needs_columns(fn: RewardFn) -> bool:
+    """Whether ``fn`` has required parameters beyond (prompt, completion, answer)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except ValueError:
+        return False
+    named = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return any(p.default is inspect.Parameter.empty for p in named[3:])
+
+
 def checked_reward(spec: str) -> RewardFn:
     """:func:`resolve_reward`, then one call on a sample: what a run would meet at its first
     score, before any model loads."""
     fn = resolve_reward(spec)
+    if _needs_columns(fn):  # it wants dataset columns a sample does not have: the signature check is all
+        return fn
     try:
-        value = float(fn("What is 1 + 1?", "1 + 1 = 2. The answer is \\boxed{2}.", "2"))
+        out = fn("What is 1 + 1?", "1 + 1 = 2. The answer is \\boxed{2}.", "2")
+        value = float(out["score"] if isinstance(out, dict) else out)
     except Exception as e:
         raise RewardSpecError(f"task.reward {spec!r}: a call on a sample raised {type(e).__name__}: {e}") from None
     if not math.isfinite(value):
@@ -216,22 +229,41 @@ def _worker_reward(spec: str) -> RewardFn:
     return resolve_reward(spec)
 
 
-def _score_one(fn: RewardFn | str, prompt: str, completion: str, answer: str, timeout_s: float) -> tuple[float, str | None]:
-    """Run in a worker: (reward, None) or (0.0, 'error'|'timeout'); ``fn`` a function or its spec."""
+def row_kwargs(fn: RewardFn, row: dict | None) -> dict:
+    """The dataset columns ``fn`` takes: all of them with ``**kwargs``, else those it names."""
+    if not row:
+        return {}
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except ValueError:
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(row)
+    names = {p.name for p in params if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+    return {k: v for k, v in row.items() if k in names - {"prompt", "completion", "answer"}}
+
+
+def _score_one(fn: RewardFn | str, prompt: str, completion: str, answer: str, timeout_s: float,
+               row: dict | None = None) -> tuple[float, str | None, dict]:
+    """Run in a worker: (reward, None, extras) or (0.0, 'error'|'timeout', {}); ``fn`` a
+    function or its spec; ``row`` the example's other dataset columns. A reward may return
+    a float or a dict with ``score`` and extra named values (logged as ``reward/<name>``)."""
     fn = _worker_reward(fn) if isinstance(fn, str) else fn
     use_alarm = timeout_s > 0 and hasattr(signal, "setitimer")
     if use_alarm:
         signal.signal(signal.SIGALRM, _alarm)
         signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
-        value = float(fn(prompt, completion, answer))
+        out = fn(prompt, completion, answer, **row_kwargs(fn, row))
+        extras = {k: float(v) for k, v in out.items() if k != "score"} if isinstance(out, dict) else {}
+        value = float(out["score"] if isinstance(out, dict) else out)
         if not math.isfinite(value):
-            return 0.0, "error"
-        return value, None
+            return 0.0, "error", {}
+        return value, None, extras
     except _Timeout:
-        return 0.0, "timeout"
+        return 0.0, "timeout", {}
     except Exception:
-        return 0.0, "error"
+        return 0.0, "error", {}
     finally:
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -261,14 +293,20 @@ class RewardScorer:
         self.timeout_s, self.workers = timeout_s, workers
         self.format_penalty, self.batch_slack_s = format_penalty, batch_slack_s
         self.calls = self.errors = self.timeouts = self.pool_restarts = 0
+        self.last_extras: list[dict[str, float]] = []
         self._pool: cf.ProcessPoolExecutor | None = None
 
-    def score(self, prompts: list[str], completions: list[str], answers: list[str]) -> list[float]:
+    def score(self, prompts: list[str], completions: list[str], answers: list[str], rows: list[dict] | None = None) -> list[float]:
+        """One reward per completion; ``rows`` the examples' other dataset columns, passed to a
+        reward that takes them. The extra values of dict rewards: :attr:`last_extras`."""
         if not (len(prompts) == len(completions) == len(answers)):
             raise ValueError("score: prompts, completions and answers must have the same length")
-        results = self._run_inline(prompts, completions, answers) if self.workers == 0 else self._run_pool(prompts, completions, answers)
+        rows = rows or [None] * len(prompts)
+        args = list(zip(prompts, completions, answers, rows))
+        results = self._run_inline(args) if self.workers == 0 else self._run_pool(args)
+        self.last_extras = [extras for _, _, extras in results]
         rewards = []
-        for (value, failure), completion in zip(results, completions):
+        for (value, failure, _), completion in zip(results, completions):
             self.calls += 1
             self.errors += failure == "error"
             self.timeouts += failure == "timeout"
@@ -277,21 +315,21 @@ class RewardScorer:
             rewards.append(value)
         return rewards
 
-    def _run_inline(self, prompts, completions, answers):
+    def _run_inline(self, args):
         import threading
 
         timeout = self.timeout_s if threading.current_thread() is threading.main_thread() else 0.0
-        return [_score_one(self.fn, p, c, a, timeout) for p, c, a in zip(prompts, completions, answers)]
+        return [_score_one(self.fn, p, c, a, timeout, row) for p, c, a, row in args]
 
-    def _run_pool(self, prompts, completions, answers):
+    def _run_pool(self, args):
         pool = self._ensure_pool()
         sent = _FILE_REWARDS.get(self.fn, self.fn)  # a function from a file goes as its spec, resolved in the worker
-        futures = [pool.submit(_score_one, sent, p, c, a, self.timeout_s) for p, c, a in zip(prompts, completions, answers)]
+        futures = [pool.submit(_score_one, sent, p, c, a, self.timeout_s, row) for p, c, a, row in args]
         deadline = self.timeout_s + self.batch_slack_s + self.timeout_s * math.ceil(len(futures) / self.workers) / 4
         done, not_done = cf.wait(futures, timeout=deadline)
         if not_done:  # a call stuck where no signal reaches it: abandon the pool
             self._kill_pool()
-        return [f.result() if f in done and f.exception() is None else (0.0, "timeout" if f in not_done else "error")
+        return [f.result() if f in done and f.exception() is None else (0.0, "timeout" if f in not_done else "error", {})
                 for f in futures]
 
     def _ensure_pool(self) -> cf.ProcessPoolExecutor:

@@ -48,7 +48,7 @@ from tppo.rewards import RewardScorer, RewardSpecError, checked_reward
 from tppo.rollout import EmbeddedEngine, WindowBatch
 from tppo.rundir import RunDirInUse, claim
 from tppo.stopping import Interrupted, StopRequest
-from tppo.tasks import ArithTask, ChainTask, Example, PromptSource, epoch_stream, load_task_data
+from tppo.tasks import ArithTask, ChainTask, Example, PromptSource, epoch_stream, load_task_data, prompt_text
 from tppo.trackers import check_trackers, make_trackers
 from tppo.updates import (StepBatch, WorkCounter, autocast, critic_values, old_logprob_source, token_logprobs, update_critic, update_policy,
                           used_columns)
@@ -90,7 +90,18 @@ def task_examples(cfg: Config, seed: int) -> tuple[Callable[[], Iterator[Example
         task = ChainTask(cfg.task.chain) if cfg.task.name == "chain" else ArithTask(cfg.task.arith)
         return (lambda: task.stream("train", seed)), task.distinct("heldout", seed=1234, count=cfg.task.eval_problems), []
     data = load_task_data(cfg.task)
+    if not data.train:
+        raise ConfigError(f"training needs training data: task.train_path is not set (task.name {cfg.task.name})")
     return (lambda: epoch_stream(data.train, seed)), data.eval, data.notes
+
+
+def eval_examples(cfg: Config) -> tuple[list[Example], list[str]]:
+    """The held-out examples alone (``tppo eval``): an evaluation file needs no training file."""
+    if cfg.task.name == "file" and not cfg.task.train_path:
+        data = load_task_data(cfg.task)
+        return data.eval, data.notes
+    _, examples, notes = task_examples(cfg, cfg.train.seed)
+    return examples, notes
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, cfg: Config):
@@ -133,7 +144,12 @@ class Trainer:
         for note in [*cfg.notes, *notes] if self.rank == 0 else []:
             print(note)
         self.source = PromptSource(self._rank_share(make_stream), self.tokenizer,
-                                   max_prompt_tokens=cfg.task.max_prompt_tokens, template=cfg.task.template, system=cfg.task.system)
+                                   max_prompt_tokens=cfg.task.max_prompt_tokens, template=cfg.task.template, system=cfg.task.system,
+                                   chat_template=cfg.task.chat_template)
+        if self.rank == 0 and cfg.log.progress:  # what the model sees, once
+            first = next(make_stream(), None)
+            if first is not None:
+                print(f"first training prompt, as the model sees it:\n{self.source.render(first.prompt)}")
         self.engine = self._make_engine(ckpt)
         self.scorer = RewardScorer(cfg.task.reward, timeout_s=cfg.task.reward_timeout_s, workers=cfg.task.reward_workers,
                                    format_penalty=cfg.task.format_penalty)
@@ -144,6 +160,7 @@ class Trainer:
         self.nonfinite_skips, self.nonfinite_in_a_row = 0, 0
         self.saved_step: int | None = None  # the step of the last checkpoint this process wrote
         self.work = WorkCounter()  # this step's positions per pass (work/*)
+        self.reward_extras: dict[str, float] = {}  # this step's reward/<name> of a dict reward
         if ckpt is not None:
             self._restore(load_trainer_state(ckpt))
         self.logger = None  # rank 0 logs
@@ -400,7 +417,10 @@ class Trainer:
         done = [i for i, r in enumerate(wb.rows) if r.finished]
         texts = [decode_response(self.tokenizer, wb.rows[i].response_ids) for i in done]
         prompts = [self.tokenizer.decode(wb.rows[i].prompt_ids) for i in done]
-        scores = self.scorer.score(prompts, texts, [wb.rows[i].meta["answer"] for i in done]) if done else []
+        columns = [{k: v for k, v in wb.rows[i].meta.items() if k != "answer"} for i in done]  # the example's other dataset columns
+        scores = self.scorer.score(prompts, texts, [wb.rows[i].meta["answer"] for i in done], columns) if done else []
+        extras = self.scorer.last_extras if done else []
+        self.reward_extras = {f"reward/{k}": _mean(e[k] for e in extras if k in e) for k in sorted({k for e in extras for k in e})}
         rewards: list[float | None] = [None] * len(wb.rows)
         for i, s in zip(done, scores):
             rewards[i] = s
@@ -490,6 +510,7 @@ class Trainer:
             "value/tokens": int(cm.sum()),
             "value/explained_variance": float(algos.explained_variance(batch.old_values, batch.returns, cm)) if cm.any() else float("nan"),
         }
+        m.update(self.reward_extras)  # a dict reward's named values, mean over the finished rows
         r = self.cfg.rollout  # a row refilled mid-window spans one window more than L / W
         m.update(round_metrics(wb.rows, rewards, r.max_windows + r.refill_within_window))
         m.update(carry_metrics(wb.rows, wb.window_start, self.engine.carried))
@@ -529,7 +550,7 @@ class Trainer:
         k, n = self.cfg.log.eval_samples, self.cfg.log.samples
         generate = run_generate_fn(self.cfg, self.policy, self.tokenizer, self.eos_ids, self.device)
         res = evaluate(self.eval_set, generate, self.scorer, samples=k, ks=(1, k))
-        samples = [{"split": "eval", "prompt": e.prompt, "completion": c[0], "reward": r[0], "finished": True, "windows": None}
+        samples = [{"split": "eval", "prompt": prompt_text(e.prompt), "completion": c[0], "reward": r[0], "finished": True, "windows": None}
                    for e, c, r in zip(self.eval_set[:n], res.completions, res.rewards)]
         # pass@k under one key whatever k is (eval/k says which); pass@{k} kept for earlier readers
         return {"eval/accuracy": res.avg_at_k, "eval/pass@k": res.pass_at_k[k], "eval/k": k, f"eval/pass@{k}": res.pass_at_k[k]}, samples

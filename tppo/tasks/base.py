@@ -20,27 +20,56 @@ from tppo.rollout.base import PromptItem
 
 @dataclasses.dataclass
 class Example:
-    """One task item: ``prompt`` (question text, no template), ``answer`` (ground truth
-    the reward compares against), ``meta`` (anything else, e.g. the chain length)."""
+    """One task item: ``prompt`` (question text, no template; or a conversation, a tuple of
+    ``(role, content)`` pairs, hashable like a string), ``answer`` (ground truth the reward
+    compares against), ``meta`` (anything else, e.g. the chain length)."""
 
-    prompt: str
+    prompt: str | tuple[tuple[str, str], ...]
     answer: str
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def format_prompt(tokenizer, text: str, template: str = "{prompt}", system: str | None = None) -> str:
+def prompt_text(prompt: str | tuple) -> str:
+    """A prompt as the reward sees it: the text, or a conversation's last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    return next((content for role, content in reversed(prompt) if role == "user"), "")
+
+
+def format_prompt(tokenizer, text: str | tuple, template: str = "{prompt}", system: str | None = None,
+                  chat_template: bool = True) -> str:
     """The prompt string the model sees.
 
     ``template`` (with a ``{prompt}`` placeholder) wraps the question first, e.g. to ask
     for a boxed answer; only ``{prompt}`` is replaced, so other braces (``\\boxed{}``,
-    JSON, LaTeX) stay as written. Then, if the tokenizer has a chat template, the result
-    becomes a user turn (after an optional system turn) with the generation prompt appended.
+    JSON, LaTeX) stay as written. Then, if the tokenizer has a chat template and
+    ``chat_template`` is on, the result becomes a user turn (after an optional system turn)
+    with the generation prompt appended; otherwise it is sent as it is (a base model).
+
+    A conversation (``(role, content)`` pairs, a dataset's list of messages) is rendered
+    with the chat template as it stands: ``template`` wraps its last user turn, ``system``
+    is prepended when it has no system turn of its own.
     """
+    if isinstance(text, (tuple, list)):
+        return _render_conversation(tokenizer, text, template, system, chat_template)
     body = template.replace("{prompt}", text)
-    if getattr(tokenizer, "chat_template", None):
+    if chat_template and getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": body}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return body
+
+
+def _render_conversation(tokenizer, turns, template: str, system: str | None, chat_template: bool) -> str:
+    if not (chat_template and getattr(tokenizer, "chat_template", None)):
+        raise ValueError("a conversational prompt (a list of messages) needs the tokenizer's chat template "
+                         "(task.chat_template true, and a tokenizer that has one)")
+    messages = [{"role": role, "content": content} for role, content in turns]
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last_user is not None:
+        messages[last_user]["content"] = template.replace("{prompt}", messages[last_user]["content"])
+    if system and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def problem_stream(task, split: str, seed: int) -> Iterator[Example]:
@@ -89,7 +118,7 @@ class PromptSource:
             again on :meth:`load_state_dict`, then fast-forwarded to the cursor).
         tokenizer: a transformers tokenizer.
         max_prompt_tokens: longer prompts are skipped and counted in ``skipped_long``.
-        template, system: see :func:`format_prompt`.
+        template, system, chat_template: see :func:`format_prompt`.
     """
 
     def __init__(
@@ -100,9 +129,11 @@ class PromptSource:
         max_prompt_tokens: int,
         template: str = "{prompt}",
         system: str | None = None,
+        chat_template: bool = True,
     ) -> None:
         self.make_stream, self.tokenizer = make_stream, tokenizer
         self.max_prompt_tokens, self.template, self.system = max_prompt_tokens, template, system
+        self.chat_template = chat_template
         self._stream = make_stream()
         self.cursor = 0  # examples consumed from the stream (used or skipped)
         self.skipped_long = 0
@@ -124,10 +155,14 @@ class PromptSource:
             else:
                 return PromptItem(prompt_id, ids, meta={"answer": example.answer, **example.meta})
 
-    def encode(self, text: str) -> list[int]:
-        formatted = format_prompt(self.tokenizer, text, self.template, self.system)
+    def encode(self, text: str | tuple) -> list[int]:
+        formatted = self.render(text)
         # A chat template already contains the BOS token where the model wants one.
         return self.tokenizer(formatted, add_special_tokens=False).input_ids
+
+    def render(self, text: str | tuple) -> str:
+        """The prompt string the model sees (:func:`format_prompt` with this source's settings)."""
+        return format_prompt(self.tokenizer, text, self.template, self.system, self.chat_template)
 
     def state_dict(self) -> dict[str, int]:
         return {"cursor": self.cursor, "skipped_long": self.skipped_long, "skipped_empty": self.skipped_empty}

@@ -99,6 +99,8 @@ def load_task_data(task, holdout_seed: int = 0) -> TaskData:
     else:
         load, train_src, eval_src = (lambda path: load_examples(path, **fields)), task.train_path, task.eval_path
     notes: list[str] = []
+    if train_src is None:  # evaluation only (tppo eval): config.py allows it for files
+        return TaskData([], _loaded(load(eval_src), eval_src, notes)[: task.eval_problems], notes)
     train = _loaded(load(train_src), train_src, notes)
     if eval_src is not None:
         return TaskData(train, _loaded(load(eval_src), eval_src, notes)[: task.eval_problems], notes)
@@ -179,9 +181,11 @@ def _example(source, line, row, prompt_field, answer_field, answer_format) -> Ex
         if field not in row or row[field] is None:
             raise DatasetError(f"{where}: missing field '{field}'")
     prompt = row[prompt_field]
-    if not isinstance(prompt, str):
-        raise DatasetError(f"{where}: field '{prompt_field}' must be a string, got {type(prompt).__name__}")
-    if not prompt.strip():
+    if isinstance(prompt, list):  # a conversation (TRL's conversational format): rendered with the chat template
+        prompt = _conversation(prompt, f"{where}: field '{prompt_field}'")
+    elif not isinstance(prompt, str):
+        raise DatasetError(f"{where}: field '{prompt_field}' must be a string or a list of messages, got {type(prompt).__name__}")
+    elif not prompt.strip():
         raise DatasetError(f"{where}: field '{prompt_field}' is empty")
     try:
         answer = normalize_answer(row[answer_field], answer_format)
@@ -189,6 +193,23 @@ def _example(source, line, row, prompt_field, answer_field, answer_format) -> Ex
         raise DatasetError(f"{where}: field '{answer_field}': {e}") from None
     meta = {k: v for k, v in row.items() if k not in (prompt_field, answer_field) and isinstance(v, (str, int, float, bool))}
     return Example(prompt=prompt, answer=answer, meta=meta)
+
+
+def _conversation(messages: list, where: str) -> tuple[tuple[str, str], ...]:
+    """A list of ``{"role", "content"}`` messages as (role, content) pairs, or the error
+    naming the message that is not one."""
+    if not messages:
+        raise DatasetError(f"{where} is an empty list of messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DatasetError(f"{where}[{i}]: a message must be an object with string 'role' and 'content', got {m!r}"[:300])
+        if m["role"] not in ("system", "user", "assistant"):
+            raise DatasetError(f"{where}[{i}]: role {m['role']!r} is not system, user or assistant")
+        out.append((m["role"], m["content"]))
+    if not any(role == "user" for role, _ in out):
+        raise DatasetError(f"{where} has no user message")
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------- answers
