@@ -45,3 +45,19 @@ def write_json(name: str | Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def train_with_evals(tr, prompts: int, eval_every: int, keys: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
+    """Train ``tr`` (a tppo Trainer) until ``prompts`` prompts were admitted, evaluating each
+    time another ``eval_every`` were, and at the end. (per-step ``keys`` of each step's
+    metrics, the evaluated curve: prompts, training seconds, generated tokens, step, accuracy)."""
+    steps, curve, next_eval = [], [], eval_every
+    while tr.source.cursor < prompts:
+        m = tr.step()
+        steps.append({k: m.get(k) for k in keys})
+        if tr.source.cursor >= next_eval or tr.source.cursor >= prompts:
+            while next_eval <= tr.source.cursor:
+                next_eval += eval_every
+            curve.append({"prompts": tr.source.cursor, "elapsed_s": tr.elapsed, "tokens": tr.total_generated,
+                          "step": tr.step_idx, "accuracy": tr.evaluate()["eval/accuracy"]})
+    return steps, curve

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, commit, machine, write_json  # noqa: E402
+from common import RESULTS_DIR, commit, machine, train_with_evals, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -126,17 +126,9 @@ def run_job(spec: dict) -> dict:
 
 
 def _train_curve(tr, prompts: int, eval_every: int) -> dict:
-    curve, steps, next_eval = [], [], eval_every
-    while tr.source.cursor < prompts:
-        m = tr.step()
-        steps.append({k: m[k] for k in ("rollout/slot_utilization", "rollout/generated_tokens", "reward/accuracy",
-                                         "rollout/response_length_max", "rollout/window_tokens", "rollout/decode_steps", "egae/rows_compared",
-                                         *EGAE_KEYS, *(f"time/{p}_s" for p in PHASES), "time/step_s")})
-        if tr.source.cursor >= next_eval or tr.source.cursor >= prompts:
-            while next_eval <= tr.source.cursor:
-                next_eval += eval_every
-            curve.append({"prompts": tr.source.cursor, "elapsed_s": tr.elapsed, "tokens": tr.total_generated,
-                          "step": tr.step_idx, "accuracy": tr.evaluate()["eval/accuracy"]})
+    steps, curve = train_with_evals(tr, prompts, eval_every, (
+        "rollout/slot_utilization", "rollout/generated_tokens", "reward/accuracy", "rollout/response_length_max", "rollout/window_tokens",
+        "rollout/decode_steps", "egae/rows_compared", *EGAE_KEYS, *(f"time/{p}_s" for p in PHASES), "time/step_s"))
     gen = sum(s["rollout/generated_tokens"] for s in steps)
     return {
         "curve": curve,

@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, commit, machine, write_json  # noqa: E402
+from common import RESULTS_DIR, commit, machine, train_with_evals, write_json  # noqa: E402
 from stats import eval_standard_error, seed_ratios, time_ratio_ci, value_at  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,15 +130,8 @@ def run_job(spec: dict) -> dict:
 
 def train_curve(tr, prompts: int, eval_every: int) -> dict:
     """Train until ``prompts`` prompts were admitted, evaluating every ``eval_every``."""
-    curve, steps, next_eval = [], [], eval_every
-    while tr.source.cursor < prompts:
-        m = tr.step()
-        steps.append({k: m.get(k) for k in ("time/step_s", *(f"time/{p}_s" for p in PHASES), *WORK, "rollout/generated_tokens")})
-        if tr.source.cursor >= next_eval or tr.source.cursor >= prompts:
-            while next_eval <= tr.source.cursor:
-                next_eval += eval_every
-            curve.append({"prompts": tr.source.cursor, "elapsed_s": tr.elapsed, "step": tr.step_idx,
-                          "accuracy": tr.evaluate()["eval/accuracy"]})
+    steps, curve = train_with_evals(tr, prompts, eval_every, ("time/step_s", *(f"time/{p}_s" for p in PHASES), *WORK,
+                                                             "rollout/generated_tokens"))
     return {"curve": curve, "steps": len(steps), "prompts": tr.source.cursor, "train_s": tr.elapsed,
             "phase_s": {p: sum(s[f"time/{p}_s"] or 0.0 for s in steps) for p in PHASES},
             "work": {k: sum(s[k] or 0 for s in steps) for k in WORK}, "per_step": steps}
