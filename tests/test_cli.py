@@ -221,3 +221,20 @@ def test_plot_labels_every_panel_and_refuses_a_missing_run(model_dir, tmp_path, 
     assert any(n == "fewer than 2 points: run" for n in notes)
     assert any("rolling mean" in t.get_text() for t in fig.texts)
     assert main(["plot", str(tmp_path / "nope")]) == 2 and "not a run directory" in capsys.readouterr().err
+
+
+def test_a_terminal_gets_a_live_bar_and_a_log_gets_a_line_per_step(model_dir, tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setattr(sys, "stderr", term)
+    assert main(_tiny_train(model_dir, tmp_path / "run", "train.total_steps=3", "log.progress=true")) == 0
+    out = term.getvalue()
+    assert "training" in out and "3/3" in out and "reward " in out  # the bar, its status the step's values
+    assert "step    1/3 |" not in out and "step    3/3 |" in out  # lines only for the steps that evaluated

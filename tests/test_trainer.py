@@ -510,3 +510,17 @@ def test_every_step_logs_the_work_of_each_pass_by_hand(model_dir, tmp_path, pref
             P, T = max(starts), max(x - g for x, g in zip(n, starts))
             assert m["work/policy_positions"] == B * T and m["work/policy_prefix_positions"] == B * P
             assert m["work/padding_positions"] == (B * max(n) - sum(n)) + (B * (P + T) - sum(n)) + crit - sum(fin)
+
+
+def test_the_value_pass_is_packed_by_the_token_budget_too(model_dir, tmp_path):
+    """train.micro_batch_tokens packs the no-gradient value pass as it packs the updates:
+    fewer padded positions, the same values (up to float rounding of other batch-mates)."""
+    runs = {}
+    for name, extra in (("rows", []), ("tokens", ["train.micro_batch_tokens=60"])):
+        cfg = make_cfg(model_dir, tmp_path / name, "train.micro_batch_rows=8", "train.total_steps=3", *extra)
+        trainer = Trainer(cfg, tmp_path / name)
+        runs[name] = (trainer.train(), params(trainer.critic))
+    (rows, c_rows), (tokens, c_tokens) = runs["rows"], runs["tokens"]
+    assert sum(m["work/value_positions"] for m in tokens) < sum(m["work/value_positions"] for m in rows)
+    for k in c_rows:
+        torch.testing.assert_close(c_tokens[k], c_rows[k], atol=1e-5, rtol=1e-4)

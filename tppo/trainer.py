@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -35,7 +36,6 @@ import torch
 
 from tppo import algos, distributed, sharding
 from tppo.advantages import compute_advantages, has_critic, policy_lambda, rows_with_values
-from tppo.batching import row_micro_batches
 from tppo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from tppo.config import Config, ConfigError, diff_configs, load_config, save_config
 from tppo.egae_bias import TruncationTracker
@@ -50,8 +50,8 @@ from tppo.rundir import RunDirInUse, claim
 from tppo.stopping import Interrupted, StopRequest
 from tppo.tasks import ArithTask, ChainTask, Example, PromptSource, epoch_stream, load_task_data, prompt_text
 from tppo.trackers import check_trackers, make_trackers
-from tppo.updates import (StepBatch, WorkCounter, autocast, critic_values, old_logprob_source, token_logprobs, update_critic, update_policy,
-                          used_columns)
+from tppo.updates import (StepBatch, WorkCounter, autocast, critic_values, micro_batches, old_logprob_source, token_logprobs, update_critic,
+                          update_policy, used_columns)
 from tppo.window import WindowHistory, choose_window, history_from_state, history_state
 
 
@@ -161,6 +161,7 @@ class Trainer:
         self.saved_step: int | None = None  # the step of the last checkpoint this process wrote
         self.work = WorkCounter()  # this step's positions per pass (work/*)
         self.reward_extras: dict[str, float] = {}  # this step's reward/<name> of a dict reward
+        self._bar = None  # the console's progress bar while train() runs on a terminal
         if ckpt is not None:
             self._restore(load_trainer_state(ckpt))
         self.logger = None  # rank 0 logs
@@ -269,22 +270,53 @@ class Trainer:
         """Run to ``train.total_steps``; the steps' metrics. On SIGINT / SIGTERM the run stops
         at the end of the current step, saves a checkpoint and raises :class:`Interrupted`."""
         history = []
+        self._bar = self._progress_bar()
         with StopRequest(announce=self.rank == 0) as stop:
             try:
                 if self.step_idx == 0 and (start := self._evaluate_on_main()) is not None:
                     self.start_eval = start
                     (self.run_dir / "eval_initial.json").write_text(json.dumps(self.start_eval) + "\n")
                     self.logger.log({"step": 0, **start, "time/elapsed_s": 0.0})  # step 0: the accuracy before RL
-                    print(f"held-out accuracy before RL: {self.start_eval['eval/accuracy']:.3f}")
+                    self._say(f"held-out accuracy before RL: {self.start_eval['eval/accuracy']:.3f}")
                 while self.step_idx < self.cfg.train.total_steps:
                     if signum := distributed.max_int(stop.signum or 0):  # every rank stops at the same step
                         self._save_for_stop(signum)
                     history.append(self.step())
             finally:
+                if self._bar is not None:
+                    self._bar.close()
                 if self.logger is not None:
                     self.logger.close()
                 self.scorer.close()
         return history
+
+    def _progress_bar(self):
+        """A live bar of the steps on a terminal (rank 0, ``log.progress``); None elsewhere,
+        where every step prints its line (CI, log files)."""
+        if not (self.cfg.log.progress and self.rank == 0 and sys.stdout.isatty()):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.train.total_steps, initial=self.step_idx, desc="training", unit="step", dynamic_ncols=True)
+
+    def _show_step(self, m: dict[str, Any]) -> None:
+        """The step on the console: the bar's status (terminal) or its line (elsewhere); a
+        step that evaluated also writes its line above the bar."""
+        line = summary_line(m, self.cfg.train.total_steps, self._eta_s(m))
+        if self._bar is None:
+            print(line, flush=True)
+            return
+        self._bar.set_postfix_str(line.split(" | ", 1)[1].rsplit(" | eta", 1)[0], refresh=False)
+        self._bar.update(1)
+        if "eval/accuracy" in m:
+            self._bar.write(line)
+
+    def _say(self, text: str) -> None:
+        """A console line that does not break the progress bar."""
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
 
     def _save_for_stop(self, signum: int) -> None:
         """The stop asked by a signal: checkpoint this step boundary (unless just saved) and
@@ -360,7 +392,7 @@ class Trainer:
         if self.logger is not None:
             self.logger.log(m)
         if cfg.log.progress and self.rank == 0:
-            print(summary_line(m, cfg.train.total_steps, self._eta_s(m)), flush=True)
+            self._show_step(m)
         if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
             raise TrainingDiverged(
                 f"step {self.step_idx}: {self.nonfinite_in_a_row} steps in a row had a NaN/inf loss or gradient "
@@ -466,7 +498,7 @@ class Trainer:
         model.eval()
         out = torch.zeros(packed.input_ids.shape)
         with sharding.gathered(model):  # ranks have different row counts: no collectives inside
-            for micro in row_micro_batches(rows, self.cfg.train.micro_batch_rows):
+            for micro in micro_batches(packed, rows, self.cfg.train):  # packed by token budget as the updates are
                 S = int(packed.attention_mask[micro].sum(1).max())
                 with autocast(self.cfg, self.device):
                     v = fn(model, packed.input_ids[micro, :S].to(self.device), packed.attention_mask[micro, :S].to(self.device), micro)
@@ -568,7 +600,7 @@ class Trainer:
             return
         self.logger.log_samples(self.step_idx, samples)
         if self.cfg.log.progress:
-            print(sample_line(samples[0]), flush=True)
+            self._say(sample_line(samples[0]))
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -106,9 +106,11 @@ def old_logprob_source(cfg: Config, device: torch.device) -> OldLogprobSource:
     return "recompute" if a.old_logprobs == "recompute" or exact_needed else "engine"
 
 
-def micro_batches(batch: StepBatch, rows: list[int], t) -> list[list[int]]:
-    """A mini-batch's micro-batches (tppo/batching.py): by token budget when
-    ``train.micro_batch_tokens`` is set, else ``train.micro_batch_rows`` rows each."""
+def micro_batches(batch, rows: list[int], t) -> list[list[int]]:
+    """Micro-batches of ``rows`` (tppo/batching.py): by token budget when
+    ``train.micro_batch_tokens`` is set, else ``train.micro_batch_rows`` rows each.
+    ``batch``: anything with a (B, S) ``attention_mask`` (a StepBatch, a PackedWindow: the
+    value and old-log-prob passes are packed as the updates are)."""
     if t.micro_batch_tokens:
         lengths = batch.attention_mask[rows].sum(1).tolist()
         return token_micro_batches(rows, lengths, t.micro_batch_tokens, t.micro_batch_rows)
