@@ -48,6 +48,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, commit, machine, train_with_evals, write_json  # noqa: E402
+from cost_model import fit as fit_costs  # noqa: E402
+from cost_model import relative_errors  # noqa: E402
 from stats import eval_standard_error, seed_ratios, time_ratio_ci, value_at  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,8 +221,27 @@ def summarize(results: dict[str, dict], min_gain: float, commit_: str, machine_:
             }
     return {"commit": commit_, "machine": machine_, "seeds": seeds, "initial_accuracy": start, "eval_se": se,
             "target_accuracy": target, "target_margin_se": (target - start) / se if se else None,
-            "ppo_time_marks_s": marks, "arms": out_arms, "ratios": ratios,
-            "cost_model": None}  # TODO(#20, D): per arm, per phase, the fitted model's relative error
+            "ppo_time_marks_s": marks, "arms": out_arms, "ratios": ratios, "cost_model": cost_model_check(results)}
+
+
+def cost_model_check(results: dict[str, dict]) -> dict | None:
+    """benchmarks/cost_model.py: unit costs fitted on PPO's first seed (PPO's whole-response
+    steps vary every generation unit), then, per arm and phase, the median over the other
+    runs of the predicted / measured seconds - 1. TODO(#20, D): a calibration run of its
+    own that varies batch and W, and a kv-position counter for attention."""
+    calibration = next((k for k in sorted(results) if k.startswith("ppo/") and "per_step" in results[k]), None)
+    if calibration is None:
+        return None
+    costs = fit_costs(results[calibration]["per_step"])
+    errors: dict[str, dict[str, list[float]]] = {}
+    for name, run in results.items():
+        if name == calibration or "per_step" not in run:
+            continue
+        for phase, err in relative_errors(costs, run).items():
+            if err is not None:
+                errors.setdefault(name.split("/")[0], {}).setdefault(phase, []).append(err)
+    return {"calibration": calibration, "unit_costs": costs,
+            "relative_error": {arm: {p: statistics.median(e) for p, e in ph.items()} for arm, ph in errors.items()}}
 
 
 def report(summary: dict) -> str:
@@ -270,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         results = run_all(jobs, args, sft_dir)
         payload = {"wall_s": time.perf_counter() - t0, "args": {k: v for k, v in vars(args).items() if k != "job"}, "results": results}
-    payload.update(summarize(results, args.min_gain, commit(), machine()))
+    # a re-summary keeps the provenance of the runs it summarises
+    payload.update(summarize(results, args.min_gain, payload.get("commit") or commit(), payload.get("machine") or machine()))
     path = write_json(out, payload)
     print(report(payload))
     print(f"wrote {path}")

@@ -324,3 +324,46 @@ def test_speed_study_quick_runs_end_to_end(tmp_path):
     assert res["target_accuracy"] >= res["initial_accuracy"] + 3 * res["eval_se"]
     for r in res["ratios"].values():
         assert {"median", "ci_low", "ci_high", "n"} == set(r["per_prompt"]) and r["per_prompt"]["n"] == 1
+    cm = res["cost_model"]  # fitted on PPO's run, checked on every other arm's
+    assert cm["calibration"] == "ppo/s0" and set(cm["relative_error"]) == set(ss.MAIN_ARMS) - {"ppo"}
+
+
+def test_cost_model_recovers_known_unit_costs_and_predicts_another_run():
+    import cost_model as cm
+
+    rng = np.random.default_rng(0)
+    truth = {"work/decode_steps": 2e-3, "work/row_steps": 1e-4, "work/prefill_tokens": 5e-6, "work/value_positions": 3e-6,
+             "work/policy_positions": 9e-6, "work/policy_prefix_positions": 3e-6, "work/critic_positions": 8e-6}
+
+    def steps(n, decode, rows):
+        out = []
+        for _ in range(n):
+            w = {"work/decode_steps": int(rng.integers(*decode)), "work/prefill_tokens": int(rng.integers(500, 3000)),
+                 "work/value_positions": int(rng.integers(5e3, 2e4)), "work/policy_positions": int(rng.integers(5e3, 2e4)),
+                 "work/policy_prefix_positions": 0, "work/critic_positions": int(rng.integers(2e3, 1e4)), "work/old_logprob_positions": 0}
+            w["work/row_steps"] = w["work/decode_steps"] * int(rng.integers(*rows))
+            t = {f"time/{p}_s": sum(truth.get(k, 0) * w[k] for k in keys) for p, keys in cm.PHASE_WORK.items()}
+            out.append({**w, **t})
+        return out
+
+    costs = cm.fit(steps(40, (20, 256), (4, 64)))
+    for phase, units in costs.items():
+        for k, c in units.items():
+            if k in ("work/policy_prefix_positions", "work/old_logprob_positions"):
+                assert c == 0.0  # never varied: no cost to fit, none made up
+            else:
+                assert c == pytest.approx(truth[k], rel=1e-6), (phase, k)
+    other = steps(30, (60, 65), (30, 64))
+    run = {"work": {k: sum(s[k] for s in other) for k in truth | {"work/old_logprob_positions": 0}},
+           "phase_s": {p: sum(s[f"time/{p}_s"] for s in other) for p in cm.PHASE_WORK}}
+    errors = cm.relative_errors(costs, run)
+    assert errors["old_logprobs"] is None and all(abs(e) < 1e-6 for p, e in errors.items() if e is not None)
+
+
+def test_nnls_drops_a_negative_cost_and_refits():
+    import cost_model as cm
+
+    X = np.array([[1.0, 1.0], [2.0, 1.0], [3.0, 1.0]])
+    y = np.array([3.0, 2.0, 1.0])  # the best unconstrained fit has a negative slope
+    coef = cm.nnls(X, y)
+    assert coef[0] == 0.0 and coef[1] == pytest.approx(2.0)

@@ -238,3 +238,20 @@ def test_a_terminal_gets_a_live_bar_and_a_log_gets_a_line_per_step(model_dir, tm
     out = term.getvalue()
     assert "training" in out and "3/3" in out and "reward " in out  # the bar, its status the step's values
     assert "step    1/3 |" not in out and "step    3/3 |" in out  # lines only for the steps that evaluated
+
+
+def test_the_demo_run_twice_shows_its_run_and_overwrite_trains_it_again(model_dir, tmp_path, capsys):
+    from tppo.config import save_config
+    from trainer_helpers import make_cfg
+
+    save_config(make_cfg(model_dir, tmp_path / "demo", "train.total_steps=2", "log.checkpoint_every=1"), tmp_path / "demo.yaml")
+    assert main(["demo", "--config", str(tmp_path / "demo.yaml")]) == 0
+    before = (tmp_path / "demo" / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(["demo", "--config", str(tmp_path / "demo.yaml")]) == 0  # the README's command, again
+    out = capsys.readouterr().out
+    assert "holds the demo's run: continuing it" in out and "held-out accuracy (avg@2): before RL" in out
+    assert (tmp_path / "demo" / "metrics.jsonl").read_bytes() == before  # finished: nothing trained again
+    assert main(["demo", "--config", str(tmp_path / "demo.yaml"), "rollout.window_tokens=4"]) == 2  # another config: refused
+    assert "tppo demo --overwrite" in capsys.readouterr().err
+    assert main(["demo", "--config", str(tmp_path / "demo.yaml"), "--overwrite"]) == 0

@@ -272,8 +272,6 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from tppo.config import load_config
-
     from tppo.checkpoint import latest_checkpoint
     from tppo.config import ConfigError, load_config
     from tppo.trainer import resume_config

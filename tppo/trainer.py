@@ -25,7 +25,6 @@ import copy
 import dataclasses
 import itertools
 import json
-import math
 import random
 import sys
 import time

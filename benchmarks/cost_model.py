@@ -1,0 +1,92 @@
+"""This machine's cost model (#20 D): each phase's seconds as its counted work times unit
+costs, fitted on one calibration run and checked on the runs it did not see.
+
+    seconds(phase, step) = sum_k  c[phase, k] * work[k, step]        (c >= 0)
+
+The work units are the library's own counters (``work/*``, docs/metrics.md): decode steps,
+row-steps and prefill tokens for generation, token positions for the forward passes and
+the updates. The unit costs are fitted by non-negative least squares over the calibration
+run's steps (a cost is never negative; a unit whose best fit is negative is dropped and
+the rest refitted). The check is each predicted run's total seconds per phase against the
+measured ones: the relative error the speed study reports per arm and phase.
+
+    python benchmarks/cost_model.py results/speed_study_pilot.json --calibrate ppo/s0
+
+Stated limits: attention's cost grows with the context (a decode step over long rows
+costs more); no counter carries it yet, so long-context arms need a kv-position counter.
+A calibration run whose steps barely vary a unit (T-PPO: every window ~W decode steps)
+leaves that unit's cost ill-determined: calibrate on a run that varies them (PPO's
+whole-response steps do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+PHASE_WORK = {
+    "generate": ("work/decode_steps", "work/row_steps", "work/prefill_tokens"),
+    "values": ("work/value_positions",),
+    "old_logprobs": ("work/old_logprob_positions",),
+    "policy_update": ("work/policy_positions", "work/policy_prefix_positions"),
+    "value_update": ("work/critic_positions",),
+}
+
+
+def nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with non-negative coefficients, by dropping the most negative
+    coefficient and refitting until none is (exact for the few units a phase has)."""
+    active = [j for j in range(X.shape[1]) if X[:, j].any()]
+    coef = np.zeros(X.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(X[:, active], y, rcond=None)
+        if (sol >= 0).all():
+            coef[active] = sol
+            return coef
+        active.pop(int(np.argmin(sol)))
+    return coef
+
+
+def fit(steps: list[dict]) -> dict[str, dict[str, float]]:
+    """Unit costs per phase (seconds per unit of work) from one run's per-step records
+    (``time/<phase>_s`` and the ``work/*`` counters)."""
+    out = {}
+    for phase, keys in PHASE_WORK.items():
+        X = np.array([[float(s.get(k) or 0) for k in keys] for s in steps])
+        y = np.array([float(s.get(f"time/{phase}_s") or 0) for s in steps])
+        out[phase] = dict(zip(keys, nnls(X, y).tolist()))
+    return out
+
+
+def predict(costs: dict[str, dict[str, float]], work: dict[str, float]) -> dict[str, float]:
+    """Seconds per phase of a run with the total ``work`` counters."""
+    return {phase: sum(c * float(work.get(k) or 0) for k, c in units.items()) for phase, units in costs.items()}
+
+
+def relative_errors(costs: dict[str, dict[str, float]], run: dict) -> dict[str, float | None]:
+    """Predicted / measured - 1 per phase of a run (``work`` and ``phase_s`` totals); None
+    for a phase the run did no work in (its seconds are the timer's)."""
+    pred = predict(costs, run["work"])
+    did = {p: any(float(run["work"].get(k) or 0) for k in keys) for p, keys in PHASE_WORK.items()}
+    return {p: (pred[p] / run["phase_s"][p] - 1.0) if did[p] and run["phase_s"].get(p) else None for p in PHASE_WORK}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", type=Path, help="a speed study JSON (its results/*/per_step)")
+    ap.add_argument("--calibrate", default="ppo/s0", help="the run the unit costs are fitted on (never predicted)")
+    args = ap.parse_args(argv)
+    data = json.loads(args.results.read_text())
+    runs = {k: v for k, v in data["results"].items() if "per_step" in v}
+    costs = fit(runs[args.calibrate]["per_step"])
+    print(json.dumps({"calibration": args.calibrate, "unit_costs": costs,
+                      "relative_error": {k: relative_errors(costs, r) for k, r in runs.items() if k != args.calibrate}}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
