@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -45,6 +46,31 @@ def write_json(name: str | Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def benchmark_trainer(config: Path, sft_dir: str, seed: int, eval_problems: int, eval_samples: int, overrides: list[str]):
+    """A Trainer for one benchmark job: the warm-start ``sft_dir``, ``seed`` for training and
+    sampling, one torch thread, no evaluations, checkpoints, TensorBoard or console of its
+    own (the job evaluates when it chooses), in a temporary run directory."""
+    import tempfile
+
+    import torch
+
+    from tppo.config import load_config
+    from tppo.trainer import Trainer
+
+    torch.set_num_threads(1)
+    cfg = load_config(config, [f"model.path={sft_dir}", f"train.seed={seed}", f"rollout.seed={seed}", "train.total_steps=100000",
+                               "train.torch_threads=1", "log.eval_every=0", "log.checkpoint_every=0", "log.tensorboard=false",
+                               "log.progress=false", f"task.eval_problems={eval_problems}", f"log.eval_samples={eval_samples}", *overrides])
+    with tempfile.TemporaryDirectory() as run_dir:
+        tr = Trainer(cfg, run_dir)
+        try:
+            yield tr
+        finally:
+            tr.logger.close()
+            tr.scorer.close()
 
 
 def train_with_evals(tr, prompts: int, eval_every: int, keys: tuple[str, ...]) -> tuple[list[dict], list[dict]]:

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, commit, machine, train_with_evals, write_json  # noqa: E402
+from common import RESULTS_DIR, benchmark_trainer, commit, machine, train_with_evals, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -102,27 +102,10 @@ def build_jobs(seeds: int, windows: list[int | str], ablations: list[str], short
 
 def run_job(spec: dict) -> dict:
     """Train one configuration, evaluating every ``eval_every`` prompts; its curve and timings."""
-    import torch
-
-    from tppo.config import load_config
-    from tppo.trainer import Trainer
-
-    torch.set_num_threads(1)
-    seed = spec["seed"]
-    overrides = [f"model.path={spec['sft_dir']}", f"train.seed={seed}", f"rollout.seed={seed}", "train.total_steps=100000",
-                 "train.torch_threads=1", "log.eval_every=0", "log.checkpoint_every=0", "log.tensorboard=false",
-                 "log.progress=false", f"task.eval_problems={spec['eval_problems']}", f"log.eval_samples={spec['eval_samples']}",
-                 *spec["overrides"]]
-    cfg = load_config(DEMO, overrides)
-    with tempfile.TemporaryDirectory() as run_dir:
-        tr = Trainer(cfg, run_dir)
-        try:
-            if spec["label"] == "init":
-                return {"accuracy": tr.evaluate()["eval/accuracy"]}
-            return _train_curve(tr, spec["prompts"], spec["eval_every"])
-        finally:
-            tr.logger.close()
-            tr.scorer.close()
+    with benchmark_trainer(DEMO, spec["sft_dir"], spec["seed"], spec["eval_problems"], spec["eval_samples"], spec["overrides"]) as tr:
+        if spec["label"] == "init":
+            return {"accuracy": tr.evaluate()["eval/accuracy"]}
+        return _train_curve(tr, spec["prompts"], spec["eval_every"])
 
 
 def _train_curve(tr, prompts: int, eval_every: int) -> dict:

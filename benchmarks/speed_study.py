@@ -41,13 +41,12 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, commit, machine, train_with_evals, write_json  # noqa: E402
+from common import RESULTS_DIR, benchmark_trainer, commit, machine, train_with_evals, write_json  # noqa: E402
 from cost_model import fit as fit_costs  # noqa: E402
 from cost_model import relative_errors  # noqa: E402
 from stats import eval_standard_error, seed_ratios, time_ratio_ci, value_at  # noqa: E402
@@ -104,30 +103,16 @@ def build_jobs(arms: list[str], seeds: int, variant_seeds: int) -> list[Job]:
 
 def run_job(spec: dict) -> dict:
     """The starting evaluation (per-problem correctness), or one arm's training curve."""
-    import torch
-
-    from tppo.config import load_config
     from tppo.evaluation import evaluate, run_generate_fn
-    from tppo.trainer import Trainer
 
-    torch.set_num_threads(1)
-    arm, seed = spec["arm"], spec["seed"]
-    overrides = [f"model.path={spec['sft_dir']}", f"train.seed={seed}", f"rollout.seed={seed}", "train.total_steps=100000",
-                 "train.torch_threads=1", "log.eval_every=0", "log.checkpoint_every=0", "log.tensorboard=false",
-                 "log.progress=false", f"task.eval_problems={spec['eval_problems']}", f"log.eval_samples={spec['eval_samples']}",
-                 *(arm_overrides(arm) if arm != "init" else []), *spec.get("extra", [])]
-    cfg = load_config(DEMO, overrides)
-    with tempfile.TemporaryDirectory() as run_dir:
-        tr = Trainer(cfg, run_dir)
-        try:
-            if arm == "init":
-                res = evaluate(tr.eval_set, run_generate_fn(cfg, tr.policy, tr.tokenizer, tr.eos_ids, tr.device), tr.scorer,
-                               samples=cfg.log.eval_samples)
-                return {"accuracy": res.avg_at_k, "correct": res.correct}
-            return train_curve(tr, spec["prompts"], spec["eval_every"])
-        finally:
-            tr.logger.close()
-            tr.scorer.close()
+    arm = spec["arm"]
+    overrides = [*(arm_overrides(arm) if arm != "init" else []), *spec.get("extra", [])]
+    with benchmark_trainer(DEMO, spec["sft_dir"], spec["seed"], spec["eval_problems"], spec["eval_samples"], overrides) as tr:
+        if arm == "init":
+            res = evaluate(tr.eval_set, run_generate_fn(tr.cfg, tr.policy, tr.tokenizer, tr.eos_ids, tr.device), tr.scorer,
+                           samples=tr.cfg.log.eval_samples)
+            return {"accuracy": res.avg_at_k, "correct": res.correct}
+        return train_curve(tr, spec["prompts"], spec["eval_every"])
 
 
 def train_curve(tr, prompts: int, eval_every: int) -> dict:

@@ -367,3 +367,13 @@ def test_nnls_drops_a_negative_cost_and_refits():
     y = np.array([3.0, 2.0, 1.0])  # the best unconstrained fit has a negative slope
     coef = cm.nnls(X, y)
     assert coef[0] == 0.0 and coef[1] == pytest.approx(2.0)
+
+
+def test_the_earlier_study_quick_runs_at_head(tmp_path, monkeypatch):
+    """`python benchmarks/ppo_vs_tppo.py --quick` (the earlier study, kept for the record)."""
+    import json
+
+    monkeypatch.setattr(sys, "argv", ["ppo_vs_tppo.py", "--quick", "--name", str(tmp_path / "pvt")])
+    assert pvt.main() == 0
+    res = json.loads((tmp_path / "pvt.json").read_text())
+    assert {"ppo", "tppo-W64"} <= set(res["summary"]["longtail"]["runs"]) and (tmp_path / "pvt.png").exists()
