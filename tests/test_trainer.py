@@ -389,7 +389,8 @@ def critic_loss_by_hand(trainer, wb) -> float:
 @pytest.mark.parametrize("precision,source,prefix_grad,batching", [
     ("fp32", "auto", True, "rows"), ("bf16", "auto", True, "rows"), ("bf16", "engine", True, "rows"), ("fp32", "auto", False, "rows"),
     ("bf16", "auto", False, "rows"), ("bf16", "auto", False, "tokens"), ("bf16", "auto", True, "tokens"),
-    ("bf16", "recompute", False, "minibatches"), ("bf16", "auto", False, "one-pass"), ("bf16", "auto", True, "one-pass")])
+    ("bf16", "recompute", False, "minibatches"), ("bf16", "recompute", False, "tokens-minibatches"),
+    ("bf16", "auto", False, "one-pass"), ("bf16", "auto", True, "one-pass")])
 def test_frozen_models_give_ratio_one_and_the_hand_value_loss(model_dir, tmp_path, monkeypatch, precision, source, prefix_grad, batching):
     """lr 0, T != 1, W < L with carried rows: the policy has not moved, so every PPO ratio
     is 1 and nothing is clipped; the value loss is the hand-computed one with the
@@ -404,7 +405,8 @@ def test_frozen_models_give_ratio_one_and_the_hand_value_loss(model_dir, tmp_pat
     if precision == "bf16":
         monkeypatch.setattr(updates_mod, "mixed_precision", lambda cfg, device: True)
     updates = {"rows": ["train.ppo_epochs=2"], "tokens": ["train.ppo_epochs=2", "train.micro_batch_tokens=40"],
-               "minibatches": ["train.mini_batches=2"], "one-pass": []}[batching]
+               "minibatches": ["train.mini_batches=2"], "tokens-minibatches": ["train.mini_batches=2", "train.micro_batch_tokens=60", "train.micro_batch_rows=3"],
+               "one-pass": []}[batching]
     cfg = make_cfg(model_dir, tmp_path, "train.policy_lr=0", "train.critic_lr=0", "rollout.temperature=0.7",
                    "train.total_steps=4", *updates, "algo.value_clip_low=0.001", "algo.value_clip_high=0.001",
                    f"algo.old_logprobs={source}", f"algo.prefix_grad={str(prefix_grad).lower()}")
