@@ -87,3 +87,31 @@ def train_with_evals(tr, prompts: int, eval_every: int, keys: tuple[str, ...]) -
             curve.append({"prompts": tr.source.cursor, "elapsed_s": tr.elapsed, "tokens": tr.total_generated,
                           "step": tr.step_idx, "accuracy": tr.evaluate()["eval/accuracy"]})
     return steps, curve
+
+
+def run_job_subprocesses(script: Path, named_specs: list[tuple[str, dict]], workers: int, brief, first: int = 0) -> dict[str, dict]:
+    """Run ``script --job SPEC`` once per (name, spec), ``workers`` at a time; the first
+    ``first`` of them (the starting evaluations) before the others. {name: the job's
+    result, the JSON of its last stdout line}; a job that fails raises with its stderr.
+    ``brief(result)`` is the progress line's summary."""
+    import subprocess
+    import sys
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    def launch(item: tuple[str, dict]) -> tuple[str, dict]:
+        name, spec = item
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(script), "--job", json.dumps(spec)], capture_output=True, text=True,
+                              cwd=Path(script).resolve().parent.parent)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  {name:<32} {time.perf_counter() - t0:6.0f} s  {brief(res)}", flush=True)
+        return name, res
+
+    results: dict[str, dict] = {}
+    with ThreadPoolExecutor(workers) as pool:
+        for batch in (named_specs[:first], named_specs[first:]):
+            results.update(pool.map(launch, batch))
+    return results

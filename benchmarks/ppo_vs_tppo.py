@@ -35,15 +35,13 @@ import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, benchmark_trainer, commit, machine, train_with_evals, write_json  # noqa: E402
+from common import RESULTS_DIR, benchmark_trainer, commit, machine, run_job_subprocesses, train_with_evals, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -152,24 +150,14 @@ def _weighted_mean(rows: list[tuple[int, dict]], key: str) -> float | None:
 
 
 def run_all(jobs: list[Job], args, sft_dir: Path) -> dict[str, dict]:
-    def launch(job: Job) -> tuple[str, dict]:
-        spec = {**dataclasses.asdict(job), "sft_dir": str(sft_dir), "prompts": args.prompts, "eval_every": args.eval_every,
+    """Every job in a subprocess of its own, the evaluation-only jobs first."""
+    def spec(job: Job) -> dict:
+        return {**dataclasses.asdict(job), "sft_dir": str(sft_dir), "prompts": args.prompts, "eval_every": args.eval_every,
                 "eval_problems": args.eval_problems, "eval_samples": args.eval_samples}
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--job", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{job.name} failed:\n{proc.stderr[-3000:]}")
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  {job.name:<32} {time.perf_counter() - t0:6.0f} s  {_brief(res)}", flush=True)
-        return job.name, res
 
-    inits = [j for j in jobs if j.label == "init"]
-    runs = [j for j in jobs if j.label != "init"]
-    results: dict[str, dict] = {}
-    with ThreadPoolExecutor(args.workers) as pool:
-        for batch in (inits, runs):
-            results.update(pool.map(launch, batch))
-    return results
+    ordered = [j for j in jobs if j.label == "init"] + [j for j in jobs if j.label != "init"]
+    return run_job_subprocesses(Path(__file__), [(j.name, spec(j)) for j in ordered], args.workers, _brief,
+                                first=sum(j.label == "init" for j in jobs))
 
 
 def _brief(res: dict) -> str:

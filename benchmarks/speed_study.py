@@ -39,14 +39,12 @@ import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, benchmark_trainer, commit, machine, train_with_evals, write_json  # noqa: E402
+from common import RESULTS_DIR, benchmark_trainer, commit, machine, run_job_subprocesses, train_with_evals, write_json  # noqa: E402
 from cost_model import fit as fit_costs  # noqa: E402
 from cost_model import relative_errors  # noqa: E402
 from stats import eval_standard_error, seed_ratios, time_ratio_ci, value_at  # noqa: E402
@@ -128,24 +126,17 @@ def train_curve(tr, prompts: int, eval_every: int) -> dict:
 
 
 def run_all(jobs: list[Job], args, sft_dir: Path) -> dict[str, dict]:
-    def launch(job: Job) -> tuple[str, dict]:
-        spec = {"arm": job.arm, "seed": job.seed, "sft_dir": str(sft_dir), "prompts": args.prompts, "eval_every": args.eval_every,
+    """Every job in a subprocess of its own, the starting evaluation first."""
+    def spec(job: Job) -> dict:
+        return {"arm": job.arm, "seed": job.seed, "sft_dir": str(sft_dir), "prompts": args.prompts, "eval_every": args.eval_every,
                 "eval_problems": args.eval_problems, "eval_samples": args.eval_samples, "extra": args.extra}
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--job", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{job.name} failed:\n{proc.stderr[-3000:]}")
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-        brief = f"final {res['curve'][-1]['accuracy']:.3f}, {res['train_s']:.0f} s training" if "curve" in res else f"accuracy {res['accuracy']:.3f}"
-        print(f"  {job.name:<24} {time.perf_counter() - t0:6.0f} s  {brief}", flush=True)
-        return job.name, res
 
-    inits, runs = [j for j in jobs if j.arm == "init"], [j for j in jobs if j.arm != "init"]
-    results: dict[str, dict] = {}
-    with ThreadPoolExecutor(args.workers) as pool:
-        for batch in (inits, runs):
-            results.update(pool.map(launch, batch))
-    return results
+    def brief(res: dict) -> str:
+        return f"final {res['curve'][-1]['accuracy']:.3f}, {res['train_s']:.0f} s training" if "curve" in res else f"accuracy {res['accuracy']:.3f}"
+
+    ordered = [j for j in jobs if j.arm == "init"] + [j for j in jobs if j.arm != "init"]
+    return run_job_subprocesses(Path(__file__), [(j.name, spec(j)) for j in ordered], args.workers, brief,
+                                first=sum(j.arm == "init" for j in jobs))
 
 
 def ensure_sft(quick: bool) -> Path:
