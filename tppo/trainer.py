@@ -49,7 +49,7 @@ from tppo.rundir import RunDirInUse, claim
 from tppo.stopping import Interrupted, StopRequest
 from tppo.tasks import ArithTask, ChainTask, Example, PromptSource, epoch_stream, load_task_data, prompt_text
 from tppo.trackers import check_trackers, make_trackers
-from tppo.updates import (StepBatch, WorkCounter, autocast, critic_values, micro_batches, old_logprob_source, token_logprobs, update_critic,
+from tppo.updates import (BehaviorStats, StepBatch, WorkCounter, autocast, critic_values, micro_batches, old_logprob_source, token_logprobs, update_critic,
                           update_policy, used_columns)
 from tppo.window import WindowHistory, choose_window, history_from_state, history_state
 
@@ -69,8 +69,7 @@ RESUMABLE_CHANGES = ("train.total_steps", "log.")
 # Step metrics of a step without a policy update (critic warm-up) / of a run without a critic.
 NO_POLICY_UPDATE = {"policy/loss": 0.0, "policy/clipfrac": 0.0, "policy/approx_kl": 0.0, "policy/entropy": 0.0, "policy/grad_norm": 0.0,
                     "policy/skipped_steps": 0, "policy/ratio_min": 1.0, "policy/ratio_max": 1.0,
-                    **dict.fromkeys(("rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/mismatch_kl", "policy/is_weight_mean",
-                                     "policy/is_clipped_frac", "policy/is_masked_frac"), float("nan"))}
+                    **BehaviorStats().metrics()}  # nothing measured: every behaviour metric undefined
 NO_CRITIC = {"value/loss": float("nan"), "value/clipfrac": float("nan"), "value/grad_norm": 0.0, "value/skipped_steps": 0}
 
 
