@@ -328,6 +328,24 @@ def test_speed_study_quick_runs_end_to_end(tmp_path):
     assert cm["calibration"] == "ppo/s0" and set(cm["relative_error"]) == set(ss.MAIN_ARMS) - {"ppo"}
 
 
+def test_lora_benchmark_quick_runs_end_to_end(tmp_path):
+    """`python benchmarks/lora.py --quick`: both arms on the tiny model; LoRA trains a few
+    percent of the weights, and its critic holds no second copy of the backbone."""
+    import json
+
+    pytest.importorskip("peft")
+    import lora as bench
+
+    out = tmp_path / "lora.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    full, lo = res["arms"]["full"], res["arms"]["lora"]
+    assert full["policy_trainable"] == full["held_parameters"] - full["critic_trainable"], "a full critic: two backbones"
+    assert 0 < res["lora_over_full"]["trainable"] < 0.2
+    assert lo["held_parameters"] < 1.2 * full["policy_trainable"], "one backbone (the policy's), the adapters and heads"
+    assert lo["steps"] == full["steps"] == 2 and lo["peak_rss_mib"] > 0
+
+
 def test_cost_model_recovers_known_unit_costs_and_predicts_another_run():
     import cost_model as cm
 

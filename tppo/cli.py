@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--gguf-file", help="GGUF file name inside SOURCE")
     c.add_argument("--revision", help="hub revision of SOURCE")
     c.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    x = sub.add_parser("export", help="a checkpoint's policy as a plain Hugging Face directory (LoRA adapters merged)")
+    x.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N (or its policy/)")
+    x.add_argument("out", help="output directory")
+    x.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     rp = sub.add_parser("report", help="PNG panels of one run's partial trajectories and EGAE truncation diagnostic")
     rp.add_argument("run")
     rp.add_argument("--out", help="output PNG (default: RUN_DIR/report.png)")
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "config": cmd_config, "convert": cmd_convert,
-                    "report": cmd_report, "plot": cmd_plot, "demo": cmd_demo}
+                    "export": cmd_export, "report": cmd_report, "plot": cmd_plot, "demo": cmd_demo}
         return commands[args.cmd](args)
     except (ConfigError, DatasetError, FileNotFoundError, ImportError) as e:  # bad input or a missing extra: nothing ran
         print(f"tppo {args.cmd}: error: {e}", file=sys.stderr)
@@ -193,6 +197,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from tppo.evaluation import evaluate, run_generate_fn
+    from tppo.export import is_adapter, load_policy
     from tppo.models import ModelSource, eos_token_ids, load_pretrained
     from tppo.rewards import RewardScorer
     from tppo.trainer import eval_examples, resolve_device
@@ -200,7 +205,10 @@ def cmd_eval(args) -> int:
     cfg, config_file = eval_config(args)
     print(f"config: {config_file or 'the defaults'}; model: {cfg.model.path}" + (f" ({cfg.model.gguf_file})" if cfg.model.gguf_file else ""))
     device = resolve_device(cfg.train.device)
-    model, tok = load_pretrained(ModelSource.of(cfg.model.path, cfg.model.gguf_file, cfg.model.revision), dtype=getattr(torch, cfg.model.dtype))
+    if Path(cfg.model.path).is_dir() and is_adapter(Path(cfg.model.path)):  # a LoRA run's checkpoint: merged into its base
+        model, tok = load_policy(cfg.model.path, dtype=getattr(torch, cfg.model.dtype))
+    else:
+        model, tok = load_pretrained(ModelSource.of(cfg.model.path, cfg.model.gguf_file, cfg.model.revision), dtype=getattr(torch, cfg.model.dtype))
     model.to(device)
     examples, notes = eval_examples(cfg)
     for note in notes:
@@ -251,6 +259,16 @@ def cmd_convert(args) -> int:
     model, tok = load_pretrained(ModelSource.of(args.source, args.gguf_file, args.revision), dtype=getattr(torch, args.dtype))
     save_pretrained(model, tok, args.out)
     print(f"saved {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {args.dtype}) to {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from tppo.export import export_checkpoint
+
+    model, out = export_checkpoint(args.checkpoint, args.out, dtype=getattr(torch, args.dtype))
+    print(f"saved {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {args.dtype}) to {out}")
     return 0
 
 

@@ -210,6 +210,40 @@ class ArithConfig:
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    """LoRA adapters through ``peft`` (needs ``tppo[peft]``) instead of a full fine-tune.
+
+    Attributes:
+        r: the adapters' rank (0: off, every weight trains).
+        alpha: the adapters' scale numerator (the weight update is alpha / r x B A).
+        dropout: dropout on the adapters' input. Keep 0: PPO's ratio and the critic's
+            targets need a deterministic forward (see ``models.disable_dropout``).
+        target_modules: module names that get adapters, or ``all-linear`` (peft's: every
+            linear layer but the output projection).
+        critic: the critic's backbone gets adapters too and its value head trains in full
+            (false: a full critic beside the LoRA policy).
+    """
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    critic: bool = True
+
+    def __post_init__(self) -> None:
+        if self.r < 0:
+            raise ConfigError(f"model.lora.r must be >= 0 (0: no LoRA), got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("model.lora.target_modules is empty: name modules (q_proj, v_proj, ...) or use all-linear")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+@dataclasses.dataclass
 class ModelConfig:
     """Policy and critic models.
 
@@ -228,6 +262,10 @@ class ModelConfig:
         dtype: parameter dtype: float32 or bfloat16 (bf16 autocast is used on GPUs
             whatever this is; see ``train.bf16``).
         tiny: sizes of the embedded tiny Llama (ignored with ``path``).
+        lora: LoRA adapters for the policy (and the critic's backbone); ``r: 0`` is a
+            full fine-tune. With LoRA the KL reference is the policy with its adapter
+            disabled (no second copy), checkpoints hold the adapters, and ``tppo export``
+            writes merged weights.
     """
 
     path: str | None = None
@@ -236,6 +274,7 @@ class ModelConfig:
     gguf_file: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
 
 @dataclasses.dataclass
@@ -566,6 +605,8 @@ class Config:
         if self.task.name != "chain" and not self.model.path:
             raise ConfigError(f"task.name '{self.task.name}' needs model.path (a pretrained model): the embedded SFT warm-start "
                               f"is for the chain task")
+        if self.model.lora.enabled and t.fsdp:
+            raise ConfigError("model.lora with train.fsdp is not supported yet (TODO #23): LoRA runs use DDP (torchrun without train.fsdp)")
         if a.window_ignore_tokens >= r.min_window:
             raise ConfigError(f"algo.window_ignore_tokens ({a.window_ignore_tokens}) must be < the window "
                               f"(rollout.window_tokens {r.window_tokens}, smallest {r.min_window})")

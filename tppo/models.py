@@ -24,6 +24,7 @@ import huggingface_hub
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from tppo.config import TinyModelConfig
+from tppo.lora import unwrap  # the model inside a LoRA wrapper, whose forward passes these arguments through unnamed
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForTokenClassification,
@@ -228,13 +229,14 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs since
     4.50): the vocabulary projection limited to the positions that are used."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
 
 
 def cache_argument(model: torch.nn.Module) -> str:
     """The name of the forward's KV-cache argument, also the output's field: ``cache``
     (transformers 5.24 on, ``past_key_values`` deprecated) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+
 
 
 def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list[int]:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from tppo import algos, distributed, sharding
+from tppo import algos, distributed, lora, sharding
 from tppo.advantages import compute_advantages, has_critic, policy_lambda, rows_with_values
 from tppo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from tppo.config import Config, ConfigError, diff_configs, load_config, save_config
@@ -103,7 +103,7 @@ def eval_examples(cfg: Config) -> tuple[list[Example], list[str]]:
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, cfg: Config):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(lora.trainable_parameters(model), lr=lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
     warm = cfg.train.lr_warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm > 0 else 1.0)
     return opt, sched
@@ -188,11 +188,14 @@ class Trainer:
         if r.engine == "vllm":
             from tppo.rollout.vllm_engine import VLLMEngine
 
-            init = None if ckpt else self.initial_policy()
+            # vLLM starts from the checkpoint's policy, or from the base (the initial policy) when the
+            # checkpoint holds LoRA adapters: the first window after a resume pushes the merged weights
+            own = ckpt is not None and not self.cfg.model.lora.enabled
+            init = None if own else self.initial_policy()
             if init is not None and init.gguf_file:
                 raise ConfigError(f"rollout.engine=vllm reads the policy's weights itself: convert the GGUF file first "
                                   f"(`tppo convert {init.repo}/{init.gguf_file} DIR`) and set model.path=DIR")
-            return VLLMEngine(r, self.source, model_path=str(ckpt / "policy") if ckpt else init.repo,
+            return VLLMEngine(r, self.source, model_path=str(ckpt / "policy") if own else init.repo,
                               eos_token_ids=self.eos_ids, max_prompt_tokens=self.cfg.task.max_prompt_tokens,
                               gpu_memory_utilization=r.vllm_gpu_memory_utilization, tensor_parallel_size=r.vllm_tensor_parallel_size,
                               dtype=self.cfg.model.dtype, sleep_between_windows=r.vllm_sleep, world_size=self.world)
@@ -220,18 +223,24 @@ class Trainer:
 
     def _build_models(self, ckpt: Path | None) -> None:
         cfg, dtype = self.cfg, getattr(torch, self.cfg.model.dtype)
-        init = self.initial_policy()
-        self.policy, self.tokenizer = load_pretrained(ModelSource.of(ckpt / "policy") if ckpt else init, dtype=dtype)
+        init, spec = self.initial_policy(), cfg.model.lora
+        # a LoRA checkpoint holds adapters only: its base is the initial policy again
+        self.policy, self.tokenizer = load_pretrained(ModelSource.of(ckpt / "policy") if ckpt and not spec.enabled else init, dtype=dtype)
         self.eos_ids = eos_token_ids(self.tokenizer, self.policy)
+        own_aligned_memory(self.policy.to(self.device))  # bit-exact resume on CPU (see own_aligned_memory)
         self.critic = self._build_critic(ckpt, dtype) if has_critic(cfg) else None  # GRPO has none
         if self.critic is not None and self.critic.config.vocab_size != self.policy.config.vocab_size:
             raise ValueError(f"critic {cfg.model.critic_path} has a vocabulary of {self.critic.config.vocab_size} tokens but the "
                              f"policy {init.repo} has {self.policy.config.vocab_size}: the critic must read the policy's tokens "
                              f"(a checkpoint from another model?)")
-        for model in filter(None, (self.policy, self.critic)):
-            own_aligned_memory(model.to(self.device))  # bit-exact resume on CPU (see own_aligned_memory)
+        if self.critic is not None:
+            own_aligned_memory(self.critic.to(self.device))
+        if spec.enabled:
+            self._add_adapters(ckpt)
         self.ref = None
-        if cfg.algo.kl_coef:  # the initial policy: loaded again on resume, a copy before the first update otherwise
+        if cfg.algo.kl_coef and spec.enabled:  # the base under the adapters is the initial policy (B starts at 0)
+            self.ref = lora.AdapterDisabled(self.policy)
+        elif cfg.algo.kl_coef:  # the initial policy: loaded again on resume, a copy before the first update otherwise
             self.ref = load_pretrained(init, dtype=dtype)[0] if ckpt else copy.deepcopy(self.policy)
             own_aligned_memory(self.ref.to(self.device).eval().requires_grad_(False))
         if cfg.train.fsdp:  # before the optimizers: they hold the sharded parameters
@@ -240,9 +249,22 @@ class Trainer:
         self.policy_opt, self.policy_sched = make_optimizer(self.policy, cfg.train.policy_lr, cfg)
         self.critic_opt, self.critic_sched = make_optimizer(self.critic, cfg.train.critic_lr, cfg) if self.critic is not None else (None, None)
 
+    def _add_adapters(self, ckpt: Path | None) -> None:
+        """model.lora (tppo/lora.py): adapters on the policy and, with lora.critic, on the
+        critic's backbone (its head trained in full), fresh or the checkpoint's. A critic
+        built from the policy reads the policy's frozen backbone, not a copy of it."""
+        spec = self.cfg.model.lora
+        lora_critic = self.critic is not None and spec.critic
+        if lora_critic and not self.cfg.model.critic_path:
+            lora.share_frozen_backbone(self.critic, self.policy)
+        self.policy = lora.load_lora(self.policy, ckpt / "policy") if ckpt else lora.add_lora(self.policy, spec)
+        if lora_critic:
+            self.critic = lora.load_lora(self.critic, ckpt / "critic") if ckpt else lora.add_lora(self.critic, spec, critic=True)
+
     def _build_critic(self, ckpt: Path | None, dtype):
-        """The critic: the checkpoint's, model.critic_path, or the policy with a value head."""
-        if ckpt:
+        """The critic: the checkpoint's, model.critic_path, or the policy with a value head
+        (a LoRA critic's checkpoint holds its adapters and head: its base is built again)."""
+        if ckpt and not (self.cfg.model.lora.enabled and self.cfg.model.lora.critic):
             return load_critic(ckpt / "critic", dtype=dtype)
         if self.cfg.model.critic_path:
             return load_critic(self.cfg.model.critic_path, dtype=dtype)

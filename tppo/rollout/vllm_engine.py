@@ -46,6 +46,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from tppo.config import RolloutConfig
+from tppo.lora import merged_state_dict
 from tppo.rollout.base import PromptItem, RolloutStats, Row, WindowBatch
 from tppo.rollout.slots import SlotFiller
 
@@ -127,9 +128,10 @@ def apply_completion(row: Row, completion, version: int, max_tokens: int, eos: S
 
 def weights_for_vllm(model: torch.nn.Module, to_cpu: bool) -> list[tuple[str, torch.Tensor]]:
     """(Hugging Face name, full tensor) of every weight: FSDP2's sharded DTensors gathered
-    (a collective: every rank calls it), on the CPU for vLLM's multiprocess executor."""
+    (a collective: every rank calls it), on the CPU for vLLM's multiprocess executor. A LoRA
+    policy sends its merged weights under the base model's names (tppo/lora.py)."""
     out = []
-    for name, t in model.state_dict().items():
+    for name, t in merged_state_dict(model).items():
         t = t.full_tensor() if hasattr(t, "full_tensor") else t
         out.append((name, t.detach().cpu() if to_cpu else t.detach()))
     return out
