@@ -25,3 +25,24 @@ def nan_reward(prompt, completion, answer):
 
 def length_reward(prompt, completion, answer):
     return float(len(completion))
+
+
+BATCH_CALLS = []
+
+
+def batched_len_minus_budget(prompts, completions, answers, budget):
+    """A batched reward reading a column (a list: one value per completion); records its calls."""
+    BATCH_CALLS.append(len(completions))
+    return [float(len(c) - b) for c, b in zip(completions, budget)]
+
+
+batched_len_minus_budget.batched = True
+
+
+def batched_wrong_length(prompts, completions, answers):
+    return [1.0]
+
+
+def batched_hang(prompts, completions, answers):
+    while True:
+        time.sleep(0.01)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import reward_helpers
+from tppo.config import ConfigError, load_config
 from tppo.rewards import REWARD_FNS, RewardScorer, exact_reward, final_answer, last_boxed, math_reward
 
 MATH_TABLE = [
@@ -116,7 +117,7 @@ def test_scorer_restarts_pool_on_hang_no_signal_can_stop():
     with RewardScorer(reward_helpers.hang_ignoring_alarm, workers=1, timeout_s=0.3, batch_slack_s=0.5) as s:
         assert s.score(["p"], ["a"], ["x"]) == [0.0]
         assert s.timeouts == 1 and s.pool_restarts == 1
-        s.fn = reward_helpers.length_reward  # the restarted pool scores the next batch
+        s.fns = [reward_helpers.length_reward]  # the restarted pool scores the next batch
         assert s.score(["p", "p"], ["ab", "abc"], ["x", "x"]) == [2.0, 3.0]
 
 
@@ -217,3 +218,60 @@ def test_a_reward_reads_dataset_columns_and_logs_its_extra_values(smol_tiny_dir,
     Trainer(cfg, tmp_path / "run").train()
     rows = read_metrics(tmp_path / "run")
     assert all(m["reward/errors"] == 0 for m in rows) and any(m.get("reward/over_budget") is not None for m in rows)
+
+
+def test_several_rewards_are_a_weighted_sum_each_logged_by_name():
+    from tppo.rewards import RewardScorer
+
+    with RewardScorer(["exact", f"{EXAMPLES}:length_penalised_exact"], weights=[1.0, 0.5], workers=0) as scorer:
+        got = scorer.score(["p", "p"], ["=7", "x" * 300 + "=7"], ["7", "7"])
+        assert got == pytest.approx([1.0 + 0.5 * 1.0, 1.0 + 0.5 * (1.0 - 0.001 * 102)])
+        assert scorer.last_extras == [{"exact": 1.0, "length_penalised_exact": 1.0},
+                                      {"exact": 1.0, "length_penalised_exact": pytest.approx(1.0 - 0.001 * 102)}]
+        assert scorer.calls == 4, "one call per response and reward"
+    with pytest.raises(ValueError, match="2 reward weights for 1 rewards"):
+        RewardScorer("exact", weights=[1.0, 2.0])
+
+
+def test_a_batched_reward_is_called_once_per_batch_with_column_lists():
+    import reward_helpers as rh
+
+    from tppo.rewards import RewardScorer
+
+    rh.BATCH_CALLS.clear()
+    with RewardScorer([rh.batched_len_minus_budget, "exact"], workers=2, timeout_s=0.5) as scorer:
+        got = scorer.score(["p"] * 3, ["=7", "=12", "abc=7"], ["7", "7", "7"], [{"budget": 1}, {"budget": 2}, {"budget": 3}])
+        assert got == [2.0 - 1 + 1.0, 3.0 - 2 + 0.0, 5.0 - 3 + 1.0] and rh.BATCH_CALLS == [3]
+        assert scorer.errors == 0
+    for fn, failure in ((rh.batched_wrong_length, "errors"), (rh.batched_hang, "timeouts")):
+        with RewardScorer(fn, batched=False, timeout_s=0.3, workers=0) as scorer:
+            assert scorer.batched == [False]
+        with RewardScorer(fn, batched=True, timeout_s=0.3, workers=0) as scorer:
+            assert scorer.score(["p"] * 2, ["=7", "=7"], ["7", "7"]) == [0.0, 0.0], "the whole batch fails, scored 0"
+            assert getattr(scorer, failure) == 2 and scorer.calls == 2
+
+
+def test_reward_lists_and_batched_rewards_are_checked_before_anything_loads(tmp_path):
+    from tppo.rewards import RewardSpecError, checked_rewards
+
+    assert len(checked_rewards(["exact", f"{EXAMPLES}:batched_exact"])) == 2
+    (tmp_path / "b.py").write_text("def scalar(ps, cs, ans):\n    return 1.0\n")
+    with pytest.raises(RewardSpecError, match="batched: called on 1 completion it must return a list of 1"):
+        checked_rewards([f"{tmp_path}/b.py:scalar"], batched=True)
+    with pytest.raises(ConfigError, match="3 weights for 2 rewards"):
+        load_config(None, ["task.reward=[exact, math]", "task.reward_weights=[1, 2, 3]"])
+    with pytest.raises(ConfigError, match="empty list"):
+        load_config(None, ["task.reward=[]"])
+
+
+def test_a_run_with_two_rewards_logs_each(model_dir, tmp_path):
+    from tppo.metrics import read_metrics
+    from tppo.trainer import Trainer
+    from trainer_helpers import make_cfg
+
+    cfg = make_cfg(model_dir, tmp_path, f"task.reward=[exact, {EXAMPLES}:batched_exact]", "task.reward_weights=[0.5, 0.5]",
+                   "train.total_steps=3")
+    Trainer(cfg, tmp_path).train()
+    rows = [m for m in read_metrics(tmp_path) if "reward/exact" in m]
+    assert rows and all(m["reward/exact"] == m["reward/batched_exact"] for m in rows), "the same reward, two forms"
+    assert all(m["reward/mean"] == pytest.approx(m["reward/exact"]) for m in rows), "0.5 + 0.5 of the same value"

@@ -214,7 +214,7 @@ def cmd_eval(args) -> int:
     for note in notes:
         print(note)
     k = cfg.log.eval_samples
-    with RewardScorer(cfg.task.reward, timeout_s=cfg.task.reward_timeout_s, workers=cfg.task.reward_workers) as scorer:
+    with RewardScorer.from_task(cfg.task) as scorer:
         res = evaluate(examples, run_generate_fn(cfg, model, tok, eos_token_ids(tok, model), device), scorer, samples=k, ks=(1, k))
     print(f"{len(examples)} problems x {k} samples: avg@{k} {res.avg_at_k:.4f}  pass@1 {res.pass_at_k[1]:.4f}  pass@{k} {res.pass_at_k[k]:.4f}")
     return 0

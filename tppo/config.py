@@ -286,7 +286,14 @@ class TaskConfig:
             pretrained chat models, answered in ``\\boxed{}``), ``file`` (local JSONL/Parquet files:
             ``train_path``, ``eval_path``) or ``hf`` (a Hugging Face dataset: ``dataset``,
             ``dataset_config``, ``train_split``, ``eval_split``; needs ``tppo[hf]``).
-        reward: key of ``tppo.rewards.REWARD_FNS`` (``exact`` for chain, ``math``).
+        reward: the reward: a registered name (``exact`` for chain, ``math``), a
+            ``package.module:function`` or a ``path/to/file.py:function`` called as
+            ``fn(prompt, completion, answer, **columns)`` (tppo/rewards.py), or a list of
+            them, whose weighted sum is the reward (each logged as ``reward/<name>``).
+        reward_weights: one weight per reward of the list (null: 1 each).
+        reward_batched: the rewards take lists (``fn(prompts, completions, answers,
+            **columns) -> list``), one call per batch (a function's ``batched = True``
+            attribute says the same for it alone).
         reward_timeout_s: per-answer scoring limit; past it the reward is 0 (counted).
         reward_workers: scoring processes (0: inline).
         format_penalty: subtracted when a completion has no final answer (0: off).
@@ -315,7 +322,9 @@ class TaskConfig:
     """
 
     name: Literal["chain", "arith", "file", "hf"] = "chain"
-    reward: str = "exact"
+    reward: str | list[str] = "exact"
+    reward_weights: list[float] | None = None
+    reward_batched: bool = False
     reward_timeout_s: float = 10.0
     reward_workers: int = 0
     format_penalty: float = 0.0
@@ -344,6 +353,11 @@ class TaskConfig:
             raise ConfigError("task.name 'file' needs task.train_path (training) or task.eval_path (evaluation only)")
         if self.name == "hf" and not self.dataset:
             raise ConfigError("task.name 'hf' needs task.dataset (a Hugging Face dataset name like openai/gsm8k, or a local dataset directory)")
+        n = 1 if isinstance(self.reward, str) else len(self.reward)
+        if n == 0:
+            raise ConfigError("task.reward is an empty list: name at least one reward")
+        if self.reward_weights is not None and len(self.reward_weights) != n:
+            raise ConfigError(f"task.reward_weights has {len(self.reward_weights)} weights for {n} rewards (task.reward)")
 
 
 @dataclasses.dataclass

@@ -65,13 +65,13 @@ def _model_lines(cfg: Config) -> list[str]:
 
 
 def _reward_line(cfg: Config, example) -> str:
-    from tppo.rewards import RewardScorer, RewardSpecError, checked_reward
+    from tppo.rewards import RewardScorer, RewardSpecError, checked_rewards
 
     try:
-        checked_reward(cfg.task.reward)
+        checked_rewards(cfg.task.reward, cfg.task.reward_batched)
     except RewardSpecError as e:
         raise ConfigError(str(e)) from None
-    with RewardScorer(cfg.task.reward, timeout_s=cfg.task.reward_timeout_s, workers=0) as scorer:
+    with RewardScorer.from_task(cfg.task, workers=0) as scorer:
         score = scorer.score([example.prompt], [str(example.answer)], [example.answer])[0]
     return f"reward: {cfg.task.reward} (called once, on the first answer as a completion: {score})"
 

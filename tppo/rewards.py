@@ -1,8 +1,14 @@
 """Reward functions and the scorer that runs them safely.
 
-A reward function is a plain function ``reward(prompt, completion, answer) -> float``,
-registered in :data:`REWARD_FNS`. ``completion`` is the decoded response (no prompt, no
-EOS); ``answer`` the ground truth from the dataset.
+A reward function is a plain function ``reward(prompt, completion, answer, **columns)``
+returning a float (or a dict with ``score`` and extra named values), registered in
+:data:`REWARD_FNS` or named as ``package.module:function`` / ``file.py:function``.
+``completion`` is the decoded response (no prompt, no EOS); ``answer`` the ground truth
+from the dataset; ``columns`` the example's other dataset columns. A *batched* reward
+(``fn.batched = True``, or ``task.reward_batched``) takes lists, ``fn(prompts,
+completions, answers, **columns)`` with each column a list, and returns a list: for a
+reward that calls a model or a sandbox once per batch. Several rewards combine as their
+weighted sum (``task.reward`` a list, ``task.reward_weights``), each logged by name.
 
 :class:`RewardScorer` runs a batch of them in a pool of worker processes. A call that
 raises, or runs past ``timeout_s`` (math-verify can hang on adversarial input such as
@@ -16,6 +22,7 @@ This module imports nothing else of tppo's.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import functools
 import inspect
 import logging
@@ -195,15 +202,44 @@ def _needs_columns(fn: RewardFn) -> bool:
     return any(p.default is inspect.Parameter.empty for p in named[3:])
 
 
-def checked_reward(spec: str) -> RewardFn:
+def is_batched(fn: RewardFn, flag: bool = False) -> bool:
+    """Whether ``fn`` takes lists (its ``batched`` attribute, or ``task.reward_batched``)."""
+    return flag or bool(getattr(fn, "batched", False))
+
+
+def reward_specs(spec: str | list[str]) -> list[str]:
+    return [spec] if isinstance(spec, str) else list(spec)
+
+
+def reward_name(spec: str) -> str:
+    """The name a reward's value is logged under (``reward/<name>``): its function's name."""
+    return spec.rpartition(":")[2]
+
+
+def checked_rewards(spec: str | list[str], batched: bool = False) -> list[RewardFn]:
+    """:func:`checked_reward` of each reward ``task.reward`` names."""
+    return [checked_reward(s, batched) for s in reward_specs(spec)]
+
+
+def checked_reward(spec: str, batched: bool = False) -> RewardFn:
     """:func:`resolve_reward`, then one call on a sample: what a run would meet at its first
     score, before any model loads."""
     fn = resolve_reward(spec)
     if _needs_columns(fn):  # it wants dataset columns a sample does not have: the signature check is all
         return fn
+    sample = ("What is 1 + 1?", "1 + 1 = 2. The answer is \\boxed{2}.", "2")
     try:
-        out = fn("What is 1 + 1?", "1 + 1 = 2. The answer is \\boxed{2}.", "2")
+        if is_batched(fn, batched):
+            outs = fn(*([x] for x in sample))
+            if not isinstance(outs, (list, tuple)) or len(outs) != 1:
+                raise RewardSpecError(f"task.reward {spec!r} is batched: called on 1 completion it must return a list of 1 "
+                                      f"value, got {type(outs).__name__} {outs!r}"[:300])
+            out = outs[0]
+        else:
+            out = fn(*sample)
         value = float(out["score"] if isinstance(out, dict) else out)
+    except RewardSpecError:
+        raise
     except Exception as e:
         raise RewardSpecError(f"task.reward {spec!r}: a call on a sample raised {type(e).__name__}: {e}") from None
     if not math.isfinite(value):
@@ -243,87 +279,144 @@ def row_kwargs(fn: RewardFn, row: dict | None) -> dict:
     return {k: v for k, v in row.items() if k in names - {"prompt", "completion", "answer"}}
 
 
-def _score_one(fn: RewardFn | str, prompt: str, completion: str, answer: str, timeout_s: float,
-               row: dict | None = None) -> tuple[float, str | None, dict]:
-    """Run in a worker: (reward, None, extras) or (0.0, 'error'|'timeout', {}); ``fn`` a
-    function or its spec; ``row`` the example's other dataset columns. A reward may return
-    a float or a dict with ``score`` and extra named values (logged as ``reward/<name>``)."""
-    fn = _worker_reward(fn) if isinstance(fn, str) else fn
+@contextlib.contextmanager
+def _deadline(timeout_s: float):
+    """Interrupt Python code running past ``timeout_s`` (SIGALRM: the main thread only)."""
     use_alarm = timeout_s > 0 and hasattr(signal, "setitimer")
     if use_alarm:
         signal.signal(signal.SIGALRM, _alarm)
         signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
-        out = fn(prompt, completion, answer, **row_kwargs(fn, row))
-        extras = {k: float(v) for k, v in out.items() if k != "score"} if isinstance(out, dict) else {}
-        value = float(out["score"] if isinstance(out, dict) else out)
-        if not math.isfinite(value):
-            return 0.0, "error", {}
-        return value, None, extras
-    except _Timeout:
-        return 0.0, "timeout", {}
-    except Exception:
-        return 0.0, "error", {}
+        yield
     finally:
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def _value(out) -> tuple[float, str | None, dict]:
+    """A reward's return (a float, or a dict with ``score`` and extra named values) as
+    (value, failure, extras); a non-finite value is an error scored 0."""
+    extras = {k: float(v) for k, v in out.items() if k != "score"} if isinstance(out, dict) else {}
+    value = float(out["score"] if isinstance(out, dict) else out)
+    return (value, None, extras) if math.isfinite(value) else (0.0, "error", {})
+
+
+def _score_one(fn: RewardFn | str, prompt: str, completion: str, answer: str, timeout_s: float,
+               row: dict | None = None) -> tuple[float, str | None, dict]:
+    """Run in a worker: (reward, None, extras) or (0.0, 'error'|'timeout', {}); ``fn`` a
+    function or its spec; ``row`` the example's other dataset columns."""
+    fn = _worker_reward(fn) if isinstance(fn, str) else fn
+    try:
+        with _deadline(timeout_s):
+            return _value(fn(prompt, completion, answer, **row_kwargs(fn, row)))
+    except _Timeout:
+        return 0.0, "timeout", {}
+    except Exception:
+        return 0.0, "error", {}
+
+
+def _score_batch(fn: RewardFn, prompts: list[str], completions: list[str], answers: list[str], rows: list[dict | None],
+                 timeout_s: float) -> list[tuple[float, str | None, dict]]:
+    """A batched reward, in this process: one call ``fn(prompts, completions, answers,
+    **columns)`` (each column a list) within ``timeout_s``; a call that raises, runs out of
+    time or returns the wrong number of values fails every response of the batch."""
+    n = len(prompts)
+    names = row_kwargs(fn, rows[0]) if rows and rows[0] else {}
+    columns = {k: [(r or {}).get(k) for r in rows] for k in names}
+    try:
+        with _deadline(timeout_s):
+            outs = fn(prompts, completions, answers, **columns)
+        if not isinstance(outs, (list, tuple)) or len(outs) != n:
+            return [(0.0, "error", {})] * n
+        return [_value(out) for out in outs]
+    except _Timeout:
+        return [(0.0, "timeout", {})] * n
+    except Exception:
+        return [(0.0, "error", {})] * n
+
+
 class RewardScorer:
-    """Scores batches of completions with a registered reward function.
+    """Scores batches of completions with one reward function or a weighted sum of several.
 
     Args:
         fn: a reward function defined at module level (workers import it by
-            reference), or its name for :func:`resolve_reward`.
-        timeout_s: per-call limit; a call past it scores 0 (counted in ``timeouts``).
-        workers: worker processes (0: score inline in this process, with the alarm
-            guard only when running on the main thread).
+            reference), its name for :func:`resolve_reward`, or a list of either.
+        weights: one weight per reward (default 1 each): the score is their weighted sum,
+            each reward's own value kept in :attr:`last_extras` under its name.
+        batched: every reward takes lists (else each function's ``batched`` attribute says).
+        timeout_s: per-call limit (a batched reward's call scores the whole batch); a call
+            past it scores 0 (counted in ``timeouts``).
+        workers: worker processes for per-response rewards (0: score inline in this
+            process, with the alarm guard only when running on the main thread). A batched
+            reward runs in this process: it brings its own parallelism (a model, a sandbox).
         format_penalty: subtracted when the completion has no extractable final answer
             (an optional format term; 0 = off).
         batch_slack_s: the batch deadline is ``timeout_s + batch_slack_s`` plus the
             expected queueing, ``timeout_s * ceil(n / workers) / 4``.
 
-    Counters (cumulative): ``calls``, ``errors`` (raised or non-finite), ``timeouts``,
-    ``pool_restarts``.
+    Counters (cumulative, one per response and reward): ``calls``, ``errors`` (raised or
+    non-finite), ``timeouts``, ``pool_restarts``.
     """
 
-    def __init__(self, fn: str | RewardFn, *, timeout_s: float = 10.0, workers: int = 2, format_penalty: float = 0.0,
-                 batch_slack_s: float = 5.0) -> None:
-        self.fn = resolve_reward(fn) if isinstance(fn, str) else fn
+    def __init__(self, fn: str | RewardFn | list, *, weights: list[float] | None = None, batched: bool = False,
+                 timeout_s: float = 10.0, workers: int = 2, format_penalty: float = 0.0, batch_slack_s: float = 5.0) -> None:
+        given = fn if isinstance(fn, list) else [fn]
+        self.fns = [resolve_reward(f) if isinstance(f, str) else f for f in given]
+        self.names = [reward_name(f) if isinstance(f, str) else getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(given)]
+        self.weights = [1.0] * len(self.fns) if weights is None else [float(w) for w in weights]
+        if len(self.weights) != len(self.fns):
+            raise ValueError(f"{len(self.weights)} reward weights for {len(self.fns)} rewards")
+        self.batched = [is_batched(f, batched) for f in self.fns]
         self.timeout_s, self.workers = timeout_s, workers
         self.format_penalty, self.batch_slack_s = format_penalty, batch_slack_s
         self.calls = self.errors = self.timeouts = self.pool_restarts = 0
         self.last_extras: list[dict[str, float]] = []
         self._pool: cf.ProcessPoolExecutor | None = None
 
+    @classmethod
+    def from_task(cls, task, workers: int | None = None) -> "RewardScorer":
+        """The scorer ``task`` (a ``TaskConfig``) describes; ``workers`` overrides its own."""
+        return cls(task.reward, weights=task.reward_weights, batched=task.reward_batched, timeout_s=task.reward_timeout_s,
+                   workers=task.reward_workers if workers is None else workers, format_penalty=task.format_penalty)
+
     def score(self, prompts: list[str], completions: list[str], answers: list[str], rows: list[dict] | None = None) -> list[float]:
         """One reward per completion; ``rows`` the examples' other dataset columns, passed to a
-        reward that takes them. The extra values of dict rewards: :attr:`last_extras`."""
+        reward that takes them. Extra values (a dict reward's, and each reward's own when
+        there are several): :attr:`last_extras`."""
         if not (len(prompts) == len(completions) == len(answers)):
             raise ValueError("score: prompts, completions and answers must have the same length")
         rows = rows or [None] * len(prompts)
         args = list(zip(prompts, completions, answers, rows))
-        results = self._run_inline(args) if self.workers == 0 else self._run_pool(args)
-        self.last_extras = [extras for _, _, extras in results]
-        rewards = []
-        for (value, failure, _), completion in zip(results, completions):
-            self.calls += 1
-            self.errors += failure == "error"
-            self.timeouts += failure == "timeout"
-            if self.format_penalty and final_answer(completion) is None:
-                value -= self.format_penalty
-            rewards.append(value)
+        rewards, self.last_extras = [0.0] * len(prompts), [{} for _ in prompts]
+        for fn, name, weight, batched in zip(self.fns, self.names, self.weights, self.batched):
+            if batched:
+                results = _score_batch(fn, prompts, completions, answers, rows, self._inline_timeout())
+            else:
+                results = self._run_inline(fn, args) if self.workers == 0 else self._run_pool(fn, args)
+            for i, (value, failure, extras) in enumerate(results):
+                self.calls += 1
+                self.errors += failure == "error"
+                self.timeouts += failure == "timeout"
+                rewards[i] += weight * value
+                self.last_extras[i].update(extras)
+                if len(self.fns) > 1:
+                    self.last_extras[i][name] = value
+        if self.format_penalty:
+            rewards = [r - self.format_penalty if final_answer(c) is None else r for r, c in zip(rewards, completions)]
         return rewards
 
-    def _run_inline(self, args):
+    def _inline_timeout(self) -> float:
         import threading
 
-        timeout = self.timeout_s if threading.current_thread() is threading.main_thread() else 0.0
-        return [_score_one(self.fn, p, c, a, timeout, row) for p, c, a, row in args]
+        return self.timeout_s if threading.current_thread() is threading.main_thread() else 0.0
 
-    def _run_pool(self, args):
+    def _run_inline(self, fn, args):
+        timeout = self._inline_timeout()
+        return [_score_one(fn, p, c, a, timeout, row) for p, c, a, row in args]
+
+    def _run_pool(self, fn, args):
         pool = self._ensure_pool()
-        sent = _FILE_REWARDS.get(self.fn, self.fn)  # a function from a file goes as its spec, resolved in the worker
+        sent = _FILE_REWARDS.get(fn, fn)  # a function from a file goes as its spec, resolved in the worker
         futures = [pool.submit(_score_one, sent, p, c, a, self.timeout_s, row) for p, c, a, row in args]
         deadline = self.timeout_s + self.batch_slack_s + self.timeout_s * math.ceil(len(futures) / self.workers) / 4
         done, not_done = cf.wait(futures, timeout=deadline)

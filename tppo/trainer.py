@@ -43,7 +43,7 @@ from tppo.metrics import MetricsLogger, sample_line, summary_line
 from tppo.models import ModelSource, critic_from_policy, eos_token_ids, load_critic, load_pretrained, own_aligned_memory, save_pretrained
 from tppo.monitoring import carry_metrics, round_metrics
 from tppo.prefix import prefix_width, span_logprobs, span_starts
-from tppo.rewards import RewardScorer, RewardSpecError, checked_reward
+from tppo.rewards import RewardScorer, RewardSpecError, checked_rewards
 from tppo.rollout import EmbeddedEngine, WindowBatch
 from tppo.rundir import RunDirInUse, claim
 from tppo.stopping import Interrupted, StopRequest
@@ -128,7 +128,7 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world_size()
         check_trackers(cfg.log.report_to)  # a missing extra, a reward that cannot be called: refused before anything loads
         try:
-            checked_reward(cfg.task.reward)
+            checked_rewards(cfg.task.reward, cfg.task.reward_batched)
         except RewardSpecError as e:
             raise ConfigError(str(e)) from None
         if not resume:
@@ -149,8 +149,7 @@ class Trainer:
             if first is not None:
                 print(f"first training prompt, as the model sees it:\n{self.source.render(first.prompt)}")
         self.engine = self._make_engine(ckpt)
-        self.scorer = RewardScorer(cfg.task.reward, timeout_s=cfg.task.reward_timeout_s, workers=cfg.task.reward_workers,
-                                   format_penalty=cfg.task.format_penalty)
+        self.scorer = RewardScorer.from_task(cfg.task)
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
         self.egae_bias = TruncationTracker(cfg.algo.gamma, cfg.algo.bootstrap)
         self.window_history = WindowHistory()
