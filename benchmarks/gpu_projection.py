@@ -1,54 +1,54 @@
-"""GPU projection: a cost model of synchronous PPO vs T-PPO steps at the paper's scale.
+"""GPU projection (#20 D-E): when is T-PPO faster than PPO and GRPO at cluster scale?
 
 Wall-clock on 2 CPU cores cannot show T-PPO's main gain: on a CPU a decode step costs in
 proportion to the rows in it, so idle slots cost little; on a GPU a decode step reads
 every weight once whatever the batch, so the slots PPO leaves idle while it waits for its
-longest response are lost. This script replays response-length distributions through
-every inference engine of a cluster, step by step, and charges each phase:
+longest response are lost. This script replays response lengths through every inference
+engine of a cluster, step by step, counting the work the library's code does (its
+counters, docs/metrics.md) and charging it with the hardware's costs:
 
-decode step (one engine)   overhead + max(weight read + KV read of every active row's
-                           context, per-row matmul compute + attention compute over the
-                           context): a step is bound by memory or by compute, not their sum.
-KV capacity                an engine holds ``kv_capacity_tokens`` of KV (HBM after the
-                           weights); rows are admitted first come, first served while they
-                           fit, and when the running rows outgrow the cache the newest is
-                           preempted (vLLM's V1 scheduler), freed, and re-enters later with a
-                           prefill of its whole context (recompute).
-prefill                    compute-bound: tokens x (matmul + attention over the context so
-                           far). New prompts, preempted rows and T-PPO's carried rows (the
-                           weights changed since their KV was computed) pay it.
-synchronous step           every engine gets its share of the rows; the step waits for the
-                           slowest engine, then trains on all GPUs, then syncs weights.
-training (all GPUs)        forward passes over each row's context (a backward = 2 forwards):
-                           old log-probs 1 + values 1 + policy update 3 + critic update 3.
-                           PPO: all 8 over every row. T-PPO: old log-probs, values and
-                           policy over every row of the window, each over its whole context
-                           (prefix + window), the critic's 3 over finished rows only; with
-                           ``prefix_grad=False`` the prefix of a carried row is forward only
-                           (1 pass, no backward) and only the window back-propagates.
-                           Attention's quadratic term is charged in every pass.
+window            the library's (``window_mode: tokens``): every row may generate up to W
+                  new tokens and the window ends when the last has (the embedded engine
+                  without refill, the vLLM engine: ``max_tokens`` = W per request), so a row
+                  admitted late (queued, preempted) still gets its W. ``steps``: the window
+                  ends after W decode steps of an engine and late rows get fewer.
+decode step       overhead + max(weight read + KV read of every active row's context,
+                  per-row matmul compute + attention compute over the context, + the
+                  prefill compute scheduled beside it): memory- or compute-bound, not both.
+prefill           chunked, as vLLM V1 runs it: new prompts, preempted rows and T-PPO's
+                  carried rows (the weights changed since their KV was computed) are
+                  prefilled beside the running rows' decode steps, in their compute.
+KV capacity       HBM in bytes (nvidia-smi's total) x ``gpu_memory_utilization``, less the
+                  weights and an activation reserve; rows are admitted first come, first
+                  served while they fit; when the running rows outgrow it the newest is
+                  preempted and re-enters with a prefill of its whole context (vLLM V1).
+training          forward-equivalent passes over each row's context on all GPUs, sequence
+                  packed: forward 1, backward 2, activation recompute 1 (the long-context
+                  practice of verl / OpenRLHF: gradient checkpointing re-runs the forward).
+                  Values 1 (not GRPO), old log-probs 1 (0 with the engine's log-probs),
+                  policy update 4, critic update 4 (T-PPO: finished rows only). T-PPO's
+                  window rows run over their whole context (prefix + window); with
+                  ``prefix_grad: false`` the prefix is forward only.
+step              every engine gets its share of the rows; the step waits for the slowest
+                  engine, trains on all GPUs, then sends the weights to the engines.
 
-T-PPO variants: the window ends after W decode steps of an engine (rows preempted or
-queued during it get fewer than W tokens and carry more); carried rows re-dealt across
-engines each step (``redeal``) or kept where they are; in-window refill (a finished
-row's slot takes a new prompt's row at once, up to the window's end); prefix without
-gradient. The throughput figure is steady state: prompts whose rows finished, per hour,
-after the first ceil(L / W) steps.
+The conditions (section ``conditions``): engines {16, 32, 64, 128} x typical response
+length {L/12, L/6, L/3} (log-normal, sigma 0.8, capped at L = 24K) x update {exact:
+pi_old recomputed, exact with the engine's log-probs}, T-PPO (W = L/4, as the speed
+study's arm) against PPO and GRPO: prompts per hour end to end and the rollout alone, and
+the time to target where the CPU's learning factors decide it. Learning factors (section
+``learning``) come from the speed study (``results/speed_study.json``), per arm, with
+bootstrap CIs over seeds: never one arm's factor for another.
 
-Time to a score, not throughput: the paper's "2.5x" is time to a score (its figure:
-"reduces training time by 60 % compared to the previous SOTA", VAPO, on AIME), where
-fewer steps to the score count as much as faster steps. This model gives the time per
-prompt; the projected time to target multiplies its ratio by the prompts-to-target ratio
-measured on the CPU (``results/ppo_vs_tppo.json``), which assumes learning per prompt
-transfers across scales: an assumption, stated as such in the output.
-
-Constants are derived below from the model's shape and the GPU's data sheet (sources in
-the comments); ``results/gpu_check.json`` (benchmarks/gpu_check.py on a real GPU), when
-it exists, adds an engine with the fitted constants of the models it timed. Left out:
-per-prompt correlation of lengths, communication other than the weight sync, a
-reference model (the paper's runs use no KL), sequence packing in training.
+The check (section ``cpu_check``): the same simulation of the speed study's CPU setting
+(one embedded engine, its lengths, the library's micro-batch packing) gives each arm's
+work per prompt; this machine's unit costs (benchmarks/cost_model.py, fitted on the
+study's PPO seed 0) turn it into seconds per phase, compared with what the study
+measured. Left out: per-prompt correlation of lengths, communication other than the
+weight sync, a reference model (the paper's runs use no KL).
 
     python benchmarks/gpu_projection.py          # writes results/gpu_projection.json
+    python benchmarks/gpu_projection.py --quick  # small, seconds (a test runs it)
 """
 
 from __future__ import annotations
@@ -57,13 +57,17 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, commit, write_json  # noqa: E402
+from common import RESULTS_DIR, commit, machine, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------- constants
@@ -103,16 +107,16 @@ class Gpu:
 
 # Qwen2.5-32B config.json: 64 layers, hidden 5120, 8 KV heads of 128, 32.8B parameters.
 QWEN_32B = ModelShape("Qwen2.5-32B", params=32.8e9, layers=64, hidden=5120, kv_heads=8, head_dim=128)
-# H100 SXM data sheet: 80 GB HBM3 at 3.35 TB/s, 989 TFLOP/s dense bf16.
-H100 = Gpu("H100 SXM", hbm_bytes=80e9, bandwidth=3.35e12, flops=989e12)
+# H100 SXM: nvidia-smi's total of the "80 GB" card is 81559 MiB of HBM3; data sheet 3.35 TB/s, 989 TFLOP/s dense bf16.
+H100 = Gpu("H100 SXM", hbm_bytes=81559 * 2**20, bandwidth=3.35e12, flops=989e12)
 
 
 @dataclasses.dataclass(frozen=True)
 class Engine:
     """Costs (seconds) of one inference engine and of training per GPU; see the module doc.
 
-    ``combine``: ``max`` (memory- or compute-bound decode step) or ``sum`` (the additive form
-    fitted by gpu_check.py: overhead + compute_row_s * B + kv_read_s * context).
+    ``combine``: ``max`` (a decode step bound by memory or by compute) or ``sum`` (the
+    additive form fitted by gpu_check.py: overhead + compute_row_s * B + kv_read_s * context).
     """
 
     name: str
@@ -156,24 +160,18 @@ class Engine:
                    train_attn_s=model.attn_flops_per_context_token / (gpu.flops * mfu_train),
                    kv_capacity_tokens=free / kv_per_gpu, gpus=tp, weight_sync_s=weights / tp / sync_bandwidth)
 
-    def decode_step_s(self, rows: int, context: float) -> float:
-        """One decode step of ``rows`` active rows holding ``context`` tokens of KV in all."""
-        memory = self.weight_read_s + context * self.kv_read_s
-        compute = rows * self.compute_row_s + context * self.attn_s
-        return self.step_overhead_s + (memory + compute if self.combine == "sum" else max(memory, compute))
+    def decode_s(self, steps: int, rows: int, context: float, prefill: float = 0.0) -> float:
+        """``steps`` decode steps of ``rows`` active rows holding ``context`` tokens of KV in
+        all (the chunk's middle), with ``prefill`` seconds of prefill compute scheduled
+        beside them (chunked prefill)."""
+        memory = steps * (self.weight_read_s + context * self.kv_read_s)
+        compute = steps * (rows * self.compute_row_s + context * self.attn_s) + prefill
+        return steps * self.step_overhead_s + (memory + compute if self.combine == "sum" else max(memory, compute))
 
     def prefill_s(self, old: np.ndarray | float, new: np.ndarray | float) -> float:
-        """Prefill ``new`` tokens after ``old`` tokens of context (attention over both)."""
+        """Compute of prefilling ``new`` tokens after ``old`` tokens of context (attention over both)."""
         old, new = np.asarray(old, dtype=np.float64), np.asarray(new, dtype=np.float64)
         return float((new * self.prefill_token_s + (new * old + new * (new + 1) / 2) * self.attn_prefill_s).sum())
-
-
-# The embedded tiny model on this 2-core CPU (RESULTS.md rollout section: 1.6 ms + 0.09 ms
-# per row per decode step; compute-bound, no weight-read floor); training per token from the
-# PPO runs' update times. The validation row: this model next to the CPU measurement.
-CPU_TINY = Engine("tiny llama on 2 CPU cores", step_overhead_s=1.6e-3, weight_read_s=0.0, kv_read_s=0.0,
-                  compute_row_s=9e-5, attn_s=0.0, prefill_token_s=2e-6, attn_prefill_s=0.0,
-                  train_token_s=1.1e-5, train_attn_s=0.0, combine="sum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,28 +181,42 @@ class Setting:
     max_response_tokens: int  # L
     prompt_tokens: int
     engines: int = 1
+    critic_warmup_steps: int = 0  # first steps without a policy update
+    compact_fraction: float = 0.0  # the embedded engine's compaction lag (vLLM: 0, continuous batching)
+    micro_batch_tokens: int = 0  # > 0: the library's token-budget micro-batches (padded positions); 0: packed sequences
+    micro_batch_rows: int = 64
 
 
 # The paper: 512 prompts x 16 samples per step, L = 24K; 64 GPUs as 16 engines of TP 4.
 PAPER = Setting(prompts_per_step=512, samples_per_prompt=16, max_response_tokens=24_576, prompt_tokens=256, engines=16)
-EMBEDDED = Setting(prompts_per_step=16, samples_per_prompt=4, max_response_tokens=256, prompt_tokens=10)
 
 
 @dataclasses.dataclass(frozen=True)
-class Variant:
-    """How T-PPO runs (window None: synchronous PPO, every row to its end)."""
+class Arm:
+    """What a run does (the speed study's arms: benchmarks/speed_study.py)."""
 
-    window: int | None = None
-    redeal: bool = True  # carried rows dealt across engines again each step
+    algorithm: Literal["ppo", "grpo", "tppo"] = "ppo"
+    window: int | None = None  # T-PPO's W (None: whole responses)
+    window_mode: Literal["tokens", "steps"] = "tokens"
     refill: bool = False  # a finished row's slot takes a new row at once, within the window
-    prefix_grad: bool = True  # False: a carried row's prefix is forward-only in the update
+    prefix_grad: bool = True  # False: a carried row's prefix is forward only in the update
+    train_on: Literal["window", "finished"] = "window"  # finished: partial-rollout PPO
+    engine_logprobs: bool = False  # pi_old = the engine's log-probs: no old-log-prob pass
+    redeal: bool = True  # carried rows dealt across engines again each step
+
+    @property
+    def synchronous(self) -> bool:
+        return self.window is None
 
     @property
     def name(self) -> str:
-        if self.window is None:
-            return "ppo"
-        extra = ("" if self.redeal else "-stay") + ("-refill" if self.refill else "") + ("" if self.prefix_grad else "-noprefixgrad")
-        return f"tppo-W{self.window}{extra}"
+        if self.synchronous:
+            base = self.algorithm
+        else:
+            base = ("partial-ppo" if self.train_on == "finished" else "tppo") + f"-W{self.window}"
+            base += ("-steps" if self.window_mode == "steps" else "") + ("" if self.redeal else "-stay")
+            base += ("-refill" if self.refill else "") + ("" if self.prefix_grad else "-noprefixgrad")
+        return base + ("-enginelp" if self.engine_logprobs else "")
 
 
 # ---------------------------------------------------------------------- one engine
@@ -222,40 +234,53 @@ class Row:
         return self.prompt + self.have
 
 
+GEN_WORK = ("decode_steps", "row_steps", "prefill_tokens", "kv_positions")
+
+
 @dataclasses.dataclass
 class EngineResult:
     time_s: float
-    decode_steps: int
-    prefill_s: float
+    prefill_s: float  # compute of the prefills (inside time_s, beside the decode steps)
     preemptions: int
+    work: dict[str, float]  # GEN_WORK
+
+    @property
+    def decode_steps(self) -> int:
+        return int(self.work["decode_steps"])
 
 
 def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_steps: int | None = None,
-               new_rows: list[Row] | None = None, chunk: int = 64) -> EngineResult:
+               new_rows: list[Row] | None = None, chunk: int = 64, compact_fraction: float = 0.0) -> EngineResult:
     """Generate on one engine until every row has finished or used ``budget`` tokens this
-    window, or ``max_steps`` decode steps have passed. ``rows`` are updated in place.
+    window, or ``max_steps`` decode steps have passed (``window_mode: steps``). ``rows``
+    are updated in place.
 
     Scheduling (vLLM V1, recompute preemption): the waiting queue is served first come,
     first served while the head's context fits in the free KV; admission prefills the
-    row's whole context. When the running rows' next tokens do not fit, the newest
-    running row is preempted to the front of the queue. ``new_rows`` (in-window refill)
-    join the queue's end as rows finish, one per finished row. Time advances ``chunk``
-    decode steps at a time, or to the next event if sooner (a finish, a full cache,
-    the window's end); a chunk charges the context at its middle.
+    row's whole context, in the compute of the decode steps that follow (chunked
+    prefill). When the running rows' next tokens do not fit, the newest running row is
+    preempted to the front of the queue. ``new_rows`` (in-window refill) join the queue's
+    end as rows finish, one per finished row. Time advances ``chunk`` decode steps at a
+    time, or to the next event if sooner (a finish, a full cache, the window's end); a
+    chunk charges the context at its middle. ``compact_fraction`` > 0: finished rows stay
+    in the decode batch (counted in ``row_steps``) until that share of it is finished,
+    the embedded engine's compaction.
     """
     new_rows = new_rows if new_rows is not None else []
     want = (lambda r: r.target - r.have) if budget is None else (lambda r: min(r.target - r.have, budget - (r.have - r.start_have)))
     waiting = [r for r in rows if want(r) > 0]
     running: list[Row] = []
-    t = prefill = used = 0.0
-    steps = preempt = 0
+    t = prefill = used = pending = 0.0
+    work = dict.fromkeys(GEN_WORK, 0.0)
+    steps = preempt = dead = 0
     cap = eng.kv_capacity_tokens
     blocked = False  # after a preemption nothing is admitted until a row finishes (vLLM V1)
     while waiting or running:
         while waiting and (not blocked or not running) and used + waiting[0].context + 1 <= cap:
             r = waiting.pop(0)
-            p = eng.prefill_s(0.0, r.context)
-            t, prefill, used = t + p, prefill + p, used + r.context
+            pending += eng.prefill_s(0.0, r.context)
+            work["prefill_tokens"] += r.context
+            used += r.context
             running.append(r)
         if not running:
             raise ValueError(f"a row of context {waiting[0].context} does not fit a KV cache of {cap:.0f} tokens")
@@ -271,7 +296,12 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
         k = min(chunk, min(left), int((cap - used) // n) if math.isfinite(cap) else chunk)
         if max_steps is not None:
             k = min(k, max_steps - steps)
-        t += k * eng.decode_step_s(n, used + n * k / 2)
+        context = used + n * k / 2
+        t += eng.decode_s(k, n, context, pending)
+        prefill, pending = prefill + pending, 0.0
+        work["decode_steps"] += k
+        work["row_steps"] += k * (n + dead)
+        work["kv_positions"] += k * context
         for r in running:
             r.have += k
         used += n * k
@@ -281,37 +311,85 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
             running = [r for r, lft in zip(running, left) if lft != k]
             used -= sum(r.context for r in done)
             blocked = False
+            dead += len(done)
+            if dead >= compact_fraction * (len(running) + dead):
+                dead = 0
             waiting.extend(new_rows[:len(done)])
             del new_rows[:len(done)]
         if max_steps is not None and steps >= max_steps:
             break
-    return EngineResult(t, steps, prefill, preempt)
+    return EngineResult(t, prefill, preempt, work)
 
 
 # ---------------------------------------------------------------------- training
 
 
-def train_s(contexts: np.ndarray, passes: float, eng: Engine, gpus: int) -> float:
-    """``passes`` forward-equivalents over rows of these contexts on ``gpus`` GPUs, with
-    attention's quadratic term (each token attends to the context before it)."""
-    c = np.asarray(contexts, dtype=np.float64)
-    return float(passes * (c.sum() * eng.train_token_s + (c * (c + 1) / 2).sum() * eng.train_attn_s) / gpus)
+PASSES = {"forward": 1.0, "backward": 2.0, "recompute": 1.0}  # forward-equivalents; recompute: activation checkpointing
+TRAIN_WORK = ("value_positions", "old_logprob_positions", "policy_positions", "policy_prefix_positions", "critic_positions")
 
 
-def window_train_s(prefix: np.ndarray, window: np.ndarray, eng: Engine, gpus: int, prefix_grad: bool) -> float:
-    """T-PPO's old log-probs (1), values (1) and policy update (3) over rows of the window.
+def positions(lengths: np.ndarray, s: Setting) -> float:
+    """Token positions a pass over rows of these lengths computes: the tokens (packed
+    sequences), or the library's token-budget micro-batches padded to their longest row
+    (tppo/batching.py, the function the trainer calls)."""
+    lengths = [int(x) for x in np.asarray(lengths).tolist()]
+    if not s.micro_batch_tokens:
+        return float(sum(lengths))
+    from tppo.batching import token_micro_batches
 
-    Exact update: all 5 passes over prefix + window. Without prefix gradient, the policy
-    update's backward (2 of its 3) covers only the window's tokens; their attention still
-    reaches back over the prefix.
-    """
+    micro = token_micro_batches(list(range(len(lengths))), lengths, s.micro_batch_tokens, s.micro_batch_rows)
+    return float(sum(len(m) * max(lengths[i] for i in m) for m in micro))
+
+
+def pairs(lengths: np.ndarray, prefix: np.ndarray | None = None) -> float:
+    """(token, context token) pairs of attention over rows of these lengths (each token
+    attends to those before it); with ``prefix``, only the tokens after it are counted."""
+    c = np.asarray(lengths, dtype=np.float64)
+    if prefix is None:
+        return float((c * (c + 1) / 2).sum())
+    p = np.asarray(prefix, dtype=np.float64)
+    return float((c * (c + 1) / 2 - p * (p + 1) / 2).sum())
+
+
+def train_work(arm: Arm, prefix: np.ndarray, window: np.ndarray, finished: np.ndarray, s: Setting, update: bool) -> dict:
+    """One step's training work: positions per pass (the library's counters) and the
+    forward-equivalent passes and attention pairs a GPU is charged for.
+
+    ``prefix``/``window``: per row that generated this step, its context before the window
+    and the tokens it generated in it; ``finished``: the whole contexts of the rows that
+    finished. ``update``: the policy is updated (not a critic warm-up step)."""
     full = prefix + window
-    if prefix_grad:
-        return train_s(full, 5.0, eng, gpus)
-    fwd = train_s(full, 3.0, eng, gpus)
-    p, w = np.asarray(prefix, dtype=np.float64), np.asarray(window, dtype=np.float64)
-    bwd = 2.0 * float((w.sum() * eng.train_token_s + (w * p + w * (w + 1) / 2).sum() * eng.train_attn_s) / gpus)
-    return fwd + bwd
+    if arm.synchronous or arm.train_on == "finished":
+        policy_rows = finished
+        pol_prefix = np.zeros_like(finished)
+    else:
+        policy_rows, pol_prefix = full, prefix
+    critic = arm.algorithm != "grpo"
+    w = {k: 0.0 for k in TRAIN_WORK}
+    cost = {"values": 0.0, "old_logprobs": 0.0, "policy_update": 0.0, "value_update": 0.0}  # (passes x positions) + pairs
+    attn = dict.fromkeys(cost, 0.0)
+    if critic:
+        rows_v = finished if (arm.synchronous or arm.train_on == "finished") else full
+        w["value_positions"] = positions(rows_v, s)
+        cost["values"], attn["values"] = float(rows_v.sum()), pairs(rows_v)
+        w["critic_positions"] = positions(finished, s)
+        n = PASSES["forward"] + PASSES["backward"] + PASSES["recompute"]
+        cost["value_update"], attn["value_update"] = n * float(finished.sum()), n * pairs(finished)
+    if update and len(policy_rows):
+        if not arm.engine_logprobs:
+            w["old_logprob_positions"] = positions(policy_rows, s)
+            cost["old_logprobs"], attn["old_logprobs"] = float(policy_rows.sum()), pairs(policy_rows)
+        grad = PASSES["backward"] + PASSES["recompute"]
+        if arm.prefix_grad:
+            w["policy_positions"] = positions(policy_rows, s)
+            cost["policy_update"] = (1 + grad) * float(policy_rows.sum())
+            attn["policy_update"] = (1 + grad) * pairs(policy_rows)
+        else:  # the prefix forward only; the spans (window tokens) forward and backward, attending over the prefix
+            span = policy_rows - pol_prefix
+            w["policy_prefix_positions"], w["policy_positions"] = positions(pol_prefix, s), positions(span, s)
+            cost["policy_update"] = float(pol_prefix.sum()) + (1 + grad) * float(span.sum())
+            attn["policy_update"] = pairs(pol_prefix) + (1 + grad) * pairs(policy_rows, pol_prefix)
+    return {"work": w, "tokens": cost, "pairs": attn}
 
 
 # ---------------------------------------------------------------------- whole steps
@@ -326,20 +404,29 @@ def deal(rows: list[Row], engines: int) -> list[list[Row]]:
     return out
 
 
-def simulate(lengths: np.ndarray, s: Setting, eng: Engine, v: Variant, steps: int) -> dict:
-    """``steps`` training steps of PPO (``v.window`` None) or T-PPO; steady-state figures."""
+def simulate(lengths: np.ndarray, s: Setting, eng: Engine, arm: Arm, steps: int | None = None, *,
+             prompts: int | None = None, measure_from: int = 0, trained: list[Arm] | None = None) -> dict:
+    """Steps of ``arm`` (``steps`` of them, or until ``prompts`` prompts were admitted as the
+    speed study's loop does); totals over the steps from ``measure_from`` on: seconds per
+    phase (``generate``, ``train``, ``sync`` and the training passes), work counters, prompts
+    finished and admitted. ``trained``: arms that generate as ``arm`` does and train
+    differently (GRPO beside PPO, the engine's log-probs beside the exact update): the
+    same rollout costed for each, {name: totals}."""
     G, slots = s.samples_per_prompt, s.prompts_per_step * s.samples_per_prompt
     gpus = s.engines * eng.gpus
-    lengths = iter(lengths.tolist())
-    fresh = lambda: Row(target=int(next(lengths)), have=0, prompt=s.prompt_tokens)  # noqa: E731
+    stream = iter(lengths.tolist())
+    fresh = lambda: Row(target=int(next(stream)), have=0, prompt=s.prompt_tokens)  # noqa: E731
     placed: list[list[Row]] = [[] for _ in range(s.engines)]
-    warm = 0 if v.window is None else math.ceil(s.max_response_tokens / v.window)
-    acc = {"time_s": 0.0, "generate_s": 0.0, "train_s": 0.0, "sync_s": 0.0, "decode_steps": 0, "prefill_s": 0.0,
-           "preemptions": 0, "finished_rows": 0, "steps": 0}
-    for k in range(steps):
+    arms = trained or [arm]
+    accs = {a.name: {"time_s": 0.0, "generate_s": 0.0, "train_s": 0.0, "sync_s": 0.0, "prefill_s": 0.0, "preemptions": 0,
+                     "finished_rows": 0, "admitted_prompts": 0, "steps": 0, "work": dict.fromkeys(GEN_WORK + TRAIN_WORK, 0.0),
+                     "train_phase_s": {}} for a in arms}
+    k = admitted = 0
+    while (steps is None or k < steps) and (prompts is None or admitted < prompts):
         in_flight = [r for e in placed for r in e]
         new = [fresh() for _ in range((slots - len(in_flight)) // G * G)]
-        if v.redeal or v.window is None:
+        admitted += len(new) // G
+        if arm.redeal or arm.synchronous:
             placed = deal(in_flight + new, s.engines)
         else:  # carried rows stay; new rows go to the emptiest engines
             for r in new:
@@ -347,38 +434,64 @@ def simulate(lengths: np.ndarray, s: Setting, eng: Engine, v: Variant, steps: in
         for r in in_flight + new:
             r.start_have = r.have
         # in-window refill: each engine's queue of new rows (one per slot at most), taken as rows finish
-        shares = [[fresh() for _ in range(len(e))] if v.refill else [] for e in placed]
+        shares = [[fresh() for _ in range(len(e))] if arm.refill else [] for e in placed]
         queues = [list(q) for q in shares]
-        results = [run_engine(rows, eng, budget=v.window, max_steps=v.window, new_rows=q) for rows, q in zip(placed, queues)]
+        W = None if arm.synchronous else arm.window
+        results = [run_engine(rows, eng, budget=W, max_steps=W if arm.window_mode == "steps" else None, new_rows=q,
+                              compact_fraction=s.compact_fraction) for rows, q in zip(placed, queues)]
         for e, share, q in zip(placed, shares, queues):
-            e.extend(share[:len(share) - len(q)])
+            taken = share[:len(share) - len(q)]
+            e.extend(taken)
+            admitted += len(taken) / G
         rows_now = [r for e in placed for r in e]
-        generate = max(res.time_s for res in results)
-        prefix = np.array([r.prompt + r.start_have for r in rows_now], dtype=np.float64)
-        window = np.array([r.have - r.start_have for r in rows_now], dtype=np.float64)
+        got = [r for r in rows_now if r.have > r.start_have]  # a row queued all window long has nothing to train on
+        prefix = np.array([r.prompt + r.start_have for r in got], dtype=np.float64)
+        window = np.array([r.have - r.start_have for r in got], dtype=np.float64)
         finished = [r for r in rows_now if r.have >= r.target]
-        fin_ctx = np.array([r.context for r in finished], dtype=np.float64)
-        if v.window is None:
-            train = train_s(prefix + window, 8.0, eng, gpus)
-        else:
-            got = window > 0  # a row queued or preempted all window long has nothing to train on
-            train = window_train_s(prefix[got], window[got], eng, gpus, v.prefix_grad) + train_s(fin_ctx, 3.0, eng, gpus)
+        fin = np.array([r.context for r in finished], dtype=np.float64)
         placed = [[r for r in e if r.have < r.target] for e in placed]
-        if k >= warm:
-            acc["time_s"] += generate + train + eng.weight_sync_s
-            acc["generate_s"] += generate
-            acc["train_s"] += train
-            acc["sync_s"] += eng.weight_sync_s
-            acc["decode_steps"] += max(res.decode_steps for res in results)
-            acc["prefill_s"] += max(res.prefill_s for res in results)
-            acc["preemptions"] += sum(res.preemptions for res in results)
-            acc["finished_rows"] += len(finished)
-            acc["steps"] += 1
-    prompts = acc["finished_rows"] / G
-    acc.update(prompts=prompts, prompts_per_hour=3600 * prompts / acc["time_s"],
-               s_per_prompt=acc["time_s"] / prompts, generate_s_per_prompt=acc["generate_s"] / prompts,
-               train_s_per_prompt=acc["train_s"] / prompts, decode_steps_per_1000_prompts=1000 * acc["decode_steps"] / prompts)
-    return acc
+        if k >= measure_from:
+            for a in arms:
+                tw = train_work(a, prefix, window, fin, s, update=k >= s.critic_warmup_steps)
+                account(accs[a.name], results, tw, eng, gpus, len(finished), len(new) // G)
+        k += 1
+    for acc in accs.values():
+        done = acc["finished_rows"] / G
+        acc.update(prompts=done, prompts_per_hour=3600 * done / acc["time_s"] if acc["time_s"] else 0.0,
+                   s_per_prompt=acc["time_s"] / done if done else math.inf,
+                   generate_s_per_prompt=acc["generate_s"] / done if done else math.inf,
+                   train_s_per_prompt=acc["train_s"] / done if done else math.inf,
+                   decode_steps_per_1000_prompts=1000 * acc["work"]["decode_steps"] / done if done else math.inf)
+    return accs if trained else accs[arm.name]
+
+
+def account(acc: dict, results: list[EngineResult], tw: dict, eng: Engine, gpus: int, finished: int, admitted: int) -> None:
+    """Add one step to ``acc``: the slowest engine's generation, training on all GPUs, the weight sync."""
+    phase_s = {p: (tw["tokens"][p] * eng.train_token_s + tw["pairs"][p] * eng.train_attn_s) / gpus for p in tw["tokens"]}
+    generate, train = max(res.time_s for res in results), sum(phase_s.values())
+    acc["time_s"] += generate + train + eng.weight_sync_s
+    acc["generate_s"] += generate
+    acc["train_s"] += train
+    acc["sync_s"] += eng.weight_sync_s
+    acc["prefill_s"] += max(res.prefill_s for res in results)
+    acc["preemptions"] += sum(res.preemptions for res in results)
+    acc["finished_rows"] += finished
+    acc["admitted_prompts"] += admitted
+    acc["steps"] += 1
+    for key in GEN_WORK:  # the slowest engine's decode steps; the others summed over engines
+        acc["work"][key] += max(r.work[key] for r in results) if key == "decode_steps" else sum(r.work[key] for r in results)
+    for key, v in tw["work"].items():
+        acc["work"][key] += v
+    for p, v in phase_s.items():
+        acc["train_phase_s"][p] = acc["train_phase_s"].get(p, 0.0) + v
+
+
+def steady(lengths: np.ndarray, s: Setting, eng: Engine, arm: Arm, steps_after_warmup: int = 4,
+           trained: list[Arm] | None = None) -> dict:
+    """Steady-state figures: ``steps_after_warmup`` steps after the first ceil(L / W) (T-PPO's
+    carry-over fills up), prompts whose rows finished per hour."""
+    warm = 0 if arm.synchronous else math.ceil(s.max_response_tokens / arm.window)
+    return simulate(lengths, s, eng, arm, warm + steps_after_warmup, measure_from=warm, trained=trained)
 
 
 # ---------------------------------------------------------------------- length distributions
@@ -389,71 +502,142 @@ def lognormal_lengths(n: int, median: float, sigma: float, cap: int, seed: int =
     return np.clip(np.round(median * np.exp(sigma * rng.standard_normal(n))), 1, cap).astype(np.int64)
 
 
-def chain_lengths(n: int, cap: int, seed: int = 0) -> np.ndarray:
-    """Response lengths of the embedded chain task's correct solutions, scaled from its
-    L = 256 to ``cap`` (the shape of the embedded long tail at another scale)."""
+def chain_lengths(n: int, cap: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
+    """Response lengths of the embedded chain task's correct solutions (characters = tokens,
+    + EOS) times ``scale`` (``cap / 256``: the shape of the embedded long tail at another
+    scale), capped at ``cap``."""
     from tppo.config import ChainConfig
     from tppo.tasks.chain import Chain, ChainTask, solution_text
 
     stream = ChainTask(ChainConfig()).stream("train", seed)
     metas = [next(stream).meta for _ in range(min(n, 20_000))]
-    base = np.array([len(solution_text(Chain(**m))) + 1 for m in metas])  # characters = tokens, + EOS
+    base = np.array([len(solution_text(Chain(**m))) + 1 for m in metas])
     rng = np.random.default_rng(seed)
-    return np.clip(np.round(rng.choice(base, n) * cap / 256), 1, cap).astype(np.int64)
+    return np.clip(np.round(rng.choice(base, n) * scale), 1, cap).astype(np.int64)
 
 
-# ---------------------------------------------------------------------- reports
+# ---------------------------------------------------------------------- the CPU check
 
 
-def compare(lengths: np.ndarray, s: Setting, eng: Engine, variants: list[Variant], steps_after_warmup: int = 4) -> dict:
-    """PPO and each variant; ratios to PPO: prompts per hour (end to end) and the rollout's
-    seconds per prompt (``generation_ratio``; > 1: T-PPO generates a prompt faster)."""
+def cpu_setting() -> dict[str, tuple[Setting, Arm]]:
+    """The speed study's arms (configs/demo.yaml + its COMMON + the arm's overrides) as the
+    model sees them: (setting, arm) per arm. ``tppo-auto`` is left out: its W is chosen
+    while it runs."""
+    from speed_study import ARMS, COMMON
+
+    from tppo.config import load_config
+    from tppo.rollout.embedded import COMPACT_FRACTION
+
     out = {}
-    for v in [Variant()] + variants:
-        warm = 0 if v.window is None else math.ceil(s.max_response_tokens / v.window)
-        out[v.name] = simulate(lengths, s, eng, v, warm + steps_after_warmup)
-    ppo = out["ppo"]
-    for name, r in out.items():
-        r["throughput_ratio"] = r["prompts_per_hour"] / ppo["prompts_per_hour"]
-        r["generation_ratio"] = ppo["generate_s_per_prompt"] / r["generate_s_per_prompt"]
+    prompt = chain_prompt_tokens()
+    for name, overrides in ARMS.items():
+        cfg = load_config(ROOT / "configs" / "demo.yaml", [*COMMON, *overrides])
+        a, r, t = cfg.algo, cfg.rollout, cfg.train
+        if not isinstance(r.window_tokens, int):
+            continue
+        one_pass = t.ppo_epochs * t.mini_batches == 1  # pi_old is the update's own forward: no pass of its own
+        arm = Arm(algorithm=a.algorithm, window=None if a.algorithm in ("ppo", "grpo") else r.window_tokens,
+                  refill=r.refill_within_window, prefix_grad=a.prefix_grad, train_on=a.train_on, engine_logprobs=one_pass)
+        s = Setting(prompts_per_step=r.prompts_per_step, samples_per_prompt=r.samples_per_prompt, max_response_tokens=r.max_response_tokens,
+                    prompt_tokens=prompt, critic_warmup_steps=t.critic_warmup_steps, compact_fraction=COMPACT_FRACTION,
+                    micro_batch_tokens=t.micro_batch_tokens, micro_batch_rows=t.micro_batch_rows)
+        out[name] = (s, arm)
     return out
 
 
-def measured_cpu(data: dict) -> dict:
-    """From results/ppo_vs_tppo.json's contents: training seconds per prompt (PPO / T-PPO,
-    median over seeds) and prompts to the target (PPO / T-PPO, medians over the seeds that
-    reach it), per run label; {} when empty. Prompts to the target are interpolated between
-    evaluations from the initial accuracy (tppo.metrics.time_to_target), as the benchmark's
-    own summary times it."""
+def chain_prompt_tokens() -> int:
+    """The chain task's mean prompt length in the tiny model's tokens (one character each)."""
+    from tppo.config import ChainConfig
+    from tppo.tasks.chain import ChainTask
+
+    stream = ChainTask(ChainConfig()).stream("train", 0)
+    return round(statistics.mean(len(next(stream).prompt) for _ in range(2000)))
+
+
+def calibration_lengths(run: dict, s: Setting, n: int = 100_000, seed: int = 0) -> tuple[np.ndarray, str]:
+    """Response lengths like the calibration run's (a synchronous PPO run), from its own
+    counters only: a share q of rows run to the cap L (a policy that rambles; PPO's step
+    lasts L decode steps whenever one of its B rows does, so q = 1 - f^(1/B) with f the
+    share of its steps that lasted L), the others the chain task's solution lengths scaled
+    so that the mean response is the run's (generated tokens / responses)."""
+    L, B = s.max_response_tokens, s.prompts_per_step * s.samples_per_prompt
+    steps = run["per_step"]
+    f = sum((st.get("work/decode_steps") or 0) >= L for st in steps) / len(steps)
+    f = min(f, 1 - 1 / (2 * len(steps)))  # all steps at L: q is at least this much
+    q = 1 - (1 - f) ** (1 / B) if f > 0 else 0.0
+    mean = sum(st.get("rollout/generated_tokens") or 0 for st in steps) / (run["prompts"] * s.samples_per_prompt)
+    base = chain_lengths(20_000, L).astype(np.float64)
+    scale = max(mean - q * L, 1.0) / ((1 - q) * base.mean())
+    rng = np.random.default_rng(seed)
+    lengths = np.where(rng.random(n) < q, L, np.clip(np.round(rng.choice(base, n) * scale), 1, L)).astype(np.int64)
+    return lengths, (f"{q:.1%} of the rows at the cap L = {L}, the others the chain task's solution lengths x {scale:.3f}: "
+                     f"the calibration run's share of steps lasting L ({f:.0%}) and its mean response ({mean:.1f} tokens)")
+
+
+def cpu_check(study: dict) -> dict | None:
+    """Each speed-study arm simulated on the CPU's setting, its work per prompt costed with
+    the study's fitted unit costs, against the seconds and work the study measured."""
+    from cost_model import predict
+
+    cm = study.get("cost_model") or {}
+    if not cm.get("unit_costs"):
+        return None
+    arms = cpu_setting()
+    s = arms["ppo"][0]
+    lengths, how = calibration_lengths(study["results"][cm["calibration"]], s)
+    prompts = int(study["args"]["prompts"])
+    cpu = Engine("CPU (work only)", 0, 0, 0, 0, 0, 0, 0, 0, 0, combine="sum")
+    out = {"lengths": {"source": how, "mean": float(lengths.mean()), "at_cap": float((lengths >= s.max_response_tokens).mean())},
+           "arms": {}}
+    for name, a in study["arms"].items():
+        if name not in arms:
+            continue
+        setting, arm = arms[name]
+        sim = simulate(lengths, setting, cpu, arm, prompts=prompts)
+        work = {f"work/{k}": v for k, v in sim["work"].items()}
+        pred = predict(cm["unit_costs"], work)
+        n_prompts = sim["admitted_prompts"]
+        runs = [study["results"][f"{name}/s{seed}"] for seed in a["seeds"]]
+        meas_prompts = statistics.median(r["prompts"] for r in runs)
+        err = {p: (pred[p] / n_prompts) / (a["phase_s"][p] / meas_prompts) - 1 for p in pred if a["phase_s"].get(p) and pred[p]}
+        meas_total = sum(a["phase_s"][p] for p in pred) / meas_prompts
+        err["total"] = (sum(pred.values()) / n_prompts) / meas_total - 1
+        work_err = {k: (work[k] / n_prompts) / (a["work"][k] / meas_prompts) - 1 for k in work if a["work"].get(k)}
+        out["arms"][name] = {"relative_error": err, "work_relative_error": work_err,
+                             "within_10pct": all(abs(e) <= 0.10 for e in err.values())}
+    out["all_within_10pct"] = all(v["within_10pct"] for v in out["arms"].values())
+    return out
+
+
+# ---------------------------------------------------------------------- learning factors
+
+
+def learning_factors(study: dict, baseline: str = "ppo") -> dict:
+    """Per arm, the baseline's prompts to the target over the arm's, per seed (paired),
+    median and bootstrap CI over seeds (benchmarks/stats.py); a seed where the arm missed
+    the target counts 0, never dropped. ``decided``: both ends of the CI on one side of 1."""
+    from stats import seed_ratios, time_ratio_ci
+
     from tppo.metrics import time_to_target
 
-    if not data:
-        return {}
-    target = data.get("target_accuracy")
-    init = data.get("summary", {}).get("longtail", {}).get("initial_accuracy")
-    runs: dict[str, dict[str, list]] = {}
-    for key, r in data["results"].items():
-        task, name, _seed = key.split("/")
-        if task != "longtail" or "curve" not in r:
+    start, target = study["initial_accuracy"], study["target_accuracy"]
+
+    def prompts_to_target(arm: str, seed: int) -> float | None:
+        r = study["results"].get(f"{arm}/s{seed}")
+        if r is None:
+            return None
+        pts = [(0, start)] + [(p["prompts"], p["accuracy"]) for p in r["curve"]]
+        return time_to_target([x for x, _ in pts], [y for _, y in pts], target)
+
+    out = {}
+    for arm, a in study["arms"].items():
+        if arm == baseline or baseline not in study["arms"]:
             continue
-        prompts = r["curve"][-1]["prompts"]
-        pts = ([(0, init)] if init is not None else []) + [(p["prompts"], p["accuracy"]) for p in r["curve"]]
-        hit = time_to_target([x for x, _ in pts], [a for _, a in pts], target) if target is not None else None
-        runs.setdefault(name, {"s_per_prompt": [], "prompts_to_target": []})
-        runs[name]["s_per_prompt"].append(r["train_s"] / prompts)
-        if hit is not None:
-            runs[name]["prompts_to_target"].append(hit)
-    if "ppo" not in runs:
-        return {}
-    med = lambda xs: float(np.median(xs)) if xs else None  # noqa: E731
-    ppo_s, ppo_p = med(runs["ppo"]["s_per_prompt"]), med(runs["ppo"]["prompts_to_target"])
-    out = {"commit": data.get("commit"), "target_accuracy": target}
-    for name, r in runs.items():
-        if name == "ppo":
-            continue
-        p = med(r["prompts_to_target"])
-        out[name] = {"throughput_ratio": ppo_s / med(r["s_per_prompt"]),
-                     "prompts_to_target_ratio": (ppo_p / p) if (ppo_p and p) else None, "seeds": len(r["s_per_prompt"])}
+        seeds = [s for s in a["seeds"] if f"{baseline}/s{s}" in study["results"]]
+        base, mine = [prompts_to_target(baseline, s) for s in seeds], [prompts_to_target(arm, s) for s in seeds]
+        ci = time_ratio_ci(seed_ratios(base, mine))
+        out[arm] = {**ci, "prompts_to_target": mine, "baseline_prompts_to_target": base,
+                    "decided": ci["n"] > 0 and (ci["ci_low"] > 1 or ci["ci_high"] < 1)}
     return out
 
 
@@ -475,68 +659,97 @@ def fitted_engines(path: Path) -> list[Engine]:
     return out
 
 
-def _short(r: dict) -> dict:
-    keys = ("throughput_ratio", "generation_ratio", "s_per_prompt", "generate_s_per_prompt", "train_s_per_prompt",
-            "decode_steps_per_1000_prompts", "preemptions", "prompts")
-    return {k: float(r[k]) for k in keys}
+# ---------------------------------------------------------------------- the conditions
+
+
+UPDATES = {"exact": False, "engine_logprobs": True}  # the policy update's pi_old: recomputed, or the engine's
+
+
+def conditions(eng: Engine, s: Setting, engines: list[int], medians: dict[str, float], learning: dict, steps: int,
+               rows_per_condition: int) -> dict:
+    """T-PPO (W = L/4) against PPO and GRPO for every engines x length x update."""
+    L = s.max_response_tokens
+    out = {}
+    for e in engines:
+        for label, median in medians.items():
+            lengths = lognormal_lengths(rows_per_condition, median, 0.8, L)
+            se = dataclasses.replace(s, engines=e)
+            sync = [Arm(algo, engine_logprobs=lp) for lp in UPDATES.values() for algo in ("ppo", "grpo")]
+            tppo = [Arm("tppo", window=L // 4, engine_logprobs=lp) for lp in UPDATES.values()]
+            res = {**steady(lengths, se, eng, sync[0], steps, trained=sync), **steady(lengths, se, eng, tppo[0], steps, trained=tppo)}
+            for upd, lp in UPDATES.items():
+                name = lambda a: Arm(a, window=L // 4 if a == "tppo" else None, engine_logprobs=lp).name  # noqa: E731
+                key = f"{e} engines, median {label}, {upd}"
+                out[key] = condition_row({a: res[name(a)] for a in ("ppo", "grpo", "tppo")}, learning, e, label, upd)
+    return out
+
+
+def condition_row(res: dict, learning: dict, engines: int, label: str, upd: str) -> dict:
+    t = res["tppo"]
+    row = {"engines": engines, "median_length": label, "update": upd,
+           "s_per_prompt": {k: r["s_per_prompt"] for k, r in res.items()},
+           "generate_s_per_prompt": {k: r["generate_s_per_prompt"] for k, r in res.items()},
+           "preemptions": {k: r["preemptions"] for k, r in res.items()}}
+    for base in ("ppo", "grpo"):
+        b = res[base]
+        end, roll = b["s_per_prompt"] / t["s_per_prompt"], b["generate_s_per_prompt"] / t["generate_s_per_prompt"]
+        lf = learning.get(base, {}).get("tppo")  # T-PPO's factor against this baseline, measured paired by seed
+        ttt = None
+        if lf and lf.get("median") is not None and lf.get("decided"):
+            ttt = {"median": end * lf["median"], "ci_low": end * lf["ci_low"], "ci_high": end * lf["ci_high"]}
+        row[f"tppo_over_{base}"] = {"end_to_end": end, "rollout": roll, "time_to_target": ttt}
+    row["sentence"] = sentence(row)
+    return row
+
+
+def sentence(row: dict) -> str:
+    """The condition's answer in one sentence."""
+    p, g = row["tppo_over_ppo"], row["tppo_over_grpo"]
+
+    def verdict(x: float) -> str:
+        return "faster" if x > 1.05 else "slower" if x < 0.95 else "no faster (within 5 %)"
+
+    ttt = p["time_to_target"]
+    tail = (f"; to the target {ttt['median']:.2f}x [{ttt['ci_low']:.2f}, {ttt['ci_high']:.2f}] with the CPU's learning factor"
+            if ttt else "; its time to target is undecided (the CPU's learning factor's CI spans 1)")
+    return (f"{row['engines']} engines, median response {row['median_length']}, {row['update'].replace('_', ' ')} update: "
+            f"T-PPO is {verdict(p['end_to_end'])} than PPO per prompt ({p['end_to_end']:.2f}x end to end, "
+            f"{p['rollout']:.2f}x the rollout alone) and {verdict(g['end_to_end'])} than GRPO ({g['end_to_end']:.2f}x){tail}.")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=4, help="measured steps after each run's warm-up")
     ap.add_argument("--engines", type=int, nargs="+", default=[16, 32, 64, 128])
+    ap.add_argument("--study", default=str(RESULTS_DIR / "speed_study.json"), help="the speed study's JSON (learning factors, CPU check)")
     ap.add_argument("--quick", action="store_true", help="a small cluster and L (a test runs it)")
     ap.add_argument("--out", help="output JSON (default: results/gpu_projection.json)")
     args = ap.parse_args(argv)
     eng = Engine.derive(QWEN_32B, H100, tp=4)
-    s = PAPER if not args.quick else Setting(prompts_per_step=8, samples_per_prompt=4, max_response_tokens=512,
-                                             prompt_tokens=16, engines=2)
+    s = PAPER
+    engines = args.engines
+    if args.quick:
+        s = Setting(prompts_per_step=8, samples_per_prompt=4, max_response_tokens=512, prompt_tokens=16, engines=2)
+        engines = [2, 4]
     L = s.max_response_tokens
-    W = L // 3  # the paper's 8K of 24K
-    n = s.prompts_per_step * s.samples_per_prompt * 40
-    dists = {"lognormal(median L/6, sigma 0.8)": lognormal_lengths(n, L / 6, 0.8, L),
-             "chain task, scaled to L": chain_lengths(n, L)}
-    variants = [Variant(L // 2), Variant(W), Variant(L // 6), Variant(W, redeal=False), Variant(W, refill=True),
-                Variant(W, prefix_grad=False), Variant(W, refill=True, prefix_grad=False)]
-    report: dict = {"commit": commit(), "model": __doc__.split("\n\n")[1], "engine": dataclasses.asdict(eng),
-                    "setting": dataclasses.asdict(s), "paper_scale": {}, "engines": {}}
-    for name, lengths in dists.items():
-        stats = {"mean": float(lengths.mean()), "p50": float(np.median(lengths)), "p99": float(np.percentile(lengths, 99)),
-                 "truncated_at_L": float((lengths >= L).mean())}
-        res = compare(lengths, s, eng, variants, args.steps)
-        report["paper_scale"][name] = {"lengths": stats, "results": {k: _short(v) for k, v in res.items()}}
-        print(f"{name}: " + ", ".join(f"{k} {v['throughput_ratio']:.2f} ({v['generation_ratio']:.2f})" for k, v in res.items()), flush=True)
-    lengths = dists["lognormal(median L/6, sigma 0.8)"]
-    for e in args.engines if not args.quick else [2, 4]:
-        res = compare(lengths, dataclasses.replace(s, engines=e), eng,
-                      [Variant(W), Variant(W, refill=True)], args.steps)
-        report["engines"][str(e)] = {k: _short(v) for k, v in res.items()}
-        print(f"{e} engines: " + ", ".join(f"{k} {v['throughput_ratio']:.2f} ({v['generation_ratio']:.2f})" for k, v in res.items()), flush=True)
-    # Validation: the model with this CPU's constants next to what the CPU measured.
-    cpu_path = RESULTS_DIR / "ppo_vs_tppo.json"
-    cpu_runs = json.loads(cpu_path.read_text()) if cpu_path.exists() else {}
-    emb = chain_lengths(EMBEDDED.prompts_per_step * EMBEDDED.samples_per_prompt * 60, 256)
-    cpu = compare(emb, EMBEDDED, CPU_TINY, [Variant(128), Variant(64), Variant(32), Variant(64, refill=True)], 30)
-    report["cpu_validation"] = {"model": {k: _short(v) for k, v in cpu.items()},
-                                "measured": measured_cpu(cpu_runs)}
-    for fitted in fitted_engines(RESULTS_DIR / "gpu_check.json"):
-        res = compare(lengths, s, fitted, [Variant(W), Variant(W, refill=True)], args.steps)
-        report.setdefault("fitted", {})[fitted.name] = {k: _short(v) for k, v in res.items()}
-    # Time to a score = time per prompt x prompts to the score; the second factor from the CPU.
-    meas = report["cpu_validation"]["measured"]
-    best = cpu_runs.get("best_window") if meas else None
-    learn = (meas.get(best) or {}).get("prompts_to_target_ratio") if best else None
-    report["time_to_score"] = {
-        "note": "projected time-to-target ratio PPO / T-PPO = (T-PPO's prompts per hour / PPO's, this model) x "
-                "(PPO's prompts to target / T-PPO's, measured on the CPU at its best window); assumes learning per "
-                "prompt transfers across scales. The paper's 2.5x is time to a score (T-PPO vs VAPO, AIME), not throughput.",
-        "cpu_window": best, "prompts_to_target_ratio": learn,
-        "by_variant": {name: r["throughput_ratio"] * learn
-                       for name, r in report["paper_scale"]["lognormal(median L/6, sigma 0.8)"]["results"].items()
-                       if learn and name != "ppo"}}
-    path = Path(args.out) if args.out else write_json("gpu_projection.json", report)
-    if args.out:
-        path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    study_path = Path(args.study)
+    study = json.loads(study_path.read_text()) if study_path.exists() else None
+    learning = {base: learning_factors(study, base) for base in ("ppo", "grpo")} if study else {}
+    medians = {"L/12": L / 12, "L/6": L / 6, "L/3": L / 3}
+    rows = s.prompts_per_step * s.samples_per_prompt * (12 if args.quick else 8)
+    report: dict = {"commit": commit(), "machine": machine(), "model": __doc__.split("\n\n")[1], "engine": dataclasses.asdict(eng),
+                    "setting": dataclasses.asdict(s), "study": str(study_path.name) if study else None,
+                    "study_commit": study.get("commit") if study else None, "learning": learning}
+    report["conditions"] = conditions(eng, s, engines, medians, learning, args.steps, rows)
+    for row in report["conditions"].values():
+        print(row["sentence"], flush=True)
+    for fitted in fitted_engines(RESULTS_DIR / "gpu_check.json"):  # a real GPU's constants, when gpu_check.py has run
+        report.setdefault("fitted", {})[fitted.name] = conditions(fitted, s, engines[:1], {"L/6": L / 6}, learning, args.steps, rows)
+    report["cpu_check"] = cpu_check(study) if study and not args.quick else None
+    if report["cpu_check"]:
+        for arm, c in report["cpu_check"]["arms"].items():
+            print(f"cpu check {arm}: " + ", ".join(f"{p} {e:+.1%}" for p, e in c["relative_error"].items()), flush=True)
+    path = write_json(args.out or "gpu_projection.json", report)
     print(f"wrote {path}")
     return 0
 

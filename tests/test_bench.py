@@ -82,16 +82,23 @@ def _rows(*targets, prompt=0):
 
 def test_decode_step_is_bound_by_memory_or_compute_not_both():
     e = _eng(step_overhead_s=1.0, weight_read_s=10.0, kv_read_s=0.5, compute_row_s=3.0, attn_s=0.25)
-    assert e.decode_step_s(rows=2, context=4) == pytest.approx(1.0 + max(10.0 + 2.0, 6.0 + 1.0))
-    assert e.decode_step_s(rows=8, context=4) == pytest.approx(1.0 + max(12.0, 24.0 + 1.0))
-    assert dataclasses.replace(e, combine="sum").decode_step_s(rows=2, context=4) == pytest.approx(1.0 + 12.0 + 7.0)
+    assert e.decode_s(1, rows=2, context=4) == pytest.approx(1.0 + max(10.0 + 2.0, 6.0 + 1.0))
+    assert e.decode_s(1, rows=8, context=4) == pytest.approx(1.0 + max(12.0, 24.0 + 1.0))
+    assert dataclasses.replace(e, combine="sum").decode_s(1, rows=2, context=4) == pytest.approx(1.0 + 12.0 + 7.0)
+    # chunked prefill: its compute joins the decode steps' compute, hidden while memory bounds them
+    assert e.decode_s(2, rows=2, context=4, prefill=5.0) == pytest.approx(2 * 1.0 + max(2 * 12.0, 2 * 7.0 + 5.0))
+    assert e.decode_s(2, rows=2, context=4, prefill=20.0) == pytest.approx(2 * 1.0 + 2 * 7.0 + 20.0)
 
 
-def test_engine_time_by_hand_with_rows_leaving():
+def test_engine_time_and_work_by_hand_with_rows_leaving():
     e = _eng(step_overhead_s=1.0, compute_row_s=0.5, combine="sum")
     # 2 steps with 2 rows (1 + 2 x 0.5 each), then 2 steps with 1 row (1.5 each)
-    r = gp.run_engine(_rows(2, 4), e)
+    r = gp.run_engine(_rows(2, 4, prompt=3), e)
     assert r.time_s == pytest.approx(2 * 2.0 + 2 * 1.5) and r.decode_steps == 4 and r.preemptions == 0
+    assert r.work["row_steps"] == 2 * 2 + 2 * 1 and r.work["prefill_tokens"] == 3 + 3
+    # the embedded engine's compaction: a finished row stays in the batch until half of it is done
+    lagged = gp.run_engine(_rows(1, 2, 4, 4), e, compact_fraction=0.5)
+    assert lagged.work["row_steps"] == 4 + 4 + 2 * 2  # step 2 still holds the first row; after step 2 half are done
 
 
 def test_kv_capacity_preempts_the_newest_row_and_recomputes_it():
@@ -101,7 +108,7 @@ def test_kv_capacity_preempts_the_newest_row_and_recomputes_it():
     e = dataclasses.replace(_eng(step_overhead_s=1.0, prefill_token_s=1.0, combine="sum"), kv_capacity_tokens=10)
     rows = _rows(5, 5, prompt=2)
     r = gp.run_engine(rows, e)
-    assert (r.decode_steps, r.preemptions) == (7, 1)
+    assert (r.decode_steps, r.preemptions) == (7, 1) and r.work["prefill_tokens"] == 9
     assert r.prefill_s == pytest.approx(9.0) and r.time_s == pytest.approx(7 + 9)
     assert all(x.have == 5 for x in rows)
     unbounded = gp.run_engine(_rows(5, 5, prompt=2), dataclasses.replace(e, kv_capacity_tokens=float("inf")))
@@ -110,41 +117,65 @@ def test_kv_capacity_preempts_the_newest_row_and_recomputes_it():
         gp.run_engine(_rows(5, prompt=20), e)
 
 
-def test_window_ends_after_w_decode_steps_and_refill_takes_free_slots():
+def test_the_library_window_gives_every_row_w_tokens_the_steps_window_ends_after_w_steps():
     e = _eng(step_overhead_s=1.0)
     rows = _rows(3, 10)
     r = gp.run_engine(rows, e, budget=4, max_steps=4)
     assert r.decode_steps == 4 and [x.have for x in rows] == [3, 4]
     rows, queue = _rows(3, 10), _rows(6)
     gp.run_engine(rows, e, budget=4, max_steps=4, new_rows=queue)
-    assert not queue and [x.have for x in rows] == [3, 4]  # the new row took the freed slot
+    assert not queue and [x.have for x in rows] == [3, 4]
+    # a row admitted after the first finished (refill): the steps window cuts it at 1 token, the tokens window gives it 4
+    for max_steps, got, steps in ((4, 1, 4), (None, 4, 7)):
+        rows, late = _rows(3, 10), _rows(6)
+        r = gp.run_engine(rows, e, budget=4, max_steps=max_steps, new_rows=list(late))
+        assert (late[0].have, rows[1].have, r.decode_steps) == (got, 4, steps)
 
 
-def test_training_passes_and_the_prefix_without_gradient_by_hand():
-    e = _eng(train_token_s=1.0, train_attn_s=1.0)
-    # one row of 2 tokens: 2 token costs + (1 + 2) attention pairs, per pass
-    assert gp.train_s(np.array([2.0]), 1.0, e, gpus=1) == pytest.approx(5.0)
-    assert gp.train_s(np.array([2.0]), 3.0, e, gpus=3) == pytest.approx(5.0)
-    e = _eng(train_token_s=1.0)
-    exact = gp.window_train_s(np.array([2.0]), np.array([1.0]), e, 1, prefix_grad=True)
-    cheap = gp.window_train_s(np.array([2.0]), np.array([1.0]), e, 1, prefix_grad=False)
-    assert exact == pytest.approx(5 * 3) and cheap == pytest.approx(3 * 3 + 2 * 1)
+def test_training_work_per_pass_by_hand():
+    s = gp.Setting(prompts_per_step=1, samples_per_prompt=2, max_response_tokens=8, prompt_tokens=2)
+    prefix, window, fin = np.array([2.0, 5.0]), np.array([3.0, 1.0]), np.array([6.0])
+    tw = gp.train_work(gp.Arm("tppo", window=4), prefix, window, fin, s, update=True)
+    w = tw["work"]
+    assert (w["value_positions"], w["old_logprob_positions"], w["policy_positions"], w["critic_positions"]) == (11, 11, 11, 6)
+    assert tw["tokens"]["policy_update"] == 4 * 11 and tw["tokens"]["value_update"] == 4 * 6  # forward, backward 2, recompute
+    assert tw["pairs"]["values"] == 5 * 6 / 2 + 6 * 7 / 2
+    cheap = gp.train_work(gp.Arm("tppo", window=4, prefix_grad=False, engine_logprobs=True), prefix, window, fin, s, update=True)
+    assert cheap["work"]["old_logprob_positions"] == 0 and cheap["work"]["policy_prefix_positions"] == 7
+    assert cheap["work"]["policy_positions"] == 4 and cheap["tokens"]["policy_update"] == 7 + 4 * 4
+    assert cheap["pairs"]["policy_update"] == (3 + 15) + 4 * ((15 - 3) + (21 - 15))  # the spans attend over the prefix
+    grpo = gp.train_work(gp.Arm("grpo"), np.array([2.0]), np.array([4.0]), np.array([6.0]), s, update=True)
+    assert grpo["work"]["value_positions"] == grpo["work"]["critic_positions"] == 0 and grpo["work"]["policy_positions"] == 6
+    warm = gp.train_work(gp.Arm("ppo"), np.array([2.0]), np.array([4.0]), np.array([6.0]), s, update=False)
+    assert warm["work"]["policy_positions"] == 0 and warm["work"]["critic_positions"] == 6
+    # the library's token-budget micro-batches: padded to each one's longest row (tppo/batching.py)
+    packed = dataclasses.replace(s, micro_batch_tokens=10, micro_batch_rows=4)
+    assert gp.positions(np.array([5, 4, 2]), packed) == 2 * 5 + 1 * 2 and gp.positions(np.array([5, 4, 2]), s) == 11
 
 
 def test_a_synchronous_step_waits_for_the_slowest_engine():
     s = gp.Setting(prompts_per_step=2, samples_per_prompt=1, max_response_tokens=100, prompt_tokens=0, engines=2)
     e = _eng(step_overhead_s=1.0)
-    r = gp.simulate(np.array([100, 10] * 10), s, e, gp.Variant(), steps=3)
-    assert r["generate_s"] == pytest.approx(3 * 100.0) and r["decode_steps"] == 300
+    r = gp.simulate(np.array([100, 10] * 10), s, e, gp.Arm(), steps=3)
+    assert r["generate_s"] == pytest.approx(3 * 100.0) and r["work"]["decode_steps"] == 300
     assert [len(x) for x in gp.deal(_rows(1, 2, 3, 4, 5), 2)] == [3, 2]
+
+
+def test_arms_trained_beside_one_rollout_are_costed_as_if_simulated_alone():
+    s = gp.Setting(prompts_per_step=4, samples_per_prompt=2, max_response_tokens=64, prompt_tokens=5, engines=2)
+    lengths = gp.lognormal_lengths(8 * 40, median=16, sigma=1.0, cap=64)
+    e = gp.Engine.derive(gp.QWEN_32B, gp.H100, tp=4)
+    both = gp.simulate(lengths, s, e, gp.Arm("ppo"), steps=5, trained=[gp.Arm("ppo"), gp.Arm("grpo")])
+    assert both["grpo"]["s_per_prompt"] == pytest.approx(gp.simulate(lengths, s, e, gp.Arm("grpo"), steps=5)["s_per_prompt"])
+    assert both["grpo"]["train_s"] < both["ppo"]["train_s"], "no critic"
 
 
 def test_tppo_equals_ppo_when_the_window_covers_equal_lengths():
     s = gp.Setting(prompts_per_step=4, samples_per_prompt=2, max_response_tokens=64, prompt_tokens=5, engines=2)
     lengths = np.full(8 * 30, 64)
     e = gp.Engine.derive(gp.QWEN_32B, gp.H100, tp=4)
-    ppo = gp.simulate(lengths, s, e, gp.Variant(), steps=5)
-    tppo = gp.simulate(lengths, s, e, gp.Variant(64), steps=6)
+    ppo = gp.simulate(lengths, s, e, gp.Arm(), steps=5)
+    tppo = gp.simulate(lengths, s, e, gp.Arm("tppo", window=64), steps=5)
     assert tppo["prompts_per_hour"] == pytest.approx(ppo["prompts_per_hour"], rel=1e-9)
 
 
@@ -152,9 +183,9 @@ def test_windowing_and_refill_help_a_long_tail_when_decode_steps_dominate():
     s = gp.Setting(prompts_per_step=8, samples_per_prompt=4, max_response_tokens=256, prompt_tokens=5)
     lengths = gp.lognormal_lengths(32 * 300, median=20, sigma=1.0, cap=256)
     e = _eng(step_overhead_s=1.0)
-    ppo = gp.simulate(lengths, s, e, gp.Variant(), steps=20)
-    tppo = gp.simulate(lengths, s, e, gp.Variant(32), steps=60)
-    refill = gp.simulate(lengths, s, e, gp.Variant(32, refill=True), steps=60)
+    ppo = gp.simulate(lengths, s, e, gp.Arm(), steps=20)
+    tppo = gp.simulate(lengths, s, e, gp.Arm("tppo", window=32), steps=60)
+    refill = gp.simulate(lengths, s, e, gp.Arm("tppo", window=32, refill=True, window_mode="steps"), steps=60)
     assert tppo["prompts_per_hour"] > 2 * ppo["prompts_per_hour"]
     assert refill["decode_steps_per_1000_prompts"] < tppo["decode_steps_per_1000_prompts"]
 
@@ -162,18 +193,34 @@ def test_windowing_and_refill_help_a_long_tail_when_decode_steps_dominate():
 def test_derived_engine_from_the_data_sheet():
     e = gp.Engine.derive(gp.QWEN_32B, gp.H100, tp=4, activation_bytes=0.0)
     kv_per_gpu = 2 * 64 * 8 * 128 * 2 / 4  # K and V, 64 layers, 8 KV heads of 128, bf16, over 4 GPUs
-    assert e.kv_capacity_tokens == pytest.approx((80e9 * 0.9 - 2 * 32.8e9 / 4) / kv_per_gpu)
+    assert e.kv_capacity_tokens == pytest.approx((81559 * 2**20 * 0.9 - 2 * 32.8e9 / 4) / kv_per_gpu)
     assert e.weight_read_s == pytest.approx(2 * 32.8e9 / 4 / 3.35e12)
+
+
+def test_learning_factors_are_per_arm_paired_by_seed_and_keep_misses():
+    curve = lambda *acc: [{"prompts": 100 * (i + 1), "accuracy": a} for i, a in enumerate(acc)]  # noqa: E731
+    study = {"initial_accuracy": 0.2, "target_accuracy": 0.3,
+             "arms": {"ppo": {"seeds": [0, 1]}, "tppo": {"seeds": [0, 1]}, "grpo": {"seeds": [0, 1]}},
+             "results": {"ppo/s0": {"curve": curve(0.25, 0.3)}, "ppo/s1": {"curve": curve(0.3, 0.4)},
+                         "tppo/s0": {"curve": curve(0.3, 0.3)}, "tppo/s1": {"curve": curve(0.2, 0.2)},
+                         "grpo/s0": {"curve": curve(0.4, 0.4)}, "grpo/s1": {"curve": curve(0.25, 0.35)}}}
+    lf = gp.learning_factors(study)
+    assert lf["tppo"]["prompts_to_target"] == [100.0, None] and lf["tppo"]["baseline_prompts_to_target"] == [200.0, 100.0]
+    assert lf["tppo"]["median"] == pytest.approx((200 / 100 + 0.0) / 2) and lf["tppo"]["n"] == 2  # the miss counts 0
+    assert gp.learning_factors(study, "grpo")["tppo"]["baseline_prompts_to_target"] == [pytest.approx(50.0), 150.0]
+    assert not lf["tppo"]["decided"]
 
 
 def test_projection_quick_writes_every_section(tmp_path):
     out = tmp_path / "p.json"
-    assert gp.main(["--quick", "--steps", "2", "--out", str(out)]) == 0
+    assert gp.main(["--quick", "--steps", "2", "--out", str(out), "--study", str(tmp_path / "none.json")]) == 0
     import json
 
     res = json.loads(out.read_text())
-    assert set(res["engines"]) == {"2", "4"} and "ppo" in res["engines"]["2"]
-    assert {"paper_scale", "cpu_validation", "time_to_score"} <= set(res)
+    assert len(res["conditions"]) == 2 * 3 * 2  # engines x lengths x updates
+    row = res["conditions"]["2 engines, median L/6, exact"]
+    assert {"tppo_over_ppo", "tppo_over_grpo", "sentence"} <= set(row) and row["tppo_over_ppo"]["end_to_end"] > 0
+    assert {"learning", "cpu_check", "commit", "machine"} <= set(res)
 
 
 def test_chain_failure_modes_by_hand():
@@ -216,21 +263,8 @@ def test_projection_reads_the_constants_gpu_check_fitted(tmp_path):
     path.write_text(json.dumps({"machine": "unit", "fit": {"m": {"decode_step_s": 0.01, "decode_row_s": 2e-4, "kv_token_s": 3e-8}},
                                 "train_token_s": {"m": 1e-5}}))
     (e,) = gp.fitted_engines(path)
-    assert e.decode_step_s(rows=64, context=64 * 4096) == pytest.approx(0.01 + 2e-4 * 64 + 3e-8 * 64 * 4096)
+    assert e.decode_s(1, rows=64, context=64 * 4096) == pytest.approx(0.01 + 2e-4 * 64 + 3e-8 * 64 * 4096)
     assert e.train_token_s == 1e-5 and gp.fitted_engines(tmp_path / "absent.json") == []
-
-
-def test_measured_cpu_interpolates_prompts_to_target_from_the_initial_accuracy():
-    curve = lambda *acc: {"curve": [{"prompts": 100 * (i + 1), "accuracy": a} for i, a in enumerate(acc)], "train_s": 60.0}  # noqa: E731
-    data = {"target_accuracy": 0.40, "summary": {"longtail": {"initial_accuracy": 0.30}}, "commit": "abc",
-            "results": {"longtail/init/s0": {"accuracy": 0.30},
-                        "longtail/ppo/s0": curve(0.35, 0.45),   # crosses 0.40 at 150 prompts
-                        "longtail/ppo/s1": curve(0.50, 0.50),   # at 0.30 -> 0.50: 50 prompts
-                        "longtail/tppo-W64/s0": curve(0.40, 0.41) | {"train_s": 30.0},  # 100
-                        "longtail/tppo-W64/s1": curve(0.32, 0.36) | {"train_s": 30.0}}}  # never
-    m = gp.measured_cpu(data)
-    assert m["tppo-W64"]["prompts_to_target_ratio"] == pytest.approx(((150 + 50) / 2) / 100)
-    assert m["tppo-W64"]["throughput_ratio"] == pytest.approx(2.0) and m["tppo-W64"]["seeds"] == 2
 
 
 def test_rollout_benchmark_quick_runs_at_head(tmp_path):

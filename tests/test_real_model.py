@@ -172,3 +172,38 @@ def test_smollm2_gguf_trains_checkpoints_resumes_and_evaluates(gsm8k, tmp_path, 
     assert "avg@1" in capsys.readouterr().out
     model, tok = load_pretrained(policy)
     assert sum(p.numel() for p in model.parameters()) > 100e6 and eos_token_ids(tok, model) == [tok.eos_token_id]
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_with_lora_trains_resumes_exactly_evaluates_and_exports(gsm8k, tmp_path, capsys):
+    """model.lora.r=8 on SmolLM2-135M-Instruct (GGUF): adapters only in the checkpoint, a
+    resume equal to the uninterrupted run, `tppo eval` on the adapter checkpoint, and
+    `tppo export` to a directory plain `from_pretrained` loads, its weights moved by RL."""
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from real_models import smol_gguf_path
+    from trainer_helpers import deterministic_metrics
+
+    gguf = smol_gguf_path()
+    args = ["--config", str(CONFIGS / "gsm8k.yaml"), *offline_gsm8k(gsm8k, f"model.path={gguf.parent}", f"model.gguf_file={gguf.name}"),
+            "model.dtype=float32", *SMALL, "rollout.window_tokens=16", "rollout.max_response_tokens=48", "log.checkpoint_every=1",
+            "model.lora.r=8", "train.policy_lr=1e-3", "train.critic_warmup_steps=0"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["train", "--run-dir", str(full), *args, "train.total_steps=3"]) == 0
+    assert main(["train", "--run-dir", str(cut), *args, "train.total_steps=2"]) == 0
+    step2 = cut / "checkpoints" / "step-000002"
+    assert (step2 / "policy" / "adapter_model.safetensors").stat().st_size < 20e6, "adapters, not the 135M weights"
+    assert main(["train", "--resume", str(cut), "train.total_steps=3"]) == 0
+    assert deterministic_metrics(cut) == deterministic_metrics(full)
+    capsys.readouterr()
+    assert main(["eval", "--model", str(cut / "checkpoints" / "step-000003" / "policy")]) == 0
+    assert "avg@1" in capsys.readouterr().out
+    out = tmp_path / "exported"
+    assert main(["export", str(cut / "checkpoints" / "step-000003"), str(out)]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    base, _ = load_pretrained(f"{gguf}")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    moved = (exported.state_dict()[name] - base.state_dict()[name]).abs().max()
+    assert 0 < moved < 0.1, "the adapters' update merged in"
+    assert json.loads((out / "config.json").read_text()).get("quantization_config") is None
