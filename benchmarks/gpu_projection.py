@@ -537,7 +537,8 @@ def cpu_setting() -> dict[str, tuple[Setting, Arm]]:
             continue
         one_pass = t.ppo_epochs * t.mini_batches == 1  # pi_old is the update's own forward: no pass of its own
         arm = Arm(algorithm=a.algorithm, window=None if a.algorithm in ("ppo", "grpo") else r.window_tokens,
-                  refill=r.refill_within_window, prefix_grad=a.prefix_grad, train_on=a.train_on, engine_logprobs=one_pass)
+                  window_mode=r.window_mode, refill=r.refill_within_window, prefix_grad=a.prefix_grad, train_on=a.train_on,
+                  engine_logprobs=one_pass)
         s = Setting(prompts_per_step=r.prompts_per_step, samples_per_prompt=r.samples_per_prompt, max_response_tokens=r.max_response_tokens,
                     prompt_tokens=prompt, critic_warmup_steps=t.critic_warmup_steps, compact_fraction=COMPACT_FRACTION,
                     micro_batch_tokens=t.micro_batch_tokens, micro_batch_rows=t.micro_batch_rows)

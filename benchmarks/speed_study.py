@@ -64,7 +64,9 @@ ARMS: dict[str, list[str]] = {
     "grpo": ["algo.algorithm=grpo"],  # W = L and no critic warm-up, derived by the config
     "partial-ppo": ["algo.algorithm=tppo", f"rollout.window_tokens={L // 4}", "algo.train_on=finished", "algo.behavior_correction=tis"],
     "tppo-auto": ["algo.algorithm=tppo", "rollout.window_tokens=auto"],
-    "tppo-refill": ["algo.algorithm=tppo", f"rollout.window_tokens={L // 4}", "rollout.refill_within_window=true"],
+    # refilled rows cut at the window's end (what the embedded engine's refill did before rollout.window_mode existed)
+    "tppo-refill": ["algo.algorithm=tppo", f"rollout.window_tokens={L // 4}", "rollout.refill_within_window=true",
+                    "rollout.window_mode=steps"],
     "tppo-noprefixgrad": ["algo.algorithm=tppo", f"rollout.window_tokens={L // 4}", "algo.prefix_grad=false"],
 }
 MAIN_ARMS = ("ppo", "tppo", "grpo", "partial-ppo")

@@ -290,7 +290,7 @@ def test_speed_study_arms_share_every_optimisation_but_what_defines_them():
     from tppo.config import load_config
 
     defining = {"algo.algorithm", "rollout.window_tokens", "algo.train_on", "algo.behavior_correction",
-                "rollout.refill_within_window", "algo.prefix_grad"}
+                "rollout.refill_within_window", "rollout.window_mode", "algo.prefix_grad"}
     for arm in ss.ARMS:
         ov = ss.arm_overrides(arm)
         assert all(c in ov for c in ss.COMMON), arm

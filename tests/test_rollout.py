@@ -166,10 +166,26 @@ def test_refill_within_window_fills_freed_slots_hand_computed(countdown):
     assert eng.generate_window(countdown, 0).stats.slot_utilization == pytest.approx(10 / 16)
 
 
+def test_window_mode_steps_cuts_joined_rows_at_the_window_end_tokens_gives_them_w(countdown):
+    """2 slots, W = 4: A needs 2, B 8, C 6. C joins at step 2 (A done). ``steps``: the window
+    ends after 4 decode steps, C has 2 tokens; ``tokens``: C gets its W = 4, the window
+    runs 6 steps (B is cut at its 4 on step 4 and leaves the batch)."""
+    for mode, c_tokens, steps in (("steps", 2, 4), ("tokens", 4, 6)):
+        cfg = RolloutConfig(prompts_per_step=2, samples_per_prompt=1, window_tokens=4, max_response_tokens=8,
+                            refill_within_window=True, window_mode=mode)
+        eng = EmbeddedEngine(cfg, countdown_prompts([2, 8, 6]), eos_token_ids=EOS, pad_token_id=PAD)
+        wb = eng.generate_window(countdown, 0)
+        got = {r.prompt_id: len(r.response_ids) for r in wb.rows}
+        assert got == {0: 2, 1: 4, 2: c_tokens} and wb.stats.decode_steps == steps, mode
+        final = {r.prompt_id: r.response_ids for w in [wb] + run_all(eng, countdown) for r in w.rows if r.finished}
+        assert final == {k: expected_response(n) for k, n in enumerate([2, 8, 6])}, "carried on exactly in both modes"
+
+
 def test_refill_cuts_joined_rows_at_the_window_end_and_defers_long_prompts(countdown):
     prompts = countdown_prompts([2, 6, 5, 3])
     prompts[2].prompt_ids = [BOS] * 20 + [count_token(5)]  # too long to join before step 19
-    cfg = RolloutConfig(prompts_per_step=2, samples_per_prompt=1, window_tokens=4, max_response_tokens=8, refill_within_window=True)
+    cfg = RolloutConfig(prompts_per_step=2, samples_per_prompt=1, window_tokens=4, max_response_tokens=8, refill_within_window=True,
+                        window_mode="steps")
     eng = EmbeddedEngine(cfg, prompts, eos_token_ids=EOS, pad_token_id=PAD)
     w0 = eng.generate_window(countdown, 0)
     # Prompt 2 was pulled at step 1 but did not fit; prompt 3 could not jump the queue.
@@ -433,3 +449,11 @@ def test_row_steps_count_the_decode_batch_padding_included(countdown, mode):
                 batch = [n for n in batch if n > s]
         assert sum(lengths) < expected < 160
     assert wb.stats.row_steps == expected and wb.stats.generated_tokens == sum(lengths)
+
+
+def test_the_vllm_engine_refuses_the_steps_window():
+    from tppo.rollout.vllm_engine import check_rollout_config
+
+    check_rollout_config(RolloutConfig(window_mode="tokens"))
+    with pytest.raises(ValueError, match="window_mode=steps"):
+        check_rollout_config(RolloutConfig(window_mode="steps"))

@@ -54,6 +54,12 @@ class RolloutConfig:
             (continuous batching) instead of at the next window. New rows join the
             lockstep decode batch and are cut with the others at the window's end.
             Requires ``remove_finished``.
+        window_mode: what a window is. ``tokens``: every row may generate up to W new
+            tokens, and the window ends when the last has (a row admitted mid-window by
+            refill also gets its W, so the window can run up to W decode steps longer;
+            the vLLM engine's ``max_tokens`` = W per request). ``steps``: the window ends
+            after its first rows' W decode steps and refilled rows are cut with the
+            others (embedded engine only). The two differ only with refill.
         ignore_eos: never stop on EOS (benchmarks force lengths with per-prompt caps).
         seed: seed of the engine's sampling generator.
         engine: ``embedded`` (tppo's own, the default) or ``vllm`` (GPU; ``tppo[vllm]``).
@@ -74,6 +80,7 @@ class RolloutConfig:
     top_k: int = 0
     remove_finished: bool = True
     refill_within_window: bool = False
+    window_mode: Literal["tokens", "steps"] = "tokens"
     ignore_eos: bool = False
     seed: int = 0
     engine: Literal["embedded", "vllm"] = "embedded"

@@ -106,7 +106,12 @@ class _Window:
         self.keep_kw = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         lens = torch.tensor([len(r.response_ids) for r in rows], device=self.dev)
         cap = torch.tensor([r.max_response_tokens for r in rows], device=self.dev)
-        self.n_steps = int((torch.minimum(cap, lens + W) - lens).max())
+        self.W = W
+        self.n_steps = int((torch.minimum(cap, lens + W) - lens).max())  # the window's decode steps for the rows it starts with
+        # window_mode tokens: a row admitted mid-window (refill) also gets up to W tokens, so the
+        # window may run W steps past its first rows' end; steps: it ends after n_steps (rollout.window_mode)
+        self.tokens_mode = self.cfg.refill_within_window and self.cfg.window_mode == "tokens"
+        self.horizon = self.n_steps + (W if self.tokens_mode else 0)
         self.start_len, self.cap = lens, cap
         self.window_end = torch.minimum(cap, lens + W)
         self.first_col = torch.zeros(len(rows), dtype=torch.long, device=self.dev)
@@ -117,18 +122,18 @@ class _Window:
         logits = self._prefill()
         t0 = time.perf_counter()
         B, pad = len(self.rows), self.engine.pad_token_id
-        self.out_tok = torch.full((B, self.n_steps), pad, dtype=torch.long, device=self.dev)
-        self.out_lp = torch.zeros(B, self.n_steps, dtype=torch.float32, device=self.dev)
+        self.out_tok = torch.full((B, self.horizon), pad, dtype=torch.long, device=self.dev)
+        self.out_lp = torch.zeros(B, self.horizon, dtype=torch.float32, device=self.dev)
         self.resp_len = self.start_len.clone()
         self.reason = torch.zeros(B, dtype=torch.long, device=self.dev)  # 0 running/cut, 1 eos, 2 length
         steps = generated = row_steps = 0
-        for s in range(self.n_steps):
+        for s in range(self.horizon):
             row_steps += int(self.active.numel())  # the decode batch this step computes, dead entries included
             generated += self._sample(logits, s)
             steps += 1
-            if s == self.n_steps - 1:
+            if s == self.horizon - 1:
                 break
-            if self.cfg.refill_within_window:
+            if self.cfg.refill_within_window and s < self.n_steps - 1:  # admissions within the window's first n_steps
                 self._admit(s)
             if self.cfg.remove_finished:
                 self._compact()
@@ -146,8 +151,8 @@ class _Window:
         t0 = time.perf_counter()
         ids, attn, pos = _left_pad([r.prompt_ids + r.response_ids for r in self.rows], self.engine.pad_token_id, self.dev)
         self.P = ids.shape[1]
-        self.cache = StaticCache(config=self.model.config, max_cache_len=self.P + self.n_steps)
-        self.attn_buf = torch.zeros(len(self.rows), self.P + self.n_steps, dtype=torch.long, device=self.dev)
+        self.cache = StaticCache(config=self.model.config, max_cache_len=self.P + self.horizon)
+        self.attn_buf = torch.zeros(len(self.rows), self.P + self.horizon, dtype=torch.long, device=self.dev)
         self.attn_buf[:, : self.P] = attn
         logits = self._forward(ids, attn, pos, self.cache)
         self.active = torch.arange(len(self.rows), device=self.dev)
@@ -212,7 +217,7 @@ class _Window:
         dev, write_pos = self.dev, self.P + s
         ids, attn, pos = _left_pad([r.prompt_ids[:-1] for r in new], self.engine.pad_token_id, dev)
         Q = ids.shape[1]
-        new_cache = _cache_at_offset(self.cache, len(new), self.P + self.n_steps, write_pos - Q, self.model.config)
+        new_cache = _cache_at_offset(self.cache, len(new), self.P + self.horizon, write_pos - Q, self.model.config)
         new_attn = torch.zeros(len(new), self.attn_buf.shape[1], dtype=torch.long, device=dev)
         if Q > 0:  # one-token prompts have nothing to prefill: their last token is fed below
             new_attn[:, write_pos - Q : write_pos] = attn
@@ -238,10 +243,11 @@ class _Window:
         self.resp_len = torch.cat([self.resp_len, zeros])
         self.reason = torch.cat([self.reason, zeros])
         self.cap = torch.cat([self.cap, cap])
-        self.window_end = torch.cat([self.window_end, cap.clamp(max=self.n_steps - (s + 1))])
+        # tokens: W new tokens like every row; steps: cut with the others at the window's end
+        self.window_end = torch.cat([self.window_end, cap.clamp(max=self.W if self.tokens_mode else self.n_steps - (s + 1))])
         self.first_col = torch.cat([self.first_col, torch.full((n,), s + 1, device=dev)])
-        self.out_tok = torch.cat([self.out_tok, torch.full((n, self.n_steps), self.engine.pad_token_id, device=dev)])
-        self.out_lp = torch.cat([self.out_lp, torch.zeros(n, self.n_steps, device=dev)])
+        self.out_tok = torch.cat([self.out_tok, torch.full((n, self.horizon), self.engine.pad_token_id, device=dev)])
+        self.out_lp = torch.cat([self.out_lp, torch.zeros(n, self.horizon, device=dev)])
 
     def _feed(self, s: int) -> torch.Tensor:
         """Feed each entry's latest token at the shared cache position P + s."""

@@ -71,6 +71,9 @@ def check_rollout_config(cfg: RolloutConfig) -> None:
     if not cfg.remove_finished:
         raise ValueError("rollout.remove_finished=false is the padded baseline of the embedded engine; vLLM always "
                          "removes finished rows (continuous batching)")
+    if cfg.window_mode != "tokens":
+        raise ValueError("rollout.window_mode=steps (a window of W decode steps) is the embedded engine's; vLLM gives every "
+                         "request max_tokens = W (window_mode tokens)")
     if cfg.top_p < 1.0 or cfg.top_k > 0:
         raise ValueError("the vLLM engine needs rollout.top_p=1 and rollout.top_k=0 (its recorded log-probs would "
                          "include the truncation, the trainer's recomputed ones do not)")
