@@ -66,11 +66,13 @@ class CheckpointError(OSError):
 RESUMABLE_CHANGES = ("train.total_steps", "log.")
 
 
-# Step metrics of a step without a policy update (critic warm-up) / of a run without a critic.
-NO_POLICY_UPDATE = {"policy/loss": 0.0, "policy/clipfrac": 0.0, "policy/approx_kl": 0.0, "policy/entropy": 0.0, "policy/grad_norm": 0.0,
+# Step metrics of a step without a policy update (critic warm-up) / of a run without a critic:
+# what no update measured is undefined (NaN: null in metrics.jsonl, `-` on the console), not 0.
+NAN = float("nan")
+NO_POLICY_UPDATE = {"policy/loss": NAN, "policy/clipfrac": NAN, "policy/approx_kl": NAN, "policy/entropy": NAN, "policy/grad_norm": NAN,
                     "policy/skipped_steps": 0, "policy/ratio_min": 1.0, "policy/ratio_max": 1.0,
                     **BehaviorStats().metrics()}  # nothing measured: every behaviour metric undefined
-NO_CRITIC = {"value/loss": float("nan"), "value/clipfrac": float("nan"), "value/grad_norm": 0.0, "value/skipped_steps": 0}
+NO_CRITIC = {"value/loss": NAN, "value/clipfrac": NAN, "value/grad_norm": NAN, "value/skipped_steps": 0}
 
 
 # ---------------------------------------------------------------------- building blocks
