@@ -39,10 +39,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def results_path(name: str | Path) -> Path:
+    """benchmarks/results/NAME, or NAME itself when it is a path with a directory (a test's
+    temporary file)."""
+    return Path(name) if Path(name).parent != Path(".") else RESULTS_DIR / name
+
+
 def write_json(name: str | Path, payload: dict) -> Path:
-    """Write ``payload`` to benchmarks/results/NAME, or to NAME itself when it is a path
-    with a directory (a test's temporary file)."""
-    path = Path(name) if Path(name).parent != Path(".") else RESULTS_DIR / name
+    """Write ``payload`` to :func:`results_path` of NAME."""
+    path = results_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
@@ -89,15 +94,27 @@ def train_with_evals(tr, prompts: int, eval_every: int, keys: tuple[str, ...]) -
     return steps, curve
 
 
-def run_job_subprocesses(script: Path, named_specs: list[tuple[str, dict]], workers: int, brief, first: int = 0) -> dict[str, dict]:
+def run_job_subprocesses(script: Path, named_specs: list[tuple[str, dict]], workers: int, brief, first: int = 0,
+                         journal: Path | None = None) -> dict[str, dict]:
     """Run ``script --job SPEC`` once per (name, spec), ``workers`` at a time; the first
     ``first`` of them (the starting evaluations) before the others. {name: the job's
     result, the JSON of its last stdout line}; a job that fails raises with its stderr.
-    ``brief(result)`` is the progress line's summary."""
+    ``brief(result)`` is the progress line's summary. ``journal``: each finished job's
+    result is appended there as it ends, and a job already in it (same name and spec) is
+    not run again, so a study killed after an hour resumes where it stopped."""
     import subprocess
     import sys
+    import threading
     import time
     from concurrent.futures import ThreadPoolExecutor
+
+    done = read_journal(journal, dict(named_specs)) if journal else {}
+    if journal and journal.exists() and not journal.read_bytes().endswith(b"\n"):
+        with open(journal, "a") as f:  # a line cut short by a kill: the next record starts on a line of its own
+            f.write("\n")
+    if done:
+        print(f"  {len(done)} jobs already in {journal}: not run again", flush=True)
+    lock = threading.Lock()
 
     def launch(item: tuple[str, dict]) -> tuple[str, dict]:
         name, spec = item
@@ -108,10 +125,29 @@ def run_job_subprocesses(script: Path, named_specs: list[tuple[str, dict]], work
             raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"  {name:<32} {time.perf_counter() - t0:6.0f} s  {brief(res)}", flush=True)
+        if journal:
+            with lock, open(journal, "a") as f:
+                f.write(json.dumps({"name": name, "spec": spec, "result": res}) + "\n")
         return name, res
 
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = dict(done)
     with ThreadPoolExecutor(workers) as pool:
         for batch in (named_specs[:first], named_specs[first:]):
-            results.update(pool.map(launch, batch))
-    return results
+            results.update(pool.map(launch, [(n, sp) for n, sp in batch if n not in done]))
+    return {name: results[name] for name, _ in named_specs}
+
+
+def read_journal(journal: Path, specs: dict[str, dict]) -> dict[str, dict]:
+    """The results of ``journal`` whose job has the same spec now (a changed spec runs again);
+    a line cut short by a kill is ignored."""
+    if not journal.exists():
+        return {}
+    out = {}
+    for line in journal.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if specs.get(entry["name"]) == entry["spec"]:
+            out[entry["name"]] = entry["result"]
+    return out

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, benchmark_trainer, commit, machine, run_job_subprocesses, train_with_evals, write_json  # noqa: E402
+from common import benchmark_trainer, commit, machine, results_path, run_job_subprocesses, train_with_evals, write_json  # noqa: E402
 from cost_model import fit as fit_costs  # noqa: E402
 from cost_model import relative_errors  # noqa: E402
 from stats import eval_standard_error, seed_ratios, time_ratio_ci, value_at  # noqa: E402
@@ -141,7 +141,12 @@ def run_all(jobs: list[Job], args, sft_dir: Path) -> dict[str, dict]:
 
     ordered = [j for j in jobs if j.arm == "init"] + [j for j in jobs if j.arm != "init"]
     return run_job_subprocesses(Path(__file__), [(j.name, spec(j)) for j in ordered], args.workers, brief,
-                                first=sum(j.arm == "init" for j in jobs))
+                                first=sum(j.arm == "init" for j in jobs), journal=args.journal)
+
+
+def journal_path(out: str) -> Path:
+    """Where a study's finished runs are kept until its JSON is written (beside the JSON)."""
+    return results_path(out).with_suffix(".runs.jsonl")
 
 
 def ensure_sft(quick: bool) -> Path:
@@ -284,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = args.out or ("speed_study_quick.json" if args.quick else "speed_study.json")
     if args.summarize_only:
-        payload = json.loads((RESULTS_DIR / out).read_text())
+        payload = json.loads(results_path(out).read_text())
         results = payload["results"]
     else:
         if args.quick:
@@ -292,15 +297,19 @@ def main(argv: list[str] | None = None) -> int:
             # every arm updates its policy at least once: one step of critic warm-up, three steps of PPO
             args.prompts, args.eval_every, args.eval_problems, args.eval_samples = 48, 48, 8, 2
             args.extra = ["train.critic_warmup_steps=1"]
+        args.journal = journal_path(out)  # every finished run, as it ends: a killed study resumes (run the same command)
         jobs = build_jobs(args.arms, args.seeds, args.variant_seeds)
         sft_dir = ensure_sft(args.quick)
         print(f"{len(jobs)} runs, {args.workers} at a time, {args.prompts} prompts each", flush=True)
         t0 = time.perf_counter()
         results = run_all(jobs, args, sft_dir)
-        payload = {"wall_s": time.perf_counter() - t0, "args": {k: v for k, v in vars(args).items() if k != "job"}, "results": results}
+        payload = {"wall_s": time.perf_counter() - t0, "args": {k: v for k, v in vars(args).items() if k not in ("job", "journal")},
+               "results": results}
     # a re-summary keeps the provenance of the runs it summarises
     payload.update(summarize(results, args.min_gain, payload.get("commit") or commit(), payload.get("machine") or machine()))
     path = write_json(out, payload)
+    if not args.summarize_only:
+        args.journal.unlink(missing_ok=True)  # its runs are in the JSON now
     print(report(payload))
     print(f"wrote {path}")
     return 0

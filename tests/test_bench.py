@@ -429,3 +429,25 @@ def test_the_earlier_study_quick_runs_at_head(tmp_path, monkeypatch):
     assert pvt.main() == 0
     res = json.loads((tmp_path / "pvt.json").read_text())
     assert {"ppo", "tppo-W64"} <= set(res["summary"]["longtail"]["runs"]) and (tmp_path / "pvt.png").exists()
+
+
+def test_a_study_journal_keeps_finished_runs_and_runs_only_the_rest(tmp_path):
+    """benchmarks/common.run_job_subprocesses with a journal: a run already in it (same spec)
+    is not run again, a changed spec is, a line cut short by a kill is ignored."""
+    import json
+
+    from common import run_job_subprocesses
+
+    script = tmp_path / "bin" / "job.py"
+    script.parent.mkdir()
+    log = tmp_path / "ran.txt"
+    script.write_text("import json, sys\nspec = json.loads(sys.argv[2])\n"
+                      f"open({str(log)!r}, 'a').write(str(spec['x']) + '\\n')\nprint(json.dumps({{'y': 2 * spec['x']}}))\n")
+    journal = tmp_path / "study.runs.jsonl"
+    journal.write_text(json.dumps({"name": "a", "spec": {"x": 1}, "result": {"y": 2}}) + "\n"
+                       + json.dumps({"name": "b", "spec": {"x": 5}, "result": {"y": 10}}) + "\n" + '{"name": "c", "sp')
+    out = run_job_subprocesses(script, [("a", {"x": 1}), ("b", {"x": 2}), ("c", {"x": 3})], 2, str, journal=journal)
+    assert out == {"a": {"y": 2}, "b": {"y": 4}, "c": {"y": 6}}
+    assert sorted(log.read_text().split()) == ["2", "3"], "a was not run again; b's spec changed"
+    again = run_job_subprocesses(script, [("a", {"x": 1}), ("b", {"x": 2}), ("c", {"x": 3})], 2, str, journal=journal)
+    assert again == out and sorted(log.read_text().split()) == ["2", "3"]
