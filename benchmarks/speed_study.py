@@ -267,6 +267,70 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(payload: dict, path: Path) -> Path:
+    """Held-out accuracy against training seconds, per arm: the median over seeds of the
+    curves (each interpolated on a common time grid, up to the shortest seed's end) and the
+    band from the lowest to the highest seed; the start and the target as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    start, target = payload["initial_accuracy"], payload["target_accuracy"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for arm, a in payload["arms"].items():
+        curves = []
+        for seed in a["seeds"]:
+            pts = [(0.0, start)] + [(p["elapsed_s"], p["accuracy"]) for p in payload["results"][f"{arm}/s{seed}"]["curve"]]
+            curves.append((np.array([t for t, _ in pts]), np.array([y for _, y in pts])))
+        end = min(t[-1] for t, _ in curves)
+        grid = np.linspace(0.0, end, 50)
+        ys = np.array([np.interp(grid, t, y) for t, y in curves])
+        line, = ax.plot(grid, np.median(ys, axis=0), label=f"{arm} ({len(curves)} seeds)",
+                        linestyle="--" if arm in APPROXIMATIONS else "-")
+        ax.fill_between(grid, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.12, linewidth=0)
+    ax.axhline(start, color="grey", linewidth=0.8, linestyle=":")
+    ax.axhline(target, color="black", linewidth=0.8, linestyle="--")
+    ax.text(0, target, f" target {target:.3f} (start + {payload['target_margin_se']:.1f} SE)", va="bottom", fontsize=8)
+    ax.set_xlabel("training seconds (one torch thread; evaluations not counted)")
+    ax.set_ylabel(f"held-out accuracy ({payload['args']['eval_problems']} problems x {payload['args']['eval_samples']})")
+    ax.set_title("Speed study: median over seeds, band = lowest to highest seed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def markdown(summary: dict) -> str:
+    """The study's table for RESULTS.md, from its JSON (numbers never copied by hand)."""
+    def ci(d: dict | None) -> str:
+        if not d or d.get("median") is None:
+            return "-"
+        return f"{d['median']:.2f}x [{d['ci_low']:.2f}, {d['ci_high']:.2f}]"
+
+    def med(xs) -> str:
+        xs = [x for x in xs if x is not None]
+        return f"{statistics.median(xs):.3f}" if xs else "-"
+
+    marks = list(summary["ppo_time_marks_s"])
+    cm = (summary.get("cost_model") or {}).get("relative_error", {})
+    head = ("| arm | seeds reaching the target | final accuracy, median (min-max) | accuracy at " + " / ".join(marks)
+            + " of PPO's time | time to target, PPO / arm | s per prompt (median) | PPO / arm per prompt | cost model error per phase |")
+    lines = [head, "|" + "---|" * 8]
+    for arm, a in summary["arms"].items():
+        r = summary["ratios"].get(arm, {})
+        fa = a["final_accuracy"]
+        at = " / ".join(med(a["accuracy_at_ppo_time"][k]) for k in marks)
+        errs = ", ".join(f"{p} {e:+.0%}" for p, e in cm.get(arm, {}).items()) or "(calibration)"
+        name = arm + (" (approximation)" if a.get("approximation") else "")
+        lines.append(f"| {name} | {a['reached_target']}/{len(a['seeds'])} | {statistics.median(fa):.3f} ({min(fa):.3f}-{max(fa):.3f}) | "
+                     f"{at} | {ci(r.get('time_to_target'))} | {statistics.median(a['train_s_per_prompt']):.3f} | "
+                     f"{ci(r.get('per_prompt'))} | {errs} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny SFT, one seed, few prompts: checks the harness end to end")
@@ -311,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.summarize_only:
         args.journal.unlink(missing_ok=True)  # its runs are in the JSON now
     print(report(payload))
-    print(f"wrote {path}")
+    print(markdown(payload))
+    print(f"wrote {path} and {plot(payload, path.with_suffix('.png'))}")
     return 0
 
 
