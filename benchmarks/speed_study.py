@@ -292,7 +292,8 @@ def plot(payload: dict, path: Path) -> Path:
         ax.fill_between(grid, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.12, linewidth=0)
     ax.axhline(start, color="grey", linewidth=0.8, linestyle=":")
     ax.axhline(target, color="black", linewidth=0.8, linestyle="--")
-    ax.text(0, target, f" target {target:.3f} (start + {payload['target_margin_se']:.1f} SE)", va="bottom", fontsize=8)
+    margin = payload["target_margin_se"]
+    ax.text(0, target, f" target {target:.3f}" + (f" (start + {margin:.1f} SE)" if margin is not None else ""), va="bottom", fontsize=8)
     ax.set_xlabel("training seconds (one torch thread; evaluations not counted)")
     ax.set_ylabel(f"held-out accuracy ({payload['args']['eval_problems']} problems x {payload['args']['eval_samples']})")
     ax.set_title("Speed study: median over seeds, band = lowest to highest seed")
