@@ -36,6 +36,8 @@ def wandb_history(path: Path) -> list[dict]:
             rec.ParseFromString(pending)
             if rec.WhichOneof("record_type") == "history":
                 out.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+            elif rec.WhichOneof("record_type") == "metric":
+                out.append({"_metric": rec.metric.glob_name or rec.metric.name, "_step_metric": rec.metric.step_metric})
     return out
 
 
@@ -63,11 +65,16 @@ def test_wandb_offline_and_mlflow_file_store_get_the_metrics_of_metrics_jsonl(mo
     assert client.get_run(run_id).data.params["rollout.window_tokens"] == "8"
     # W&B offline: the history records hold the same values at the same steps
     (wandb_file,) = (run / "trackers" / "wandb").glob("offline-run-*/run-*.wandb")
-    history = {h["_step"]: h for h in wandb_history(wandb_file) if "_step" in h}
+    records = wandb_history(wandb_file)
+    assert {"_metric": "*", "_step_metric": "step"} in records, "charts against the trainer's step, not W&B's call count"
+    history: dict[int, dict] = {}
+    for h in records:
+        if "step" in h:
+            history.setdefault(h["step"], {}).update(h)
     for m in lines:
         got = history[m["step"]]
         assert {k: got[k] for k in numeric(m)} == pytest.approx(numeric(m)), m["step"]
-    tables = [h["samples/eval/_type"] for h in history.values() if "samples/eval/_type" in h]
+    tables = [h["samples/eval/_type"] for h in records if "samples/eval/_type" in h]
     assert tables == ["table-file", "table-file"], "the samples of the two evaluations, as W&B tables"
 
 

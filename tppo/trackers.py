@@ -65,13 +65,17 @@ class WandbTracker:
         self.run = wandb.init(project=cfg.log.project, name=cfg.log.run_name or run_dir.name, dir=str(root), config=to_dict(cfg),
                               id=_run_id(id_file, resume), resume="allow")
         id_file.write_text(self.run.id)
+        # The trainer's step is the x-axis, W&B's own step only counts calls: a resumed run redoes
+        # the steps after its checkpoint, and W&B drops a step below its own as already logged.
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
 
     def log(self, metrics: dict[str, Any]) -> None:
-        self.run.log(_numbers(metrics), step=int(metrics["step"]))
+        self.run.log({**_numbers(metrics), "step": int(metrics["step"])})
 
     def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
         table = self.wandb.Table(columns=SAMPLE_COLUMNS, data=[[step, *(s.get(c) for c in SAMPLE_COLUMNS[1:])] for s in samples])
-        self.run.log({f"samples/{samples[0]['split']}": table}, step=step)
+        self.run.log({f"samples/{samples[0]['split']}": table, "step": step})
 
     def close(self) -> None:
         self.run.finish()
