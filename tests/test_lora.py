@@ -4,6 +4,7 @@ frozen base shared, exact resume from adapter checkpoints, merged weights for vL
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,15 +52,20 @@ def test_adapters_start_as_the_base_and_only_they_train():
 def test_named_target_modules_and_a_missing_one():
     policy = lora.add_lora(tiny(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert {n.split(".")[-4] for n, p in policy.named_parameters() if p.requires_grad} == {"q_proj", "v_proj"}
+    dotted = lora.add_lora(tiny(), LoraConfig(r=2, target_modules=["self_attn.q_proj"]))  # peft's suffix match
+    assert {n.split(".")[-4] for n, p in dotted.named_parameters() if p.requires_grad} == {"q_proj"}
+    model = tiny()
     with pytest.raises(ValueError, match="qkv"):
-        lora.add_lora(tiny(), LoraConfig(r=2, target_modules=["q_proj", "qkv"]))
+        lora.add_lora(model, LoraConfig(r=2, target_modules=["q_proj", "qkv"]))
+    assert not lora.is_lora(model) and not any("lora_" in n for n, _ in model.named_parameters()), "refused before peft wraps it"
 
 
 def test_the_config_checks_its_fields():
     assert not load_config(None, []).model.lora.enabled
     assert load_config(None, ["model.lora.r=8", "model.lora.target_modules=[q_proj]"]).model.lora.target_modules == ["q_proj"]
     for bad, words in (("model.lora.r=-1", "model.lora.r"), ("model.lora.dropout=1.0", "model.lora.dropout"),
-                       ("model.lora.target_modules=[]", "target_modules")):
+                       ("model.lora.target_modules=[]", "target_modules"), ("model.lora.alpha=0", "model.lora.alpha"),
+                       ("model.lora.target_modules=[q_proj, embed_tokens]", "embed_tokens is an embedding")):
         with pytest.raises(ConfigError, match=words):
             load_config(None, [bad])
 
@@ -143,18 +149,27 @@ def test_a_lora_run_trains_only_adapters_and_resumes_exactly(model_dir, tmp_path
     assert all(torch.equal(v, final[k]) for k, v in lora.merged_state_dict(resumed.policy).items())
 
 
-def test_export_writes_a_plain_directory_from_pretrained_loads(model_dir, tmp_path):
+def test_export_writes_a_plain_directory_from_pretrained_loads(model_dir, tmp_path, monkeypatch):
+    """From anywhere: the checkpoint names its base (resolved when written), so a relative
+    path read from another directory works; `tppo eval` takes the step or its policy/."""
+    import json
+
     from transformers import AutoModelForCausalLM
 
     from tppo.cli import main
+    from tppo.export import BASE_FILE
 
     run = tmp_path / "run"
     trainer = Trainer(make_cfg(model_dir, run, *LORA, "train.total_steps=2", "log.checkpoint_every=2"), run)
     trainer.train()
+    step = run / "checkpoints" / "step-000002"
+    assert json.loads((step / "policy" / BASE_FILE).read_text())["repo"] == str(Path(model_dir).resolve())
     out = tmp_path / "exported"
-    assert main(["export", str(run / "checkpoints" / "step-000002"), str(out)]) == 0
+    monkeypatch.chdir(run / "checkpoints")
+    assert main(["export", "step-000002", str(out)]) == 0
     assert not (out / "adapter_config.json").exists()
-    assert main(["eval", "--model", str(run / "checkpoints" / "step-000002" / "policy")]) == 0, "eval merges a LoRA checkpoint too"
+    for model in ("step-000002", "step-000002/policy"):
+        assert main(["eval", "--model", model]) == 0, "eval merges a LoRA checkpoint too"
     model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids()).logits, trainer.policy(input_ids=ids()).logits, atol=1e-5, rtol=1e-5)

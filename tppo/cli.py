@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="a checkpoint's policy as a plain Hugging Face directory (LoRA adapters merged)")
     x.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N (or its policy/)")
     x.add_argument("out", help="output directory")
-    x.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    x.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the run's model.dtype")
     rp = sub.add_parser("report", help="PNG panels of one run's partial trajectories and EGAE truncation diagnostic")
     rp.add_argument("run")
     rp.add_argument("--out", help="output PNG (default: RUN_DIR/report.png)")
@@ -205,7 +205,8 @@ def cmd_eval(args) -> int:
     cfg, config_file = eval_config(args)
     print(f"config: {config_file or 'the defaults'}; model: {cfg.model.path}" + (f" ({cfg.model.gguf_file})" if cfg.model.gguf_file else ""))
     device = resolve_device(cfg.train.device)
-    if Path(cfg.model.path).is_dir() and is_adapter(Path(cfg.model.path)):  # a LoRA run's checkpoint: merged into its base
+    path = Path(cfg.model.path)
+    if path.is_dir() and ((path / "policy").is_dir() or is_adapter(path)):  # a run's checkpoint (LoRA: merged into its base)
         model, tok = load_policy(cfg.model.path, dtype=getattr(torch, cfg.model.dtype))
     else:
         model, tok = load_pretrained(ModelSource.of(cfg.model.path, cfg.model.gguf_file, cfg.model.revision), dtype=getattr(torch, cfg.model.dtype))
@@ -230,7 +231,7 @@ def eval_config(args):
     from tppo.config import load_config
 
     model = Path(args.model)
-    run = next((p.parent for p in model.parents if p.name == "checkpoints" and (p.parent / "config.yaml").exists()), None)
+    run = next((p.parent for p in model.resolve().parents if p.name == "checkpoints" and (p.parent / "config.yaml").exists()), None)
     config_file = args.config or (str(run / "config.yaml") if run else None)
     cfg = load_config(config_file, [*args.overrides, f"model.path={json.dumps(args.model)}"])
     if model.exists():
@@ -267,8 +268,9 @@ def cmd_export(args) -> int:
 
     from tppo.export import export_checkpoint
 
-    model, out = export_checkpoint(args.checkpoint, args.out, dtype=getattr(torch, args.dtype))
-    print(f"saved {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {args.dtype}) to {out}")
+    model, out = export_checkpoint(args.checkpoint, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    print(f"saved {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {dtype}) to {out}")
     return 0
 
 

@@ -244,6 +244,13 @@ class LoraConfig:
             raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError("model.lora.target_modules is empty: name modules (q_proj, v_proj, ...) or use all-linear")
+        if self.alpha <= 0:
+            raise ConfigError(f"model.lora.alpha must be > 0 (the update is alpha / r x B A), got {self.alpha}")
+        embeddings = sorted({"embed_tokens", "lm_head", "wte", "embed_in", "embed_out"} & set(
+            m.rsplit(".", 1)[-1] for m in (self.target_modules if isinstance(self.target_modules, list) else [])))
+        if embeddings:
+            raise ConfigError(f"model.lora.target_modules: {embeddings[0]} is an embedding or the LM head; tppo's merged "
+                              f"weights (vLLM, export) cover linear layers only")
 
     @property
     def enabled(self) -> bool:

@@ -71,13 +71,13 @@ def add_lora(model: torch.nn.Module, spec: LoraConfig, critic: bool = False) -> 
     seed so the caller's RNG (the run's sampling) is the same with and without LoRA."""
     peft = _peft()
     config = peft_config(model, spec, critic)
+    names = [k for k, _ in model.named_modules()]
+    missing = [n for n in config.target_modules if not any(k == n or k.endswith("." + n) for k in names)]  # peft's matching rule
+    if missing:  # checked before peft changes the model in place
+        raise ValueError(f"model.lora.target_modules: no module named {missing[0]!r} in {type(model).__name__}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        wrapped = peft.get_peft_model(model, config)
-    missing = [n for n in config.target_modules if not any(n == k.rsplit(".", 1)[-1] for k, _ in model.named_modules())]
-    if missing:
-        raise ValueError(f"model.lora.target_modules: no module named {missing[0]!r} in {type(unwrap(wrapped)).__name__}")
-    return wrapped
+        return peft.get_peft_model(model, config)
 
 
 def load_lora(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
@@ -137,14 +137,14 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return dict(model.state_dict())
     peft = _peft()
     base, adapter = model.get_base_model(), model.active_adapter
-    deltas = {f"{name}.weight": m.get_delta_weight(adapter) for name, m in base.named_modules()
-              if isinstance(m, peft.tuners.lora.LoraLayer) and adapter in m.lora_A}
+    layers = {f"{name}.weight": m for name, m in base.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer) and adapter in m.lora_A}
     out: dict[str, torch.Tensor] = {}
     for name, t in base.state_dict().items():
         if "lora_" in name or ".original_module." in name:
             continue
         name = name.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter}.", ".")
-        out[name] = (t + deltas[name].to(t.dtype)) if name in deltas else t
+        # one layer's delta at a time: never every delta at once beside the merged copy (vLLM shares the GPU)
+        out[name] = (t + layers[name].get_delta_weight(adapter).to(t.dtype)) if name in layers else t
     return out
 
 

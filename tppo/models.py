@@ -24,7 +24,7 @@ import huggingface_hub
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from tppo.config import TinyModelConfig
-from tppo.lora import unwrap  # the model inside a LoRA wrapper, whose forward passes these arguments through unnamed
+from tppo.lora import is_lora, unwrap  # a LoRA wrapper passes the forward's arguments through unnamed
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForTokenClassification,
@@ -97,6 +97,13 @@ class ModelSource:
     @property
     def is_local(self) -> bool:
         return Path(self.repo).is_dir()
+
+    def resolved(self) -> "ModelSource":
+        """The same source with a local directory as an absolute path (readable from anywhere)."""
+        return dataclasses.replace(self, repo=str(Path(self.repo).resolve())) if self.is_local else self
+
+    def to_dict(self) -> dict[str, str | None]:
+        return dataclasses.asdict(self)
 
     def kwargs(self) -> dict[str, str]:
         """Keyword arguments of ``from_pretrained`` for this source."""
@@ -305,7 +312,9 @@ def save_pretrained(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     replaces the model's own (the gathered full weights of a sharded model)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+    # a LoRA model saves its adapters; peft's "auto" would look the base up (on the hub) at every save
+    extra = {"save_embedding_layers": False} if is_lora(model) else {}
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True, **extra)
     tokenizer.save_pretrained(path)
 
 

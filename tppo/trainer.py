@@ -37,6 +37,7 @@ from tppo import algos, distributed, lora, sharding
 from tppo.advantages import compute_advantages, has_critic, policy_lambda, rows_with_values
 from tppo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from tppo.config import Config, ConfigError, diff_configs, load_config, save_config
+from tppo.export import BASE_FILE
 from tppo.egae_bias import TruncationTracker
 from tppo.evaluation import decode_response, evaluate, run_generate_fn
 from tppo.metrics import MetricsLogger, sample_line, summary_line
@@ -636,6 +637,8 @@ class Trainer:
 
         def write_models(d: Path) -> None:
             save_pretrained(self.policy, self.tokenizer, d / "policy", state_dict=policy_state)
+            if self.cfg.model.lora.enabled:  # the adapters' base, wherever the checkpoint is read from (tppo/export.py)
+                (d / "policy" / BASE_FILE).write_text(json.dumps(self.initial_policy().resolved().to_dict()))
             if critic:
                 self.critic.save_pretrained(d / "critic", state_dict=critic_state, safe_serialization=True)
 
