@@ -633,6 +633,9 @@ class Config:
         if self.task.name != "chain" and not self.model.path:
             raise ConfigError(f"task.name '{self.task.name}' needs model.path (a pretrained model): the embedded SFT warm-start "
                               f"is for the chain task")
+        if self.model.lora.enabled and self.model.lora.dropout > 0:
+            self.notes.append(f"model.lora.dropout {self.model.lora.dropout}: the update's forward is random, so PPO's ratio of "
+                              f"an unchanged policy differs from 1 wherever pi_old is recomputed (0 keeps it exact)")
         if self.model.lora.enabled and t.fsdp:
             raise ConfigError("model.lora with train.fsdp is not supported yet (TODO #23): LoRA runs use DDP (torchrun without train.fsdp)")
         if a.window_ignore_tokens >= r.min_window:
