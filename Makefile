@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup demo test test-slow test-vllm mutants bench bench-rollout bench-ppo-vs-tppo bench-speed soak clean
+.PHONY: setup demo test test-slow test-vllm mutants bench bench-rollout bench-ppo-vs-tppo bench-speed bench-lora soak clean
 
 setup: $(VENV)/.installed
 
@@ -48,12 +48,18 @@ bench-rollout: setup
 # in-window refill and with the cheaper updates, 3 seeds each, 768 prompts per run.
 bench-ppo-vs-tppo: setup
 	$(PY) benchmarks/ppo_vs_tppo.py --seeds 3 --windows 64 auto --variants refill cheap --no-ablations --no-short --prompts 768
-	$(PY) benchmarks/gpu_projection.py
 
 # The speed study (#20): ppo, tppo, grpo, partial-ppo (5 seeds) and the T-PPO variants (3),
-# every arm with every exact optimisation; results/speed_study.json.
+# every arm with every exact optimisation; results/speed_study.json. A study stopped half-way
+# resumes from its journal (results/speed_study.runs.jsonl). Then the GPU projection, which
+# reads the study's learning factors and checks its model on the study's CPU runs.
 bench-speed: setup
 	$(PY) benchmarks/speed_study.py
+	$(PY) benchmarks/gpu_projection.py
+
+# LoRA against the full fine-tune on SmolLM2-135M (#23); results/lora.json.
+bench-lora: setup
+	$(PY) benchmarks/lora.py
 
 bench: bench-rollout bench-ppo-vs-tppo
 
