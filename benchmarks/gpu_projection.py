@@ -183,6 +183,7 @@ class Setting:
     engines: int = 1
     critic_warmup_steps: int = 0  # first steps without a policy update
     compact_fraction: float = 0.0  # the embedded engine's compaction lag (vLLM: 0, continuous batching)
+    lockstep: bool = False  # the embedded engine's shared static KV cache (kv_positions padded to its width)
     micro_batch_tokens: int = 0  # > 0: the library's token-budget micro-batches (padded positions); 0: packed sequences
     micro_batch_rows: int = 64
 
@@ -250,7 +251,7 @@ class EngineResult:
 
 
 def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_steps: int | None = None,
-               new_rows: list[Row] | None = None, chunk: int = 64, compact_fraction: float = 0.0) -> EngineResult:
+               new_rows: list[Row] | None = None, chunk: int = 64, compact_fraction: float = 0.0, lockstep: bool = False) -> EngineResult:
     """Generate on one engine until every row has finished or used ``budget`` tokens this
     window, or ``max_steps`` decode steps have passed (``window_mode: steps``). ``rows``
     are updated in place.
@@ -264,7 +265,10 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
     time, or to the next event if sooner (a finish, a full cache, the window's end); a
     chunk charges the context at its middle. ``compact_fraction`` > 0: finished rows stay
     in the decode batch (counted in ``row_steps``) until that share of it is finished,
-    the embedded engine's compaction.
+    the embedded engine's compaction. ``lockstep``: ``kv_positions`` counts as the embedded
+    engine's shared static cache does (every entry of the decode batch reads the cache's
+    width, the longest context at the window's start plus the steps so far); else each
+    row's own context.
     """
     new_rows = new_rows if new_rows is not None else []
     want = (lambda r: r.target - r.have) if budget is None else (lambda r: min(r.target - r.have, budget - (r.have - r.start_have)))
@@ -274,6 +278,7 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
     work = dict.fromkeys(GEN_WORK, 0.0)
     steps = preempt = dead = 0
     cap = eng.kv_capacity_tokens
+    width = max((r.context for r in waiting), default=0)  # the embedded engine's shared cache width at the window's start
     blocked = False  # after a preemption nothing is admitted until a row finishes (vLLM V1)
     while waiting or running:
         while waiting and (not blocked or not running) and used + waiting[0].context + 1 <= cap:
@@ -301,7 +306,7 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
         prefill, pending = prefill + pending, 0.0
         work["decode_steps"] += k
         work["row_steps"] += k * (n + dead)
-        work["kv_positions"] += k * context
+        work["kv_positions"] += k * (n + dead) * (width + steps + (k + 1) / 2) if lockstep else k * context
         for r in running:
             r.have += k
         used += n * k
@@ -438,7 +443,7 @@ def simulate(lengths: np.ndarray, s: Setting, eng: Engine, arm: Arm, steps: int 
         queues = [list(q) for q in shares]
         W = None if arm.synchronous else arm.window
         results = [run_engine(rows, eng, budget=W, max_steps=W if arm.window_mode == "steps" else None, new_rows=q,
-                              compact_fraction=s.compact_fraction) for rows, q in zip(placed, queues)]
+                              compact_fraction=s.compact_fraction, lockstep=s.lockstep) for rows, q in zip(placed, queues)]
         for e, share, q in zip(placed, shares, queues):
             taken = share[:len(share) - len(q)]
             e.extend(taken)
@@ -540,7 +545,7 @@ def cpu_setting() -> dict[str, tuple[Setting, Arm]]:
                   window_mode=r.window_mode, refill=r.refill_within_window, prefix_grad=a.prefix_grad, train_on=a.train_on,
                   engine_logprobs=one_pass)
         s = Setting(prompts_per_step=r.prompts_per_step, samples_per_prompt=r.samples_per_prompt, max_response_tokens=r.max_response_tokens,
-                    prompt_tokens=prompt, critic_warmup_steps=t.critic_warmup_steps, compact_fraction=COMPACT_FRACTION,
+                    prompt_tokens=prompt, critic_warmup_steps=t.critic_warmup_steps, compact_fraction=COMPACT_FRACTION, lockstep=True,
                     micro_batch_tokens=t.micro_batch_tokens, micro_batch_rows=t.micro_batch_rows)
         out[name] = (s, arm)
     return out

@@ -72,7 +72,7 @@ ARMS: dict[str, list[str]] = {
 MAIN_ARMS = ("ppo", "tppo", "grpo", "partial-ppo")
 APPROXIMATIONS = {"tppo-noprefixgrad": "the gradient without the terms through earlier windows (prefix_grad=false)"}
 PHASES = ("generate", "score", "values", "old_logprobs", "policy_update", "value_update")
-WORK = ("work/decode_steps", "work/row_steps", "work/prefill_tokens", "work/value_positions", "work/old_logprob_positions",
+WORK = ("work/decode_steps", "work/row_steps", "work/kv_positions", "work/prefill_tokens", "work/value_positions", "work/old_logprob_positions",
         "work/policy_positions", "work/policy_prefix_positions", "work/critic_positions", "work/padding_positions")
 
 

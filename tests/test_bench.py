@@ -384,7 +384,7 @@ def test_cost_model_recovers_known_unit_costs_and_predicts_another_run():
     import cost_model as cm
 
     rng = np.random.default_rng(0)
-    truth = {"work/decode_steps": 2e-3, "work/row_steps": 1e-4, "work/prefill_tokens": 5e-6, "work/value_positions": 3e-6,
+    truth = {"work/decode_steps": 2e-3, "work/row_steps": 1e-4, "work/kv_positions": 2e-7, "work/prefill_tokens": 5e-6, "work/value_positions": 3e-6,
              "work/policy_positions": 9e-6, "work/policy_prefix_positions": 3e-6, "work/critic_positions": 8e-6}
 
     def steps(n, decode, rows):
@@ -394,6 +394,7 @@ def test_cost_model_recovers_known_unit_costs_and_predicts_another_run():
                  "work/value_positions": int(rng.integers(5e3, 2e4)), "work/policy_positions": int(rng.integers(5e3, 2e4)),
                  "work/policy_prefix_positions": 0, "work/critic_positions": int(rng.integers(2e3, 1e4)), "work/old_logprob_positions": 0}
             w["work/row_steps"] = w["work/decode_steps"] * int(rng.integers(*rows))
+            w["work/kv_positions"] = w["work/row_steps"] * int(rng.integers(20, 300))  # the rows' contexts vary apart
             t = {f"time/{p}_s": sum(truth.get(k, 0) * w[k] for k in keys) for p, keys in cm.PHASE_WORK.items()}
             out.append({**w, **t})
         return out

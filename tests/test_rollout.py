@@ -449,6 +449,9 @@ def test_row_steps_count_the_decode_batch_padding_included(countdown, mode):
                 batch = [n for n in batch if n > s]
         assert sum(lengths) < expected < 160
     assert wb.stats.row_steps == expected and wb.stats.generated_tokens == sum(lengths)
+    if mode == "naive":  # 9 decode forwards (the 10th token's logits are never needed), 16 entries over P + s + 1 positions
+        P = max(len(r.prompt_ids) for r in wb.rows)
+        assert wb.stats.kv_positions == sum(16 * (P + s + 1) for s in range(9))
 
 
 def test_the_vllm_engine_refuses_the_steps_window():

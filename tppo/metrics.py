@@ -25,7 +25,7 @@ STEP_KEYS = (
     "policy/updated", "policy/skipped_steps", "policy/ratio_min", "policy/ratio_max",
     "rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/mismatch_kl", "rollout/stale_token_frac",
     "policy/is_weight_mean", "policy/is_clipped_frac", "policy/is_masked_frac", "train/filtered_groups",
-    "work/decode_steps", "work/row_steps", "work/prefill_tokens", "work/value_positions", "work/old_logprob_positions",
+    "work/decode_steps", "work/row_steps", "work/kv_positions", "work/prefill_tokens", "work/value_positions", "work/old_logprob_positions",
     "work/policy_positions", "work/policy_prefix_positions", "work/critic_positions", "work/padding_positions",
     "value/loss", "value/explained_variance", "value/tokens", "value/clipfrac", "value/grad_norm",
     "train/policy_lr", "train/critic_lr",

@@ -537,6 +537,7 @@ class Trainer:
             "rollout/decode_steps": wb.stats.decode_steps,
             "work/decode_steps": wb.stats.decode_steps,
             "work/row_steps": wb.stats.row_steps,
+            "work/kv_positions": wb.stats.kv_positions,
             "work/prefill_tokens": wb.stats.prefill_tokens,
             **self.work.counts,
             "rollout/tokens_per_s": wb.stats.tokens_per_s,

@@ -78,7 +78,9 @@ class Row:
 class RolloutStats:
     """What one window cost. ``slot_utilization`` = generated tokens / (slots x decode steps);
     ``row_steps`` = decode-batch rows summed over the decode steps, padding included (a
-    finished row not yet compacted away still costs its step)."""
+    finished row not yet compacted away still costs its step); ``kv_positions`` = the KV
+    cache positions the decode steps' attention reads, summed over rows and steps (what
+    makes a decode step over long contexts cost more)."""
 
     slots: int
     decode_steps: int
@@ -87,6 +89,7 @@ class RolloutStats:
     prefill_s: float
     decode_s: float
     row_steps: int = 0
+    kv_positions: int = 0
 
     @property
     def slot_utilization(self) -> float:

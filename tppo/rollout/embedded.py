@@ -127,6 +127,7 @@ class _Window:
         self.resp_len = self.start_len.clone()
         self.reason = torch.zeros(B, dtype=torch.long, device=self.dev)  # 0 running/cut, 1 eos, 2 length
         steps = generated = row_steps = 0
+        self.kv_positions = 0
         for s in range(self.horizon):
             row_steps += int(self.active.numel())  # the decode batch this step computes, dead entries included
             generated += self._sample(logits, s)
@@ -142,7 +143,8 @@ class _Window:
             logits = self._feed(s)
         decode_s = time.perf_counter() - t0 - self.admit_s
         self._commit(version)
-        return RolloutStats(self.cfg.num_slots, steps, generated, self.prefill_tokens, self.prefill_s + self.admit_s, decode_s, row_steps)
+        return RolloutStats(self.cfg.num_slots, steps, generated, self.prefill_tokens, self.prefill_s + self.admit_s, decode_s, row_steps,
+                            self.kv_positions)
 
     # ------------------------------------------------------------------ phases
 
@@ -253,6 +255,7 @@ class _Window:
         """Feed each entry's latest token at the shared cache position P + s."""
         self.attn_buf[:, self.P + s] = 1
         ids, pos = self.tok.unsqueeze(-1), self.next_pos.unsqueeze(-1)
+        self.kv_positions += ids.shape[0] * (self.P + s + 1)  # each entry attends over the shared cache up to P + s
         logits = self._forward(ids, self.attn_buf[:, : self.P + s + 1], pos, self.cache)
         self.next_pos = self.next_pos + 1
         return logits
