@@ -37,9 +37,9 @@ from tppo import algos, distributed, lora, sharding
 from tppo.advantages import compute_advantages, has_critic, policy_lambda, rows_with_values
 from tppo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from tppo.config import Config, ConfigError, diff_configs, load_config, save_config
-from tppo.export import BASE_FILE
 from tppo.egae_bias import TruncationTracker
 from tppo.evaluation import decode_response, evaluate, run_generate_fn
+from tppo.export import BASE_FILE
 from tppo.metrics import MetricsLogger, sample_line, summary_line
 from tppo.models import ModelSource, critic_from_policy, eos_token_ids, load_critic, load_pretrained, own_aligned_memory, save_pretrained
 from tppo.monitoring import carry_metrics, round_metrics
