@@ -195,7 +195,9 @@ def test_smollm2_gguf_with_lora_trains_resumes_exactly_evaluates_and_exports(gsm
     step2 = cut / "checkpoints" / "step-000002"
     assert (step2 / "policy" / "adapter_model.safetensors").stat().st_size < 20e6, "adapters, not the 135M weights"
     assert main(["train", "--resume", str(cut), "train.total_steps=3"]) == 0
-    assert deterministic_metrics(cut) == deterministic_metrics(full)
+    # the cut run's own final evaluation at its step 2 aside, every metric of every step equal
+    strip = lambda rows: [{k: v for k, v in m.items() if not (m["step"] == 2 and k.startswith("eval/"))} for m in rows]  # noqa: E731
+    assert strip(deterministic_metrics(cut)) == strip(deterministic_metrics(full))
     capsys.readouterr()
     assert main(["eval", "--model", str(cut / "checkpoints" / "step-000003" / "policy")]) == 0
     assert "avg@1" in capsys.readouterr().out
