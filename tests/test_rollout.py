@@ -454,9 +454,11 @@ def test_row_steps_count_the_decode_batch_padding_included(countdown, mode):
         assert wb.stats.kv_positions == sum(16 * (P + s + 1) for s in range(9))
 
 
-def test_the_vllm_engine_refuses_the_steps_window():
+def test_the_vllm_engine_refuses_the_steps_window_and_in_window_refill():
     from tppo.rollout.vllm_engine import check_rollout_config
 
     check_rollout_config(RolloutConfig(window_mode="tokens"))
     with pytest.raises(ValueError, match="window_mode=steps"):
         check_rollout_config(RolloutConfig(window_mode="steps"))
+    with pytest.raises(ValueError, match="refill_within_window is the embedded engine's"):
+        check_rollout_config(RolloutConfig(refill_within_window=True))

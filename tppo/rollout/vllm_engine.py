@@ -71,6 +71,9 @@ def check_rollout_config(cfg: RolloutConfig) -> None:
     if not cfg.remove_finished:
         raise ValueError("rollout.remove_finished=false is the padded baseline of the embedded engine; vLLM always "
                          "removes finished rows (continuous batching)")
+    if cfg.refill_within_window:
+        raise ValueError("rollout.refill_within_window is the embedded engine's: the vLLM engine sends each window's rows as "
+                         "one batch of requests and admits new prompts at the next window")
     if cfg.window_mode != "tokens":
         raise ValueError("rollout.window_mode=steps (a window of W decode steps) is the embedded engine's; vLLM gives every "
                          "request max_tokens = W (window_mode tokens)")
