@@ -173,3 +173,17 @@ def test_export_writes_a_plain_directory_from_pretrained_loads(model_dir, tmp_pa
     model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids()).logits, trainer.policy(input_ids=ids()).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_without_peft_is_one_line_and_exit_2_before_any_model_loads(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    import tppo.trainer
+    from tppo.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    monkeypatch.setattr(tppo.trainer, "load_pretrained", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a model loaded")))
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "model.lora.r=8"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'tppo[peft]'" in err and err.count("\n") == 1

@@ -34,6 +34,14 @@ def _peft():
     return peft
 
 
+def check_available(spec: LoraConfig) -> None:
+    """Refuse ``model.lora`` without peft before anything loads (a one-line error, exit 2)."""
+    import importlib.util
+
+    if spec.enabled and importlib.util.find_spec("peft") is None:
+        raise ImportError("model.lora needs peft: pip install 'tppo[peft]'")
+
+
 def is_lora(model: torch.nn.Module) -> bool:
     """Whether ``model`` is a peft model (without importing peft when it is not installed)."""
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")

@@ -130,6 +130,7 @@ class Trainer:
         distributed.init_from_env(self.device, cfg.train.dist_timeout_s)
         self.rank, self.world = distributed.rank(), distributed.world_size()
         check_trackers(cfg.log.report_to)  # a missing extra, a reward that cannot be called: refused before anything loads
+        lora.check_available(cfg.model.lora)
         try:
             checked_rewards(cfg.task.reward, cfg.task.reward_batched)
         except RewardSpecError as e:
