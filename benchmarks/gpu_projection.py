@@ -436,7 +436,6 @@ def simulate(lengths: np.ndarray, s: Setting, eng: Engine, arm: Arm, steps: int 
     while (steps is None or k < steps) and (prompts is None or admitted < prompts):
         in_flight = [r for e in placed for r in e]
         new = [fresh() for _ in range((slots - len(in_flight)) // G * G)]
-        admitted += len(new) // G
         if arm.redeal or arm.synchronous:
             placed = deal(in_flight + new, s.engines)
         else:  # carried rows stay; new rows go to the emptiest engines
@@ -455,7 +454,7 @@ def simulate(lengths: np.ndarray, s: Setting, eng: Engine, arm: Arm, steps: int 
             taken = share[:len(share) - len(q)]
             e.extend(taken)
             step_admitted += len(taken) / G
-        admitted += step_admitted - len(new) / G
+        admitted += step_admitted
         rows_now = [r for e in placed for r in e]
         got = [r for r in rows_now if r.have > r.start_have]  # a row queued all window long has nothing to train on
         prefix = np.array([r.prompt + r.start_have for r in got], dtype=np.float64)
@@ -478,7 +477,7 @@ def simulate(lengths: np.ndarray, s: Setting, eng: Engine, arm: Arm, steps: int 
     return accs if trained else accs[arm.name]
 
 
-def account(acc: dict, results: list[EngineResult], tw: dict, eng: Engine, gpus: int, finished: int, admitted: int) -> None:
+def account(acc: dict, results: list[EngineResult], tw: dict, eng: Engine, gpus: int, finished: int, admitted: float) -> None:
     """Add one step to ``acc``: the slowest engine's generation, training on all GPUs, the weight sync."""
     phase_s = {p: (tw["tokens"][p] * eng.train_token_s + tw["pairs"][p] * eng.train_attn_s) / gpus for p in tw["tokens"]}
     generate, train = max(res.time_s for res in results), sum(phase_s.values())

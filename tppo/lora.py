@@ -26,11 +26,14 @@ import torch
 from tppo.config import LoraConfig
 
 
+MISSING_PEFT = "model.lora needs peft: pip install 'tppo[peft]'"
+
+
 def _peft():
     try:
         import peft
     except ImportError as e:  # an optional extra
-        raise ImportError("model.lora needs peft: pip install 'tppo[peft]'") from e
+        raise ImportError(MISSING_PEFT) from e
     return peft
 
 
@@ -39,7 +42,7 @@ def check_available(spec: LoraConfig) -> None:
     import importlib.util
 
     if spec.enabled and importlib.util.find_spec("peft") is None:
-        raise ImportError("model.lora needs peft: pip install 'tppo[peft]'")
+        raise ImportError(MISSING_PEFT)
 
 
 def is_lora(model: torch.nn.Module) -> bool:

@@ -227,6 +227,7 @@ class Trainer:
     def _build_models(self, ckpt: Path | None) -> None:
         cfg, dtype = self.cfg, getattr(torch, self.cfg.model.dtype)
         init, spec = self.initial_policy(), cfg.model.lora
+        self.base_source = init.resolved()  # a LoRA checkpoint names it (tppo/export.py), readable from any directory
         # a LoRA checkpoint holds adapters only: its base is the initial policy again
         self.policy, self.tokenizer = load_pretrained(ModelSource.of(ckpt / "policy") if ckpt and not spec.enabled else init, dtype=dtype)
         self.eos_ids = eos_token_ids(self.tokenizer, self.policy)
@@ -640,7 +641,7 @@ class Trainer:
         def write_models(d: Path) -> None:
             save_pretrained(self.policy, self.tokenizer, d / "policy", state_dict=policy_state)
             if self.cfg.model.lora.enabled:  # the adapters' base, wherever the checkpoint is read from (tppo/export.py)
-                (d / "policy" / BASE_FILE).write_text(json.dumps(self.initial_policy().resolved().to_dict()))
+                (d / "policy" / BASE_FILE).write_text(json.dumps(self.base_source.to_dict()))
             if critic:
                 self.critic.save_pretrained(d / "critic", state_dict=critic_state, safe_serialization=True)
 
