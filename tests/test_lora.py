@@ -149,6 +149,42 @@ def test_a_lora_run_trains_only_adapters_and_resumes_exactly(model_dir, tmp_path
     assert all(torch.equal(v, final[k]) for k, v in lora.merged_state_dict(resumed.policy).items())
 
 
+@pytest.mark.parametrize("critic", ["full", "from_path"])
+def test_the_other_critics_with_a_lora_policy_resume_exactly(model_dir, tmp_path, critic):
+    """lora.critic=false: the critic is trained in full (its own copy of the backbone) and
+    checkpointed whole. model.critic_path: the adapters sit on that critic (no backbone to
+    share), and a resume rebuilds it from critic_path before loading them."""
+    if critic == "full":
+        extra = ("model.lora.critic=false",)
+    else:
+        from tppo.models import load_pretrained
+
+        policy, _ = load_pretrained(model_dir)
+        critic_from_policy(policy).save_pretrained(tmp_path / "critic", safe_serialization=True)
+        extra = (f"model.critic_path={tmp_path / 'critic'}",)
+    shared = (*LORA, *extra, "log.checkpoint_every=2", "log.eval_every=2")
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full = Trainer(make_cfg(model_dir, full_dir, *shared, "train.total_steps=4"), full_dir)
+    adapted = any("lora_" in n for n, _ in full.critic.named_parameters())
+    assert adapted == (critic == "from_path")
+    if critic == "full":
+        assert all(p.requires_grad for p in full.critic.parameters()), "lora.critic=false: the critic trains in full"
+        assert not any(c.data_ptr() == p.data_ptr() for c in full.critic.parameters() for p in full.policy.parameters())
+    before = {k: v.clone() for k, v in full.critic.state_dict().items()}
+    full.train()
+    assert any(not torch.equal(v, before[k]) for k, v in full.critic.state_dict().items()), "the critic trained"
+    saved = full_dir / "checkpoints" / "step-000004" / "critic"
+    assert (saved / "adapter_model.safetensors").is_file() == (critic == "from_path")
+    assert (saved / "model.safetensors").is_file() == (critic == "full")
+
+    Trainer(make_cfg(model_dir, cut_dir, *shared, "train.total_steps=2"), cut_dir).train()
+    resumed = Trainer(resume_config(cut_dir, make_cfg(model_dir, cut_dir, *shared, "train.total_steps=4")), cut_dir, resume=True)
+    resumed.train()
+    assert deterministic_metrics(cut_dir) == deterministic_metrics(full_dir)
+    final = full.critic.state_dict()
+    assert all(torch.equal(v, final[k]) for k, v in resumed.critic.state_dict().items()), "the critic resumed exactly"
+
+
 def test_export_writes_a_plain_directory_from_pretrained_loads(model_dir, tmp_path, monkeypatch):
     """From anywhere: the checkpoint names its base (resolved when written), so a relative
     path read from another directory works; `tppo eval` takes the step or its policy/."""
