@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from trainer_helpers import deterministic_metrics, make_cfg
 
-from tppo import algos, distributed, sharding
-from tppo.config import save_config
+from tppo import algos, distributed, lora, sharding
+from tppo.config import LoraConfig, save_config
 from tppo.models import critic_from_policy, load_pretrained
 from tppo.updates import StepBatch, update_critic, update_policy
 
@@ -48,54 +48,74 @@ def rows(batch: StepBatch, sl: slice) -> StepBatch:
     return StepBatch(**{k: v[sl] for k, v in vars(batch).items()})
 
 
-def one_update(model_dir: str, batch: StepBatch, cfg_dir: Path, fsdp: bool = False, prefix_grad: bool = True):
-    """The updated weights (gathered to rank 0 when sharded; None on rank 1 then)."""
+def one_update(model_dir: str, batch: StepBatch, cfg_dir: Path, fsdp: bool = False, prefix_grad: bool = True, lora_r: int = 0):
+    """The updated weights (gathered to rank 0 when sharded; None on rank 1 then). With
+    ``lora_r``, adapters on both models (the same initialisation on every rank), and the
+    policy's merged weights as the vLLM engine would be sent them ("merged")."""
     cfg = make_cfg(model_dir, cfg_dir, "train.micro_batch_rows=2", "algo.lm_loss_coef=0.1", "train.grad_clip=0.5",
                    f"algo.prefix_grad={str(prefix_grad).lower()}")
     policy, _ = load_pretrained(model_dir)
     critic = critic_from_policy(policy)
+    if lora_r:
+        torch.manual_seed(0)
+        spec = LoraConfig(r=lora_r, alpha=2.0 * lora_r)
+        policy, critic = lora.add_lora(policy, spec), lora.add_lora(critic, spec, critic=True)
     out = {}
     for name, model, fn, lr in (("policy", policy, update_policy, 1e-2), ("critic", critic, update_critic, 1e-2)):
         if fsdp:
             sharding.shard(model, torch.device("cpu"))
-        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        opt = torch.optim.AdamW(lora.trainable_parameters(model), lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
         fn(model, opt, sched, batch, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
         state = sharding.full_model_state(model) if fsdp else model.state_dict()
         out[name] = state and {k: v.detach().clone() for k, v in state.items()}
+    if lora_r:
+        from tppo.rollout.vllm_engine import weights_for_vllm
+
+        out["merged"] = dict(weights_for_vllm(policy, to_cpu=True))  # a collective when sharded
     return out
 
 
-def _rank_worker(rank: int, model_dir: str, tmp: str, fsdp: bool, prefix_grad: bool) -> None:
+def _rank_worker(rank: int, model_dir: str, tmp: str, fsdp: bool, prefix_grad: bool, lora_r: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     batch = fixed_batch(load_pretrained(model_dir)[0].config.vocab_size)
     half = rows(batch, slice(4 * rank, 4 * rank + 4))
     whitened = algos.masked_whiten(half.advantages, half.policy_mask, all_reduce=distributed.sum_)
-    torch.save({"whitened": whitened, **one_update(model_dir, half, Path(tmp), fsdp, prefix_grad)}, f"{tmp}/rank{rank}.pt")
+    torch.save({"whitened": whitened, **one_update(model_dir, half, Path(tmp), fsdp, prefix_grad, lora_r)}, f"{tmp}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("fsdp,prefix_grad", [(False, True), (True, True), (True, False)],
-                         ids=["replicas", "fsdp2", "fsdp2-noprefixgrad"])
-def test_two_ranks_update_equals_one_process_on_the_whole_batch(model_dir, tmp_path, fsdp, prefix_grad):
+@pytest.mark.parametrize("fsdp,prefix_grad,lora_r", [(False, True, 0), (True, True, 0), (True, False, 0), (True, True, 4)],
+                         ids=["replicas", "fsdp2", "fsdp2-noprefixgrad", "fsdp2-lora"])
+def test_two_ranks_update_equals_one_process_on_the_whole_batch(model_dir, tmp_path, fsdp, prefix_grad, lora_r):
     """Rank 1's half has no critic rows: the critic update pads its micro-batches
     (FSDP) or contributes a zero gradient (replicas). With ``prefix_grad: false`` some
     micro-batches have no prefix on one rank and one on the other: the same forwards
-    must run on both (tppo/prefix.py, always_split)."""
-    mp.spawn(_rank_worker, args=(model_dir, str(tmp_path), fsdp, prefix_grad), nprocs=2, join=True)
+    must run on both (tppo/prefix.py, always_split). With LoRA, FSDP2 shards frozen and
+    trained parameters together; the merged weights gathered for vLLM are the whole model's."""
+    if lora_r:
+        pytest.importorskip("peft")
+    mp.spawn(_rank_worker, args=(model_dir, str(tmp_path), fsdp, prefix_grad, lora_r), nprocs=2, join=True)
     batch = fixed_batch(load_pretrained(model_dir)[0].config.vocab_size)
-    single = one_update(model_dir, batch, tmp_path, prefix_grad=prefix_grad)
+    single = one_update(model_dir, batch, tmp_path, prefix_grad=prefix_grad, lora_r=lora_r)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     whole = algos.masked_whiten(batch.advantages, batch.policy_mask)
     torch.testing.assert_close(torch.cat([ranks[0]["whitened"], ranks[1]["whitened"]]), whole, atol=1e-6, rtol=1e-5)
-    for part in ("policy", "critic"):
+    for part in ("policy", "critic", "merged") if lora_r else ("policy", "critic"):
+        assert ranks[0][part].keys() == single[part].keys(), part
         for k, v in single[part].items():
             torch.testing.assert_close(ranks[0][part][k], v, atol=1e-5, rtol=1e-4, msg=f"{part} {k}")
-            if not fsdp:
+            if not fsdp or part == "merged":
                 assert torch.equal(ranks[0][part][k], ranks[1][part][k]), "ranks must hold identical weights"
-    assert any(not torch.equal(single["critic"][k], v) for k, v in critic_from_policy(load_pretrained(model_dir)[0]).state_dict().items())
+    initial = critic_from_policy(load_pretrained(model_dir)[0]).state_dict()
+    if lora_r:
+        trained = [k for k in single["policy"] if "lora_B" in k]
+        assert trained and all(single["policy"][k].abs().sum() > 0 for k in trained), "the adapters left B = 0"
+        assert single["merged"].keys() == load_pretrained(model_dir)[0].state_dict().keys(), "merged: the base model's names"
+    else:
+        assert any(not torch.equal(single["critic"][k], v) for k, v in initial.items())
 
 
 def _dying_worker(rank: int, tmp: str) -> None:
@@ -131,10 +151,15 @@ def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["replicas", "fsdp2"])
-def test_two_rank_run_checkpoints_and_resumes_exactly(model_dir, tmp_path, fsdp):
+@pytest.mark.parametrize("fsdp,extra", [(False, ()), (True, ()), (True, ("model.lora.r=4", "algo.kl_coef=0.1"))],
+                         ids=["replicas", "fsdp2", "fsdp2-lora"])
+def test_two_rank_run_checkpoints_and_resumes_exactly(model_dir, tmp_path, fsdp, extra):
+    """With LoRA: adapters-only checkpoints of sharded models, the KL reference the
+    sharded policy with its adapter off (not sharded again)."""
+    if extra:
+        pytest.importorskip("peft")
     cfg = make_cfg(model_dir, tmp_path / "unused", "train.total_steps=3", "log.checkpoint_every=1", "train.device=cpu",
-                   "train.torch_threads=1", f"train.fsdp={str(fsdp).lower()}")
+                   "train.torch_threads=1", f"train.fsdp={str(fsdp).lower()}", *extra)
     save_config(cfg, tmp_path / "c.yaml")
     full = _torchrun("--config", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-3000:]
@@ -147,6 +172,10 @@ def test_two_rank_run_checkpoints_and_resumes_exactly(model_dir, tmp_path, fsdp)
     assert [m["step"] for m in a] == [1, 2, 3] and a == b
     # both ranks generated: the logged counts are the sum over ranks of 2 prompts x 2 samples each
     assert a[0]["rollout/finished_rows"] + a[0]["rollout/carried_rows"] == 8
+    if extra:
+        step = tmp_path / "full" / "checkpoints" / "step-000003"
+        assert (step / "policy" / "adapter_model.safetensors").is_file() and not (step / "policy" / "model.safetensors").exists()
+        assert a[-1]["policy/kl"] > 0, "the reference (adapter off) differs from the trained policy"
     single = subprocess.run([sys.executable, "-m", "tppo.cli", "train", "--resume", str(tmp_path / "cut"), "train.total_steps=4"],
                             capture_output=True, text=True)
     assert single.returncode == 2 and ("train.fsdp shards" if fsdp else "written by 2 ranks") in single.stderr

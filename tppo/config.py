@@ -636,8 +636,6 @@ class Config:
         if self.model.lora.enabled and self.model.lora.dropout > 0:
             self.notes.append(f"model.lora.dropout {self.model.lora.dropout}: the update's forward is random, so PPO's ratio of "
                               f"an unchanged policy differs from 1 wherever pi_old is recomputed (0 keeps it exact)")
-        if self.model.lora.enabled and t.fsdp:
-            raise ConfigError("model.lora with train.fsdp is not supported yet (TODO #23): LoRA runs use DDP (torchrun without train.fsdp)")
         if a.window_ignore_tokens >= r.min_window:
             raise ConfigError(f"algo.window_ignore_tokens ({a.window_ignore_tokens}) must be < the window "
                               f"(rollout.window_tokens {r.window_tokens}, smallest {r.min_window})")

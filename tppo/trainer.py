@@ -248,7 +248,8 @@ class Trainer:
             self.ref = load_pretrained(init, dtype=dtype)[0] if ckpt else copy.deepcopy(self.policy)
             own_aligned_memory(self.ref.to(self.device).eval().requires_grad_(False))
         if cfg.train.fsdp:  # before the optimizers: they hold the sharded parameters
-            for model in filter(None, (self.policy, self.critic, self.ref)):
+            # a LoRA reference (AdapterDisabled) holds no parameters: it runs the sharded policy
+            for model in filter(lambda m: m is not None and not isinstance(m, lora.AdapterDisabled), (self.policy, self.critic, self.ref)):
                 sharding.shard(model, self.device)
         self.policy_opt, self.policy_sched = make_optimizer(self.policy, cfg.train.policy_lr, cfg)
         self.critic_opt, self.critic_sched = make_optimizer(self.critic, cfg.train.critic_lr, cfg) if self.critic is not None else (None, None)
@@ -259,7 +260,8 @@ class Trainer:
         built from the policy reads the policy's frozen backbone, not a copy of it."""
         spec = self.cfg.model.lora
         lora_critic = self.critic is not None and spec.critic
-        if lora_critic and not self.cfg.model.critic_path:
+        # sharded (train.fsdp), each model keeps its own 1/N shard of the backbone: nothing to share
+        if lora_critic and not self.cfg.model.critic_path and not self.cfg.train.fsdp:
             lora.share_frozen_backbone(self.critic, self.policy)
         self.policy = lora.load_lora(self.policy, ckpt / "policy") if ckpt else lora.add_lora(self.policy, spec)
         if lora_critic:
