@@ -29,8 +29,10 @@ PPO's median training time, training time per prompt.
     python benchmarks/speed_study.py --quick    # the harness end to end, tiny (a test runs it)
     python benchmarks/speed_study.py --summarize-only
 
-TODO(#20): the per-phase cost model fitted on a calibration run and checked against every
-arm (D), and the GPU conditions table (E), are not in this harness yet.
+The cost model's check (D, benchmarks/cost_model.py): unit costs fitted on one calibration
+run (PPO's first seed), every other run's per-phase seconds predicted from its ``work/*``
+counts, the error per arm and phase in the JSON. The GPU conditions table (E) is
+benchmarks/gpu_projection.py's, which reads this study's JSON.
 """
 
 from __future__ import annotations
@@ -237,7 +239,8 @@ def cost_model_check(results: dict[str, dict]) -> dict | None:
     """benchmarks/cost_model.py: unit costs fitted on PPO's first seed (PPO's whole-response
     steps vary every generation unit), then, per arm and phase, the median over the other
     runs of the predicted / measured seconds - 1. TODO(#20, D): a calibration run of its
-    own that varies batch and W, and a kv-position counter for attention."""
+    own that varies batch and W (PPO's seed 0 is excluded from the runs it predicts, but
+    it is one of the study's)."""
     calibration = next((k for k in sorted(results) if k.startswith("ppo/") and "per_step" in results[k]), None)
     if calibration is None:
         return None
