@@ -352,6 +352,22 @@ def positions(lengths: np.ndarray, s: Setting) -> float:
     return float(sum(len(m) * max(lengths[i] for i in m) for m in micro))
 
 
+def split_positions(lengths: np.ndarray, starts: np.ndarray, s: Setting) -> tuple[float, float]:
+    """(prefix, span) positions of ``algo.prefix_grad: false``'s update as the library runs
+    it (tppo/prefix.py, WorkCounter.forward): the same token-budget micro-batches as the
+    exact update, every micro-batch's prefixes left-padded to the step's widest prefix and
+    its spans right-padded to its longest; packed sequences: the tokens."""
+    lengths, starts = np.asarray(lengths, dtype=np.int64), np.asarray(starts, dtype=np.int64)
+    if not s.micro_batch_tokens:
+        return float(starts.sum()), float((lengths - starts).sum())
+    from tppo.batching import token_micro_batches
+
+    width = int(starts.max()) if len(starts) else 0
+    micro = token_micro_batches(list(range(len(lengths))), lengths.tolist(), s.micro_batch_tokens, s.micro_batch_rows)
+    return (float(sum(len(m) * width for m in micro)),
+            float(sum(len(m) * max(int(lengths[i] - starts[i]) for i in m) for m in micro)))
+
+
 def pairs(lengths: np.ndarray, prefix: np.ndarray | None = None) -> float:
     """(token, context token) pairs of attention over rows of these lengths (each token
     attends to those before it); with ``prefix``, only the tokens after it are counted."""
@@ -362,19 +378,22 @@ def pairs(lengths: np.ndarray, prefix: np.ndarray | None = None) -> float:
     return float((c * (c + 1) / 2 - p * (p + 1) / 2).sum())
 
 
-def train_work(arm: Arm, prefix: np.ndarray, window: np.ndarray, finished: np.ndarray, s: Setting, update: bool) -> dict:
+def train_work(arm: Arm, prefix: np.ndarray, window: np.ndarray, finished: np.ndarray, s: Setting, update: bool,
+               carried: np.ndarray | None = None) -> dict:
     """One step's training work: positions per pass (the library's counters) and the
     forward-equivalent passes and attention pairs a GPU is charged for.
 
     ``prefix``/``window``: per row that generated this step, its context before the window
-    and the tokens it generated in it; ``finished``: the whole contexts of the rows that
-    finished. ``update``: the policy is updated (not a critic warm-up step)."""
+    and the tokens it generated in it; ``carried``: whether it generated in an earlier
+    window (default: all do); ``finished``: the whole contexts of the rows that finished.
+    ``update``: the policy is updated (not a critic warm-up step)."""
     full = prefix + window
     if arm.synchronous or arm.train_on == "finished":
         policy_rows = finished
         pol_prefix = np.zeros_like(finished)
     else:
-        policy_rows, pol_prefix = full, prefix
+        # a row in its first window has no prefix: its whole context, prompt included, gets the gradient (prefix.span_starts)
+        policy_rows, pol_prefix = full, prefix if carried is None else np.where(carried, prefix, 0.0)
     critic = arm.algorithm != "grpo"
     w = {k: 0.0 for k in TRAIN_WORK}
     cost = {"values": 0.0, "old_logprobs": 0.0, "policy_update": 0.0, "value_update": 0.0}  # (passes x positions) + pairs
@@ -397,7 +416,7 @@ def train_work(arm: Arm, prefix: np.ndarray, window: np.ndarray, finished: np.nd
             attn["policy_update"] = (1 + grad) * pairs(policy_rows)
         else:  # the prefix forward only; the spans (window tokens) forward and backward, attending over the prefix
             span = policy_rows - pol_prefix
-            w["policy_prefix_positions"], w["policy_positions"] = positions(pol_prefix, s), positions(span, s)
+            w["policy_prefix_positions"], w["policy_positions"] = split_positions(policy_rows, pol_prefix, s)
             cost["policy_update"] = float(pol_prefix.sum()) + (1 + grad) * float(span.sum())
             attn["policy_update"] = pairs(pol_prefix) + (1 + grad) * pairs(policy_rows, pol_prefix)
     return {"work": w, "tokens": cost, "pairs": attn}
@@ -459,12 +478,13 @@ def simulate(lengths: np.ndarray, s: Setting, eng: Engine, arm: Arm, steps: int 
         got = [r for r in rows_now if r.have > r.start_have]  # a row queued all window long has nothing to train on
         prefix = np.array([r.prompt + r.start_have for r in got], dtype=np.float64)
         window = np.array([r.have - r.start_have for r in got], dtype=np.float64)
+        carried = np.array([r.start_have > 0 for r in got], dtype=bool)
         finished = [r for r in rows_now if r.have >= r.target]
         fin = np.array([r.context for r in finished], dtype=np.float64)
         placed = [[r for r in e if r.have < r.target] for e in placed]
         if k >= measure_from:
             for a in arms:
-                tw = train_work(a, prefix, window, fin, s, update=k >= s.critic_warmup_steps)
+                tw = train_work(a, prefix, window, fin, s, update=k >= s.critic_warmup_steps, carried=carried)
                 account(accs[a.name], results, tw, eng, gpus, len(finished), step_admitted)
         k += 1
     for acc in accs.values():

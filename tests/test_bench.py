@@ -151,6 +151,14 @@ def test_training_work_per_pass_by_hand():
     # the library's token-budget micro-batches: padded to each one's longest row (tppo/batching.py)
     packed = dataclasses.replace(s, micro_batch_tokens=10, micro_batch_rows=4)
     assert gp.positions(np.array([5, 4, 2]), packed) == 2 * 5 + 1 * 2 and gp.positions(np.array([5, 4, 2]), s) == 11
+    # prefix_grad: false as the library runs it: the step's widest prefix (3) in every micro-batch, each one's longest span
+    assert gp.split_positions(np.array([5, 4, 2]), np.array([3, 0, 1]), packed) == (3 * 2 + 3 * 1, 2 * 4 + 1 * 1)
+    assert gp.split_positions(np.array([5, 4, 2]), np.array([3, 0, 1]), s) == (4, 7)
+    # a row in its first window has no prefix: its whole context gets the gradient
+    first = gp.train_work(gp.Arm("tppo", window=4, prefix_grad=False), prefix, window, fin, s, update=True,
+                          carried=np.array([False, True]))
+    assert (first["work"]["policy_prefix_positions"], first["work"]["policy_positions"]) == (5, 5 + 1)
+    assert first["tokens"]["policy_update"] == 5 + 4 * 6
 
 
 def test_a_synchronous_step_waits_for_the_slowest_engine():
