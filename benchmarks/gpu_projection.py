@@ -65,7 +65,7 @@ from typing import Literal
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, commit, machine, write_json  # noqa: E402
+from common import RESULTS_DIR, commit, machine, results_path, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -203,6 +203,9 @@ class Arm:
     prefix_grad: bool = True  # False: a carried row's prefix is forward only in the update
     train_on: Literal["window", "finished"] = "window"  # finished: partial-rollout PPO
     engine_logprobs: bool = False  # pi_old = the engine's log-probs: no old-log-prob pass
+    # share of the rows finishing in a step whose loss covers their whole response: finished correct rows under
+    # algo.lm_loss_coef > 0 (the positive-example LM loss); with prefix_grad false they run unsplit (prefix.span_starts)
+    whole_share: float = 0.0
     redeal: bool = True  # carried rows dealt across engines again each step
 
     @property
@@ -353,10 +356,12 @@ def positions(lengths: np.ndarray, s: Setting) -> float:
 
 
 def split_positions(lengths: np.ndarray, starts: np.ndarray, s: Setting) -> tuple[float, float]:
-    """(prefix, span) positions of ``algo.prefix_grad: false``'s update as the library runs
-    it (tppo/prefix.py, WorkCounter.forward): the same token-budget micro-batches as the
-    exact update, every micro-batch's prefixes left-padded to the step's widest prefix and
-    its spans right-padded to its longest; packed sequences: the tokens."""
+    """(prefix, span) positions of ``algo.prefix_grad: false``'s update: with
+    ``micro_batch_tokens`` as the library runs it (tppo/prefix.py, WorkCounter.forward):
+    the same token-budget micro-batches as the exact update, every micro-batch's prefixes
+    left-padded to the step's widest prefix and its spans right-padded to its longest;
+    without, packed sequences (the tokens, what a GPU implementation would run; the
+    library's fixed-row micro-batches would pad to the step's widest prefix too)."""
     lengths, starts = np.asarray(lengths, dtype=np.int64), np.asarray(starts, dtype=np.int64)
     if not s.micro_batch_tokens:
         return float(starts.sum()), float((lengths - starts).sum())
@@ -378,22 +383,41 @@ def pairs(lengths: np.ndarray, prefix: np.ndarray | None = None) -> float:
     return float((c * (c + 1) / 2 - p * (p + 1) / 2).sum())
 
 
+def span_starts(prefix: np.ndarray, carried: np.ndarray | None = None, whole: np.ndarray | None = None) -> np.ndarray:
+    """Where each row's span with gradient begins under ``prefix_grad: false``, as
+    tppo/prefix.py's ``span_starts`` puts it in the shifted frame: a carried row's last
+    token before the window (its logits predict the window's first token); 0, the whole
+    row, for a row in its first window and for a ``whole`` one (its loss covers its whole
+    response: a finished correct row under the positive-example LM loss)."""
+    split = np.ones(len(prefix), dtype=bool) if carried is None else np.asarray(carried, dtype=bool).copy()
+    if whole is not None:
+        split &= ~np.asarray(whole, dtype=bool)
+    return np.where(split, prefix - 1, 0.0)
+
+
+def whole_rows(finished: np.ndarray, share: float) -> np.ndarray:
+    """``share`` of the ``finished`` rows (a mask over the step's rows), spread evenly in
+    their order (deterministic): the ones :func:`span_starts` runs whole."""
+    rank = np.cumsum(finished) * float(share)
+    return finished & (np.floor(rank) > np.floor(rank - share))
+
+
 def train_work(arm: Arm, prefix: np.ndarray, window: np.ndarray, finished: np.ndarray, s: Setting, update: bool,
-               carried: np.ndarray | None = None) -> dict:
+               carried: np.ndarray | None = None, whole: np.ndarray | None = None) -> dict:
     """One step's training work: positions per pass (the library's counters) and the
     forward-equivalent passes and attention pairs a GPU is charged for.
 
     ``prefix``/``window``: per row that generated this step, its context before the window
     and the tokens it generated in it; ``carried``: whether it generated in an earlier
-    window (default: all do); ``finished``: the whole contexts of the rows that finished.
-    ``update``: the policy is updated (not a critic warm-up step)."""
+    window (default: all do); ``whole``: the rows :func:`span_starts` runs unsplit;
+    ``finished``: the whole contexts of the rows that finished. ``update``: the policy is
+    updated (not a critic warm-up step)."""
     full = prefix + window
     if arm.synchronous or arm.train_on == "finished":
         policy_rows = finished
         pol_prefix = np.zeros_like(finished)
     else:
-        # a row in its first window has no prefix: its whole context, prompt included, gets the gradient (prefix.span_starts)
-        policy_rows, pol_prefix = full, prefix if carried is None else np.where(carried, prefix, 0.0)
+        policy_rows, pol_prefix = full, span_starts(prefix, carried, whole)
     critic = arm.algorithm != "grpo"
     w = {k: 0.0 for k in TRAIN_WORK}
     cost = {"values": 0.0, "old_logprobs": 0.0, "policy_update": 0.0, "value_update": 0.0}  # (passes x positions) + pairs
@@ -479,12 +503,14 @@ def simulate(lengths: np.ndarray, s: Setting, eng: Engine, arm: Arm, steps: int 
         prefix = np.array([r.prompt + r.start_have for r in got], dtype=np.float64)
         window = np.array([r.have - r.start_have for r in got], dtype=np.float64)
         carried = np.array([r.start_have > 0 for r in got], dtype=bool)
+        ending = np.array([r.have >= r.target for r in got], dtype=bool)
         finished = [r for r in rows_now if r.have >= r.target]
         fin = np.array([r.context for r in finished], dtype=np.float64)
         placed = [[r for r in e if r.have < r.target] for e in placed]
         if k >= measure_from:
             for a in arms:
-                tw = train_work(a, prefix, window, fin, s, update=k >= s.critic_warmup_steps, carried=carried)
+                tw = train_work(a, prefix, window, fin, s, update=k >= s.critic_warmup_steps, carried=carried,
+                                whole=whole_rows(ending, a.whole_share))
                 account(accs[a.name], results, tw, eng, gpus, len(finished), step_admitted)
         k += 1
     for acc in accs.values():
@@ -551,10 +577,11 @@ def chain_lengths(n: int, cap: int, seed: int = 0, scale: float = 1.0) -> np.nda
 # ---------------------------------------------------------------------- the CPU check
 
 
-def cpu_setting() -> dict[str, tuple[Setting, Arm]]:
+def cpu_setting(correct_share: float = 0.0) -> dict[str, tuple[Setting, Arm]]:
     """The speed study's arms (configs/demo.yaml + its COMMON + the arm's overrides) as the
     model sees them: (setting, arm) per arm. ``tppo-auto`` is left out: its W is chosen
-    while it runs."""
+    while it runs. ``correct_share``: the share of finished rows that are correct (under the
+    positive-example LM loss, their whole response carries a loss: Arm.whole_share)."""
     from speed_study import ARMS, COMMON
 
     from tppo.config import load_config
@@ -570,7 +597,7 @@ def cpu_setting() -> dict[str, tuple[Setting, Arm]]:
         one_pass = t.ppo_epochs * t.mini_batches == 1  # pi_old is the update's own forward: no pass of its own
         arm = Arm(algorithm=a.algorithm, window=None if a.algorithm in ("ppo", "grpo") else r.window_tokens,
                   window_mode=r.window_mode, refill=r.refill_within_window, prefix_grad=a.prefix_grad, train_on=a.train_on,
-                  engine_logprobs=one_pass)
+                  engine_logprobs=one_pass, whole_share=correct_share if a.lm_loss_coef else 0.0)
         s = Setting(prompts_per_step=r.prompts_per_step, samples_per_prompt=r.samples_per_prompt, max_response_tokens=r.max_response_tokens,
                     prompt_tokens=prompt, critic_warmup_steps=t.critic_warmup_steps, compact_fraction=COMPACT_FRACTION, lockstep=True,
                     micro_batch_tokens=t.micro_batch_tokens, micro_batch_rows=t.micro_batch_rows)
@@ -615,13 +642,16 @@ def cpu_check(study: dict) -> dict | None:
     cm = study.get("cost_model") or {}
     if not cm.get("unit_costs"):
         return None
-    arms = cpu_setting()
+    # the share of correct responses while training: about midway between the start and the arms' ends (held-out accuracy)
+    finals = [x for a in study["arms"].values() for x in a["final_accuracy"]]
+    correct = (study["initial_accuracy"] + statistics.median(finals)) / 2 if finals else study["initial_accuracy"]
+    arms = cpu_setting(correct)
     s = arms["ppo"][0]
     lengths, how = calibration_lengths(study["results"][cm["calibration"]], s)
     prompts = int(study["args"]["prompts"])
     cpu = Engine("CPU (work only)", 0, 0, 0, 0, 0, 0, 0, 0, 0, combine="sum")
     out = {"lengths": {"source": how, "mean": float(lengths.mean()), "at_cap": float((lengths >= s.max_response_tokens).mean())},
-           "arms": {}}
+           "correct_share": correct, "arms": {}}
     for name, a in study["arms"].items():
         if name not in arms:
             continue
@@ -760,6 +790,34 @@ def sentence(row: dict) -> str:
             f"{p['rollout']:.2f}x the rollout alone) and {verdict(g['end_to_end'])} than GRPO ({g['end_to_end']:.2f}x){tail}.")
 
 
+def markdown(report: dict) -> str:
+    """The conditions table and the CPU check for RESULTS.md, from the JSON (no number
+    copied by hand): per engines x median length, T-PPO's speed-up per prompt over PPO
+    and over GRPO (above 1: T-PPO faster), end to end and the rollout alone, for both updates."""
+    def x(v) -> str:
+        return f"{v:.2f}x"
+
+    lines = ["| engines | median response | update | T-PPO over PPO: end to end / rollout | T-PPO over GRPO: end to end / rollout "
+             "| to the target (PPO, with the CPU's learning factor) |", "|" + "---|" * 6]
+    order = {"L/12": 0, "L/6": 1, "L/3": 2}
+    rows = sorted(report["conditions"].values(),  # the JSON's keys are sorted as text
+                  key=lambda r: (r["engines"], order.get(r["median_length"], 3), list(UPDATES).index(r["update"])))
+    for row in rows:
+        p, g = row["tppo_over_ppo"], row["tppo_over_grpo"]
+        ttt = p["time_to_target"]
+        lines.append(f"| {row['engines']} | {row['median_length']} | {row['update'].replace('_', ' ')} | "
+                     f"{x(p['end_to_end'])} / {x(p['rollout'])} | {x(g['end_to_end'])} / {x(g['rollout'])} | "
+                     + (f"{x(ttt['median'])} [{ttt['ci_low']:.2f}, {ttt['ci_high']:.2f}]" if ttt else "undecided") + " |")
+    check = report.get("cpu_check")
+    if check:
+        phases = sorted({p for c in check["arms"].values() for p in c["relative_error"]}, key=lambda p: (p == "total", p))
+        lines += ["", "| arm (CPU check: model / measured - 1, per prompt) | " + " | ".join(phases) + " |", "|" + "---|" * (len(phases) + 1)]
+        for arm, c in check["arms"].items():
+            e = c["relative_error"]
+            lines.append(f"| {arm} | " + " | ".join(f"{e[p]:+.1%}" if p in e else "-" for p in phases) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=4, help="measured steps after each run's warm-up")
@@ -767,7 +825,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--study", default=str(RESULTS_DIR / "speed_study.json"), help="the speed study's JSON (learning factors, CPU check)")
     ap.add_argument("--quick", action="store_true", help="a small cluster and L (a test runs it)")
     ap.add_argument("--out", help="output JSON (default: results/gpu_projection.json)")
+    ap.add_argument("--markdown", action="store_true", help="print the tables of an existing --out JSON and stop")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(results_path(args.out or "gpu_projection.json").read_text())))
+        return 0
     eng = Engine.derive(QWEN_32B, H100, tp=4)
     s = PAPER
     engines = args.engines
@@ -793,6 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         for arm, c in report["cpu_check"]["arms"].items():
             print(f"cpu check {arm}: " + ", ".join(f"{p} {e:+.1%}" for p, e in c["relative_error"].items()), flush=True)
     path = write_json(args.out or "gpu_projection.json", report)
+    print(markdown(report))
     print(f"wrote {path}")
     return 0
 

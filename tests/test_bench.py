@@ -140,10 +140,11 @@ def test_training_work_per_pass_by_hand():
     assert (w["value_positions"], w["old_logprob_positions"], w["policy_positions"], w["critic_positions"]) == (11, 11, 11, 6)
     assert tw["tokens"]["policy_update"] == 4 * 11 and tw["tokens"]["value_update"] == 4 * 6  # forward, backward 2, recompute
     assert tw["pairs"]["values"] == 5 * 6 / 2 + 6 * 7 / 2
+    # prefix_grad: false: a carried row's span starts at its last token before the window (shifted frame: prefix - 1)
     cheap = gp.train_work(gp.Arm("tppo", window=4, prefix_grad=False, engine_logprobs=True), prefix, window, fin, s, update=True)
-    assert cheap["work"]["old_logprob_positions"] == 0 and cheap["work"]["policy_prefix_positions"] == 7
-    assert cheap["work"]["policy_positions"] == 4 and cheap["tokens"]["policy_update"] == 7 + 4 * 4
-    assert cheap["pairs"]["policy_update"] == (3 + 15) + 4 * ((15 - 3) + (21 - 15))  # the spans attend over the prefix
+    assert cheap["work"]["old_logprob_positions"] == 0 and cheap["work"]["policy_prefix_positions"] == 1 + 4
+    assert cheap["work"]["policy_positions"] == 4 + 2 and cheap["tokens"]["policy_update"] == 5 + 4 * 6
+    assert cheap["pairs"]["policy_update"] == (1 + 10) + 4 * ((15 - 1) + (21 - 10))  # the spans attend over the prefix
     grpo = gp.train_work(gp.Arm("grpo"), np.array([2.0]), np.array([4.0]), np.array([6.0]), s, update=True)
     assert grpo["work"]["value_positions"] == grpo["work"]["critic_positions"] == 0 and grpo["work"]["policy_positions"] == 6
     warm = gp.train_work(gp.Arm("ppo"), np.array([2.0]), np.array([4.0]), np.array([6.0]), s, update=False)
@@ -154,11 +155,15 @@ def test_training_work_per_pass_by_hand():
     # prefix_grad: false as the library runs it: the step's widest prefix (3) in every micro-batch, each one's longest span
     assert gp.split_positions(np.array([5, 4, 2]), np.array([3, 0, 1]), packed) == (3 * 2 + 3 * 1, 2 * 4 + 1 * 1)
     assert gp.split_positions(np.array([5, 4, 2]), np.array([3, 0, 1]), s) == (4, 7)
-    # a row in its first window has no prefix: its whole context gets the gradient
+    # a row in its first window has no prefix, nor a finished correct row under the LM loss: the whole row gets the gradient
     first = gp.train_work(gp.Arm("tppo", window=4, prefix_grad=False), prefix, window, fin, s, update=True,
                           carried=np.array([False, True]))
-    assert (first["work"]["policy_prefix_positions"], first["work"]["policy_positions"]) == (5, 5 + 1)
-    assert first["tokens"]["policy_update"] == 5 + 4 * 6
+    assert (first["work"]["policy_prefix_positions"], first["work"]["policy_positions"]) == (4, 5 + 2)
+    assert first["tokens"]["policy_update"] == 4 + 4 * 7
+    whole = gp.train_work(gp.Arm("tppo", window=4, prefix_grad=False), prefix, window, fin, s, update=True,
+                          whole=np.array([False, True]))
+    assert (whole["work"]["policy_prefix_positions"], whole["work"]["policy_positions"]) == (1, 4 + 6)
+    assert list(gp.whole_rows(np.array([True, False, True, True, True]), 0.5)) == [False, False, True, False, True]
 
 
 def test_a_synchronous_step_waits_for_the_slowest_engine():
@@ -229,6 +234,14 @@ def test_projection_quick_writes_every_section(tmp_path):
     row = res["conditions"]["2 engines, median L/6, exact"]
     assert {"tppo_over_ppo", "tppo_over_grpo", "sentence"} <= set(row) and row["tppo_over_ppo"]["end_to_end"] > 0
     assert {"learning", "cpu_check", "commit", "machine"} <= set(res)
+    table = gp.markdown(res).splitlines()
+    assert len(table) == 2 + len(res["conditions"])  # head, rule, one line per condition
+    assert table[2].startswith(f"| 2 | L/12 | exact | {row_x(res, '2 engines, median L/12, exact')}")
+
+
+def row_x(res: dict, key: str) -> str:
+    p = res["conditions"][key]["tppo_over_ppo"]
+    return f"{p['end_to_end']:.2f}x / {p['rollout']:.2f}x"
 
 
 def test_chain_failure_modes_by_hand():

@@ -160,13 +160,20 @@ def test_the_other_critics_with_a_lora_policy_resume_exactly(model_dir, tmp_path
         from tppo.models import load_pretrained
 
         policy, _ = load_pretrained(model_dir)
-        critic_from_policy(policy).save_pretrained(tmp_path / "critic", safe_serialization=True)
+        own = critic_from_policy(policy)
+        with torch.no_grad():  # a backbone of its own: not the policy's, not what critic_from_policy would build
+            for p in own.model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
+        own.save_pretrained(tmp_path / "critic", safe_serialization=True)
         extra = (f"model.critic_path={tmp_path / 'critic'}",)
     shared = (*LORA, *extra, "log.checkpoint_every=2", "log.eval_every=2")
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     full = Trainer(make_cfg(model_dir, full_dir, *shared, "train.total_steps=4"), full_dir)
     adapted = any("lora_" in n for n, _ in full.critic.named_parameters())
     assert adapted == (critic == "from_path")
+    if critic == "from_path":
+        base = {k.replace(".base_layer", ""): v for k, v in full.critic.get_base_model().model.state_dict().items() if "lora_" not in k}
+        assert all(torch.equal(base[k], v) for k, v in own.model.state_dict().items()), "the critic's base is critic_path's"
     if critic == "full":
         assert all(p.requires_grad for p in full.critic.parameters()), "lora.critic=false: the critic trains in full"
         assert not any(c.data_ptr() == p.data_ptr() for c in full.critic.parameters() for p in full.policy.parameters())
@@ -183,6 +190,9 @@ def test_the_other_critics_with_a_lora_policy_resume_exactly(model_dir, tmp_path
     assert deterministic_metrics(cut_dir) == deterministic_metrics(full_dir)
     final = full.critic.state_dict()
     assert all(torch.equal(v, final[k]) for k, v in resumed.critic.state_dict().items()), "the critic resumed exactly"
+    if critic == "from_path":  # its frozen base rebuilt from critic_path, not from the policy
+        again = {k.replace(".base_layer", ""): v for k, v in resumed.critic.get_base_model().model.state_dict().items() if "lora_" not in k}
+        assert all(torch.equal(again[k], v) for k, v in own.model.state_dict().items())
 
 
 def test_export_writes_a_plain_directory_from_pretrained_loads(model_dir, tmp_path, monkeypatch):

@@ -44,6 +44,13 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     if not distributed.active():
         raise RuntimeError("train.fsdp shards the models over data-parallel ranks: launch with "
                            "`torchrun --nproc_per_node N -m tppo.cli train ...` (N >= 2)")
+    dtypes = {p.dtype for p in model.parameters()}
+    if len(dtypes) > 1 and torch.__version__ < "2.8":
+        # LoRA's adapters stay float32 on a bfloat16 base (peft's autocast_adapter_dtype); FSDP2 before torch 2.8
+        # requires one dtype per unit and fails at the first forward
+        raise RuntimeError(f"train.fsdp with parameters of several dtypes ({', '.join(sorted(map(str, dtypes)))}: LoRA adapters "
+                           f"on a {'bfloat16' if torch.bfloat16 in dtypes else 'lower-precision'} base) needs torch >= 2.8 "
+                           f"(this is {torch.__version__}); or set model.dtype=float32")
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
@@ -113,12 +120,18 @@ def sync_gradients(model: torch.nn.Module) -> None:
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """A sharded model's whole state dict on rank 0 (CPU tensors; collective: every
-    rank calls it); None elsewhere and for an unsharded model (save its own)."""
+    rank calls it); None elsewhere and for an unsharded model (save its own). A LoRA
+    model's frozen base is left out before anything is gathered: its checkpoint holds the
+    adapters (and a critic's trained head) only, and the base is never a second time in
+    rank 0's memory."""
     if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from tppo.lora import is_lora
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=is_lora(model))
+    state = get_model_state_dict(model, options=options)
     return state if distributed.is_main() else None
 
 

@@ -260,7 +260,7 @@ class Trainer:
         built from the policy reads the policy's frozen backbone, not a copy of it."""
         spec = self.cfg.model.lora
         lora_critic = self.critic is not None and spec.critic
-        # sharded (train.fsdp), each model keeps its own 1/N shard of the backbone: nothing to share
+        # sharded (train.fsdp), each model keeps its own 1/N shard of the backbone (fully_shard copies every shard)
         if lora_critic and not self.cfg.model.critic_path and not self.cfg.train.fsdp:
             lora.share_frozen_backbone(self.critic, self.policy)
         self.policy = lora.load_lora(self.policy, ckpt / "policy") if ckpt else lora.add_lora(self.policy, spec)
