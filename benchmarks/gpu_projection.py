@@ -647,7 +647,8 @@ def cpu_check(study: dict) -> dict | None:
     correct = (study["initial_accuracy"] + statistics.median(finals)) / 2 if finals else study["initial_accuracy"]
     arms = cpu_setting(correct)
     s = arms["ppo"][0]
-    lengths, how = calibration_lengths(study["results"][cm["calibration"]], s)
+    lengths_run = cm.get("lengths_run", cm["calibration"])  # older studies: one calibration run, PPO's
+    lengths, how = calibration_lengths(study["results"][lengths_run], s)
     prompts = int(study["args"]["prompts"])
     cpu = Engine("CPU (work only)", 0, 0, 0, 0, 0, 0, 0, 0, 0, combine="sum")
     out = {"lengths": {"source": how, "mean": float(lengths.mean()), "at_cap": float((lengths >= s.max_response_tokens).mean())},
@@ -661,7 +662,8 @@ def cpu_check(study: dict) -> dict | None:
         pred = predict(cm["unit_costs"], work)
         n_prompts = sim["admitted_prompts"]
         # the runs the unit costs were not fitted on; per run per prompt, then the median over them
-        runs = [study["results"][key] for seed in a["seeds"] if (key := f"{name}/s{seed}") != cm["calibration"]]
+        seen = cm["calibration"] if isinstance(cm["calibration"], list) else [cm["calibration"]]
+        runs = [study["results"][key] for seed in a["seeds"] if (key := f"{name}/s{seed}") not in seen]
         if not runs:
             continue
 
