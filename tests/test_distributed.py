@@ -104,8 +104,14 @@ def test_two_ranks_update_equals_one_process_on_the_whole_batch(model_dir, tmp_p
     whole = algos.masked_whiten(batch.advantages, batch.policy_mask)
     torch.testing.assert_close(torch.cat([ranks[0]["whitened"], ranks[1]["whitened"]]), whole, atol=1e-6, rtol=1e-5)
     for part in ("policy", "critic", "merged") if lora_r else ("policy", "critic"):
-        assert ranks[0][part].keys() == single[part].keys(), part
-        for k, v in single[part].items():
+        if lora_r and part != "merged":  # a sharded LoRA model's gathered state leaves its frozen base out (sharding.full_model_state)
+            assert ranks[0][part].keys() < single[part].keys(), part
+            # torch keeps a tied frozen weight under its second name (the tiny model ties lm_head to the embeddings)
+            assert {k for k in ranks[0][part] if "lora_" not in k and ".modules_to_save." not in k} <= {"base_model.model.lm_head.weight"}
+            assert any("lora_A" in k for k in ranks[0][part]) and any("lora_B" in k for k in ranks[0][part]), part
+        else:
+            assert ranks[0][part].keys() == single[part].keys(), part
+        for k, v in ((k, v) for k, v in single[part].items() if k in ranks[0][part]):
             torch.testing.assert_close(ranks[0][part][k], v, atol=1e-5, rtol=1e-4, msg=f"{part} {k}")
             if not fsdp or part == "merged":
                 assert torch.equal(ranks[0][part][k], ranks[1][part][k]), "ranks must hold identical weights"

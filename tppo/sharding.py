@@ -123,7 +123,8 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     rank calls it); None elsewhere and for an unsharded model (save its own). A LoRA
     model's frozen base is left out before anything is gathered: its checkpoint holds the
     adapters (and a critic's trained head) only, and the base is never a second time in
-    rank 0's memory."""
+    rank 0's memory (torch still gathers a tied frozen weight under its second name, e.g. a
+    tied LM head; peft's save drops it)."""
     if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
