@@ -29,9 +29,9 @@ PPO's median training time, training time per prompt.
     python benchmarks/speed_study.py --quick    # the harness end to end, tiny (a test runs it)
     python benchmarks/speed_study.py --summarize-only
 
-The cost model's check (D, benchmarks/cost_model.py): unit costs fitted on one calibration
-run (PPO's first seed), every other run's per-phase seconds predicted from its ``work/*``
-counts, the error per arm and phase in the JSON. The GPU conditions table (E) is
+The cost model's check (D, benchmarks/cost_model.py): unit costs fitted on every arm's
+first seed, every other run's per-phase seconds predicted from its ``work/*`` counts, the
+error per arm and phase in the JSON (:func:`cost_model_check`). The GPU conditions table (E) is
 benchmarks/gpu_projection.py's, which reads this study's JSON.
 """
 
