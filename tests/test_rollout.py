@@ -454,6 +454,41 @@ def test_row_steps_count_the_decode_batch_padding_included(countdown, mode):
         assert wb.stats.kv_positions == sum(16 * (P + s + 1) for s in range(9))
 
 
+def test_a_vllm_rank_without_rows_still_takes_the_new_weights(monkeypatch):
+    """Under train.fsdp gathering the weights for vLLM is a collective: a rank whose prompts
+    ran out must still make it (else the other ranks wait in it forever), then sleep again."""
+    import types
+
+    import tppo.rollout.vllm_engine as ve
+
+    calls = []
+
+    class LLM:  # the calls of vllm.LLM the engine makes, recorded
+        def __init__(self, **kwargs):
+            pass
+
+        def collective_rpc(self, name, kwargs):
+            calls.append(name)
+
+        def reset_prefix_cache(self):
+            calls.append("reset_prefix_cache")
+
+        def sleep(self, level):
+            calls.append("sleep")
+
+        def wake_up(self):
+            calls.append("wake_up")
+
+    monkeypatch.setattr(ve, "_import_vllm", lambda: types.SimpleNamespace(LLM=LLM, SamplingParams=dict, TokensPrompt=dict))
+    monkeypatch.setattr(ve, "weights_for_vllm", lambda model, to_cpu: calls.append("gather") or [])
+    cfg = RolloutConfig(prompts_per_step=2, samples_per_prompt=1, window_tokens=4, max_response_tokens=8)
+    eng = ve.VLLMEngine(cfg, iter([]), model_path="unused", eos_token_ids=EOS, sleep_between_windows=True)
+    wb = eng.generate_window(torch.nn.Linear(1, 1), version=1)
+    assert wb.rows == [] and calls == ["gather", "reload_weights", "reset_prefix_cache", "sleep"]
+    eng.generate_window(torch.nn.Linear(1, 1), version=1)  # the same weights: nothing to gather
+    assert calls[4:] == ["wake_up", "sleep"]
+
+
 def test_the_vllm_engine_refuses_the_steps_window_and_in_window_refill():
     from tppo.rollout.vllm_engine import check_rollout_config
 

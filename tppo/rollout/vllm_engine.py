@@ -203,10 +203,13 @@ class VLLMEngine(SlotFiller):
     def generate_window(self, model: torch.nn.Module, version: int, window_tokens: int | None = None) -> WindowBatch:
         W = self.window_of(window_tokens)
         rows = self._take_rows(self.cfg.num_slots, list(self._carried))
-        if not rows:
-            return self._empty_window()
         self._wake()
+        # every rank, rows or none: under train.fsdp gathering the sharded weights is a collective, and a rank
+        # whose stream ran dry must not leave the others waiting in it
         self.sync_weights(model, version)
+        if not rows:
+            self._sleep()
+            return self._empty_window()
         starts = [len(r.response_ids) for r in rows]
         t0 = time.perf_counter()
         params = [sampling_kwargs(self.cfg, r, W, self._next_seed(), self.eos) for r in rows]
@@ -215,9 +218,7 @@ class VLLMEngine(SlotFiller):
         elapsed = time.perf_counter() - t0
         new_tokens = [apply_completion(r, out.outputs[0], version, p["max_tokens"], self.eos, self.cfg.ignore_eos)
                       for r, out, p in zip(rows, outputs, params)]
-        if self.sleep_between_windows:
-            self.llm.sleep(level=1)
-            self.asleep = True
+        self._sleep()
         stats = RolloutStats(slots=self.cfg.num_slots, decode_steps=max(new_tokens, default=0), generated_tokens=sum(new_tokens),
                              prefill_tokens=sum(len(r.prompt_ids) + s for r, s in zip(rows, starts)), prefill_s=0.0, decode_s=elapsed,
                              row_steps=sum(new_tokens),  # continuous batching: a finished sequence leaves the batch
@@ -253,3 +254,8 @@ class VLLMEngine(SlotFiller):
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
+
+    def _sleep(self) -> None:
+        if self.sleep_between_windows:
+            self.llm.sleep(level=1)
+            self.asleep = True
