@@ -342,17 +342,22 @@ PASSES = {"forward": 1.0, "backward": 2.0, "recompute": 1.0}  # forward-equivale
 TRAIN_WORK = ("value_positions", "old_logprob_positions", "policy_positions", "policy_prefix_positions", "critic_positions")
 
 
-def positions(lengths: np.ndarray, s: Setting) -> float:
-    """Token positions a pass over rows of these lengths computes: the tokens (packed
-    sequences), or the library's token-budget micro-batches padded to their longest row
-    (tppo/batching.py, the function the trainer calls)."""
-    lengths = [int(x) for x in np.asarray(lengths).tolist()]
-    if not s.micro_batch_tokens:
-        return float(sum(lengths))
+def micro_batches(lengths: np.ndarray, s: Setting) -> list[list[int]]:
+    """The library's token-budget micro-batches over rows of these lengths (tppo/batching.py,
+    the function the trainer calls): lists of row indices."""
     from tppo.batching import token_micro_batches
 
-    micro = token_micro_batches(list(range(len(lengths))), lengths, s.micro_batch_tokens, s.micro_batch_rows)
-    return float(sum(len(m) * max(lengths[i] for i in m) for m in micro))
+    return token_micro_batches(list(range(len(lengths))), [int(x) for x in np.asarray(lengths).tolist()], s.micro_batch_tokens,
+                               s.micro_batch_rows)
+
+
+def positions(lengths: np.ndarray, s: Setting) -> float:
+    """Token positions a pass over rows of these lengths computes: the tokens (packed
+    sequences), or the library's token-budget micro-batches padded to their longest row."""
+    lengths = np.asarray(lengths)
+    if not s.micro_batch_tokens:
+        return float(lengths.sum())
+    return float(sum(len(m) * int(max(lengths[i] for i in m)) for m in micro_batches(lengths, s)))
 
 
 def split_positions(lengths: np.ndarray, starts: np.ndarray, s: Setting) -> tuple[float, float]:
@@ -365,10 +370,8 @@ def split_positions(lengths: np.ndarray, starts: np.ndarray, s: Setting) -> tupl
     lengths, starts = np.asarray(lengths, dtype=np.int64), np.asarray(starts, dtype=np.int64)
     if not s.micro_batch_tokens:
         return float(starts.sum()), float((lengths - starts).sum())
-    from tppo.batching import token_micro_batches
-
     width = int(starts.max()) if len(starts) else 0
-    micro = token_micro_batches(list(range(len(lengths))), lengths.tolist(), s.micro_batch_tokens, s.micro_batch_rows)
+    micro = micro_batches(lengths, s)
     return (float(sum(len(m) * width for m in micro)),
             float(sum(len(m) * max(int(lengths[i] - starts[i]) for i in m) for m in micro)))
 
@@ -658,6 +661,7 @@ def cpu_check(study: dict) -> dict | None:
     cpu = Engine("CPU (work only)", 0, 0, 0, 0, 0, 0, 0, 0, 0, combine="sum")
     out = {"lengths": {"source": how, "mean": float(lengths.mean()), "at_cap": float((lengths >= s.max_response_tokens).mean())},
            "correct_share": correct, "arms": {}}
+    seen = cm["calibration"] if isinstance(cm["calibration"], list) else [cm["calibration"]]  # older studies: one run
     for name, a in study["arms"].items():
         if name not in arms:
             continue
@@ -667,7 +671,6 @@ def cpu_check(study: dict) -> dict | None:
         pred = predict(cm["unit_costs"], work)
         n_prompts = sim["admitted_prompts"]
         # the runs the unit costs were not fitted on; per run per prompt, then the median over them
-        seen = cm["calibration"] if isinstance(cm["calibration"], list) else [cm["calibration"]]
         runs = [study["results"][key] for seed in a["seeds"] if (key := f"{name}/s{seed}") not in seen]
         if not runs:
             continue

@@ -33,6 +33,11 @@ def randomise_adapters(model, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
+def base_weights(module) -> dict:
+    """A LoRA-wrapped module's frozen weights under the plain model's names (adapters left out)."""
+    return {k.replace(".base_layer", ""): v for k, v in module.state_dict().items() if "lora_" not in k}
+
+
 def ids(n: int = 7):
     return torch.randint(3, 20, (2, n), generator=torch.Generator().manual_seed(0))
 
@@ -132,7 +137,7 @@ def test_a_lora_run_trains_only_adapters_and_resumes_exactly(model_dir, tmp_path
     assert isinstance(full.ref, lora.AdapterDisabled)
     history = full.train()
     assert history[-1]["policy/kl"] > 0, "the KL to the base (the adapter off) moves once B leaves 0"
-    base_now = {k.replace(".base_layer", ""): v for k, v in full.policy.get_base_model().state_dict().items() if "lora_" not in k}
+    base_now = base_weights(full.policy.get_base_model())
     assert all(torch.equal(base_now[k], frozen[k]) for k in frozen if k in base_now), "the base is frozen"
     assert any(not torch.equal(v, frozen[k]) for k, v in lora.merged_state_dict(full.policy).items()), "the adapters trained"
     step = full_dir / "checkpoints" / "step-000004"
@@ -172,7 +177,7 @@ def test_the_other_critics_with_a_lora_policy_resume_exactly(model_dir, tmp_path
     adapted = any("lora_" in n for n, _ in full.critic.named_parameters())
     assert adapted == (critic == "from_path")
     if critic == "from_path":
-        base = {k.replace(".base_layer", ""): v for k, v in full.critic.get_base_model().model.state_dict().items() if "lora_" not in k}
+        base = base_weights(full.critic.get_base_model().model)
         assert all(torch.equal(base[k], v) for k, v in own.model.state_dict().items()), "the critic's base is critic_path's"
     if critic == "full":
         assert all(p.requires_grad for p in full.critic.parameters()), "lora.critic=false: the critic trains in full"
@@ -191,7 +196,7 @@ def test_the_other_critics_with_a_lora_policy_resume_exactly(model_dir, tmp_path
     final = full.critic.state_dict()
     assert all(torch.equal(v, final[k]) for k, v in resumed.critic.state_dict().items()), "the critic resumed exactly"
     if critic == "from_path":  # its frozen base rebuilt from critic_path, not from the policy
-        again = {k.replace(".base_layer", ""): v for k, v in resumed.critic.get_base_model().model.state_dict().items() if "lora_" not in k}
+        again = base_weights(resumed.critic.get_base_model().model)
         assert all(torch.equal(again[k], v) for k, v in own.model.state_dict().items())
 
 
