@@ -78,14 +78,17 @@ def benchmark_trainer(config: Path, sft_dir: str, seed: int, eval_problems: int,
             tr.scorer.close()
 
 
-def train_with_evals(tr, prompts: int, eval_every: int, keys: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
+def train_with_evals(tr, prompts: int, eval_every: int, keys: tuple[str, ...], on_step=None) -> tuple[list[dict], list[dict]]:
     """Train ``tr`` (a tppo Trainer) until ``prompts`` prompts were admitted, evaluating each
     time another ``eval_every`` were, and at the end. (per-step ``keys`` of each step's
-    metrics, the evaluated curve: prompts, training seconds, generated tokens, step, accuracy)."""
+    metrics, the evaluated curve: prompts, training seconds, generated tokens, step, accuracy).
+    ``on_step(tr)`` is called after each step (untimed)."""
     steps, curve, next_eval = [], [], eval_every
     while tr.source.cursor < prompts:
         m = tr.step()
         steps.append({k: m.get(k) for k in keys})
+        if on_step is not None:
+            on_step(tr)
         if tr.source.cursor >= next_eval or tr.source.cursor >= prompts:
             while next_eval <= tr.source.cursor:
                 next_eval += eval_every
@@ -109,6 +112,8 @@ def run_job_subprocesses(script: Path, named_specs: list[tuple[str, dict]], work
     from concurrent.futures import ThreadPoolExecutor
 
     done = read_journal(journal, dict(named_specs)) if journal else {}
+    if journal:
+        journal.parent.mkdir(parents=True, exist_ok=True)
     if journal and journal.exists() and not journal.read_bytes().endswith(b"\n"):
         with open(journal, "a") as f:  # a line cut short by a kill: the next record starts on a line of its own
             f.write("\n")

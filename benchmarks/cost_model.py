@@ -13,8 +13,11 @@ measured ones: the relative error the speed study reports per arm and phase.
     python benchmarks/cost_model.py results/speed_study_pilot.json --calibrate ppo/s0
 
 Attention's cost grows with the context (a decode step over long rows costs more):
-``work/kv_positions`` carries it (runs before that counter have none; the fit drops a
-unit that never varies). A calibration run whose steps barely vary a unit (T-PPO: every window ~W decode steps)
+``work/kv_positions`` carries it, and ``work/cache_positions`` what the embedded engine's
+static cache makes every decode step attend over (its whole width: measured, RESULTS.md);
+``work/prefill_calls`` and ``work/copy_positions`` the fixed cost of a prefill or an
+in-window join and the cache copies of compaction (runs before a counter have none; the
+fit drops a unit that never varies). A calibration run whose steps barely vary a unit (T-PPO: every window ~W decode steps)
 leaves that unit's cost ill-determined: calibrate on a run that varies them (PPO's
 whole-response steps do).
 """
@@ -29,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 PHASE_WORK = {
-    "generate": ("work/decode_steps", "work/row_steps", "work/kv_positions", "work/prefill_tokens"),
+    "generate": ("work/decode_steps", "work/row_steps", "work/kv_positions", "work/cache_positions", "work/prefill_tokens",
+                 "work/prefill_calls", "work/copy_positions"),
     "values": ("work/value_positions",),
     "old_logprobs": ("work/old_logprob_positions",),
     "policy_update": ("work/policy_positions", "work/policy_prefix_positions"),

@@ -41,10 +41,11 @@ the time to target where the CPU's learning factors decide it. Learning factors 
 bootstrap CIs over seeds: never one arm's factor for another.
 
 The check (section ``cpu_check``): the same simulation of the speed study's CPU setting
-(one embedded engine, its lengths, the library's micro-batch packing) gives each arm's
-work per prompt; this machine's unit costs (benchmarks/cost_model.py, fitted on the
-study's PPO seed 0) turn it into seconds per phase, compared with what the study
-measured. Left out: per-prompt correlation of lengths, communication other than the
+(one embedded engine counted as it runs, ``lockstep``; the library's micro-batch packing)
+replays each study run's own rows (their prompt and response lengths, logged by the
+study) and gives its work; this machine's unit costs (benchmarks/cost_model.py, fitted on
+the study's first seed of every arm) turn it into seconds per phase, compared with what
+the run measured, for every run the costs were not fitted on. Left out: per-prompt correlation of lengths, communication other than the
 weight sync, a reference model (the paper's runs use no KL).
 
     python benchmarks/gpu_projection.py          # writes results/gpu_projection.json
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import statistics
@@ -232,13 +234,14 @@ class Row:
     have: int  # tokens generated so far
     prompt: int
     start_have: int = 0  # tokens it had when the step began
+    correct: bool | None = None  # a replayed row: finished with reward >= 1 (None: not known)
 
     @property
     def context(self) -> int:
         return self.prompt + self.have
 
 
-GEN_WORK = ("decode_steps", "row_steps", "prefill_tokens", "kv_positions")
+GEN_WORK = ("decode_steps", "row_steps", "prefill_tokens", "kv_positions", "cache_positions", "prefill_calls", "copy_positions")
 
 
 @dataclasses.dataclass
@@ -253,8 +256,22 @@ class EngineResult:
         return int(self.work["decode_steps"])
 
 
+class RowQueue:
+    """In-window refill's new rows, drawn from the prompt stream as slots free up (``take``);
+    ``taken``: those drawn, in order."""
+
+    def __init__(self, draw) -> None:
+        self.draw, self.taken = draw, []
+
+    def take(self, n: int) -> list[Row]:
+        out = [self.draw() for _ in range(n)]
+        self.taken += out
+        return out
+
+
 def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_steps: int | None = None,
-               new_rows: list[Row] | None = None, chunk: int = 64, compact_fraction: float = 0.0, lockstep: bool = False) -> EngineResult:
+               new_rows: list[Row] | None = None, chunk: int = 64, compact_fraction: float = 0.0, lockstep: bool = False,
+               group: int = 1, max_tokens: int | None = None) -> EngineResult:
     """Generate on one engine until every row has finished or used ``budget`` tokens this
     window, or ``max_steps`` decode steps have passed (``window_mode: steps``). ``rows``
     are updated in place.
@@ -263,26 +280,39 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
     first served while the head's context fits in the free KV; admission prefills the
     row's whole context, in the compute of the decode steps that follow (chunked
     prefill). When the running rows' next tokens do not fit, the newest running row is
-    preempted to the front of the queue. ``new_rows`` (in-window refill) join the queue's
-    end as rows finish, one per finished row. Time advances ``chunk`` decode steps at a
-    time, or to the next event if sooner (a finish, a full cache, the window's end); a
-    chunk charges the context at its middle. ``compact_fraction`` > 0: finished rows stay
-    in the decode batch (counted in ``row_steps``) until that share of it is finished,
-    the embedded engine's compaction. ``lockstep``: ``kv_positions`` counts as the embedded
-    engine's shared static cache does (every entry of the decode batch reads the cache's
-    width, the longest context at the window's start plus the steps so far); else each
-    row's own context.
+    preempted to the front of the queue. ``new_rows`` (in-window refill; None: no refill)
+    join the queue's end as rows finish. Time advances ``chunk`` decode steps at a time,
+    or to the next event if sooner (a finish, a full cache, the window's end); a chunk
+    charges the context at its middle.
+
+    ``lockstep`` counts as the embedded engine runs (tppo/rollout/embedded.py): one
+    static KV cache of width P + horizon (P the widest context at the window's start,
+    horizon the window's planned decode steps from the cap ``max_tokens``, W more with
+    refill under ``window_mode: tokens``), attended over whole at each decode forward
+    (``cache_positions``; ``kv_positions`` up to P + s); finished rows stay in the decode
+    batch (``row_steps``) until ``compact_fraction`` of it is finished, and a compaction
+    copies the survivors' cache rows (``copy_positions``); refill joins whole groups of
+    ``group`` rows into finished rows' entries within the window's first horizon - 1
+    steps, one prefill call each; the first token comes from the prefill, so the decode
+    forwards are one fewer than the decode steps. Else (vLLM) each row's own context.
     """
-    new_rows = new_rows if new_rows is not None else []
+    refill = new_rows is not None
+    take = new_rows.take if isinstance(new_rows, RowQueue) else (lambda n: [new_rows.pop(0) for _ in range(min(n, len(new_rows)))])
     want = (lambda r: r.target - r.have) if budget is None else (lambda r: min(r.target - r.have, budget - (r.have - r.start_have)))
     waiting = [r for r in rows if want(r) > 0]
     running: list[Row] = []
     t = prefill = used = pending = 0.0
     work = dict.fromkeys(GEN_WORK, 0.0)
+    work["prefill_calls"] = 1.0
     steps = preempt = dead = 0
     cap = eng.kv_capacity_tokens
-    width = max((r.context for r in waiting), default=0)  # the embedded engine's shared cache width at the window's start
-    first_end = max((want(r) for r in waiting), default=0)  # the window's steps for the rows it starts with
+    width = max((r.context for r in waiting), default=0)  # the embedded engine's static cache: P, the widest context
+    if max_tokens is not None:  # embedded.py: n_steps from the cap, not the (unknown) lengths
+        plan = lambda r: min(max_tokens - r.have, budget if budget is not None else max_tokens)  # noqa: E731
+    else:
+        plan = want
+    first_end = max((plan(r) for r in waiting), default=0)  # the window's steps for the rows it starts with
+    horizon = first_end + (budget if refill and max_steps is None and budget is not None else 0)
     blocked = False  # after a preemption nothing is admitted until a row finishes (vLLM V1)
     while waiting or running:
         # admitted only if its context and every running row's next token fit: else it would be preempted at once
@@ -311,7 +341,13 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
         prefill, pending = prefill + pending, 0.0
         work["decode_steps"] += k
         work["row_steps"] += k * (n + dead)
-        work["kv_positions"] += k * (n + dead) * (width + steps + (k - 1) / 2) if lockstep else k * context  # step s reads P + s
+        if lockstep:  # decode forwards at steps 1..: the first token is sampled from the prefill's logits
+            fed = k - (steps == 0)
+            work["kv_positions"] += fed * (n + dead) * (width + steps + (k - 1 + (steps == 0)) / 2)  # forward s reads P + s + 1
+            work["cache_positions"] += fed * (n + dead) * (width + horizon)
+        else:
+            work["kv_positions"] += k * context
+            work["cache_positions"] += k * context
         for r in running:
             r.have += k
         used += n * k
@@ -322,14 +358,22 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
             used -= sum(r.context for r in done)
             blocked = False
             dead += len(done)
-            if dead >= compact_fraction * (len(running) + dead):
+            last = (max_steps is not None and steps >= max_steps) or (lockstep and steps >= horizon)
+            # refill (embedded._admit, before its compaction): whole groups into finished rows' entries, before step horizon - 1
+            if refill and steps < first_end and not last:
+                free = dead - dead % group if lockstep else sum(r.have >= r.target for r in done)
+                joining = take(free)
+                if joining:
+                    waiting.extend(joining)
+                    dead = max(0, dead - len(joining))  # they take the finished rows' entries in place (embedded._join)
+                    if lockstep:
+                        work["prefill_calls"] += 1
+                        work["prefill_tokens"] -= len(joining)  # a joining prompt's last token is fed with the decode step
+                        work["copy_positions"] += len(joining) * (width + horizon)
+            if not last and dead and dead >= compact_fraction * (len(running) + len(waiting) + dead):
+                if lockstep:
+                    work["copy_positions"] += (len(running) + len(waiting)) * (width + horizon)  # the survivors' cache rows
                 dead = 0
-            # refill: a row that finished (not one that used its W) frees a slot, within the window's first rows' steps
-            freed = sum(r.have >= r.target for r in done) if steps < first_end else 0  # embedded._admit: s < n_steps - 1
-            joining = new_rows[:freed]
-            del new_rows[:freed]
-            waiting.extend(joining)
-            dead = max(0, dead - len(joining))  # they take the finished rows' entries in place (embedded._join)
         if max_steps is not None and steps >= max_steps:
             break
     return EngineResult(t, prefill, preempt, work)
@@ -468,11 +512,23 @@ def simulate(lengths: np.ndarray, s: Setting, eng: Engine, arm: Arm, steps: int 
     phase (``generate``, ``train``, ``sync`` and the training passes), work counters, prompts
     finished and admitted. ``trained``: arms that generate as ``arm`` does and train
     differently (GRPO beside PPO, the engine's log-probs beside the exact update): the
-    same rollout costed for each, {name: totals}."""
+    same rollout costed for each, {name: totals}.
+
+    ``lengths``: the response lengths, in the order rows are admitted; or (n, 2) rows of
+    (prompt tokens, response length), or (n, 3) with a third column, correct, a run's own
+    rows replayed (:func:`replayed_rows`): then the finishing correct rows are the ones
+    whose loss covers their whole response (where ``Arm.whole_share`` says the LM loss is
+    on), else ``whole_share`` of them. Cycled if the simulation admits more rows."""
     G, slots = s.samples_per_prompt, s.prompts_per_step * s.samples_per_prompt
     gpus = s.engines * eng.gpus
-    stream = iter(lengths.tolist())
-    fresh = lambda: Row(target=int(next(stream)), have=0, prompt=s.prompt_tokens)  # noqa: E731
+    lengths = np.asarray(lengths)
+    rows_ = lengths.tolist() if lengths.ndim == 2 else [(s.prompt_tokens, n) for n in lengths.tolist()]
+    stream = itertools.cycle(rows_)
+
+    def fresh() -> Row:
+        prompt, target, *correct = next(stream)
+        return Row(target=int(target), have=0, prompt=int(prompt), correct=bool(correct[0]) if correct else None)
+
     placed: list[list[Row]] = [[] for _ in range(s.engines)]
     arms = trained or [arm]
     accs = {a.name: {"time_s": 0.0, "generate_s": 0.0, "train_s": 0.0, "sync_s": 0.0, "prefill_s": 0.0, "preemptions": 0,
@@ -489,17 +545,17 @@ def simulate(lengths: np.ndarray, s: Setting, eng: Engine, arm: Arm, steps: int 
                 min(placed, key=len).append(r)
         for r in in_flight + new:
             r.start_have = r.have
-        # in-window refill: each engine's queue of new rows (one per slot at most), taken as rows finish
-        shares = [[fresh() for _ in range(len(e))] if arm.refill else [] for e in placed]
-        queues = [list(q) for q in shares]
+        # in-window refill: new rows drawn from the stream as each engine's rows finish
+        queues = [RowQueue(fresh) if arm.refill else None for _ in placed]
         W = None if arm.synchronous else arm.window
         results = [run_engine(rows, eng, budget=W, max_steps=W if arm.window_mode == "steps" else None, new_rows=q,
-                              compact_fraction=s.compact_fraction, lockstep=s.lockstep) for rows, q in zip(placed, queues)]
+                              compact_fraction=s.compact_fraction, lockstep=s.lockstep, group=G,
+                              max_tokens=s.max_response_tokens if s.lockstep else None) for rows, q in zip(placed, queues)]
         step_admitted = len(new) / G
-        for e, share, q in zip(placed, shares, queues):
-            taken = share[:len(share) - len(q)]
-            e.extend(taken)
-            step_admitted += len(taken) / G
+        for e, q in zip(placed, queues):
+            if q is not None:
+                e.extend(q.taken)
+                step_admitted += len(q.taken) / G
         admitted += step_admitted
         rows_now = [r for e in placed for r in e]
         got = [r for r in rows_now if r.have > r.start_have]  # a row queued all window long has nothing to train on
@@ -507,13 +563,14 @@ def simulate(lengths: np.ndarray, s: Setting, eng: Engine, arm: Arm, steps: int 
         window = np.array([r.have - r.start_have for r in got], dtype=np.float64)
         carried = np.array([r.start_have > 0 for r in got], dtype=bool)
         ending = np.array([r.have >= r.target for r in got], dtype=bool)
+        known = np.array([bool(r.correct) for r in got], dtype=bool) if got and got[0].correct is not None else None
         finished = [r for r in rows_now if r.have >= r.target]
         fin = np.array([r.context for r in finished], dtype=np.float64)
         placed = [[r for r in e if r.have < r.target] for e in placed]
         if k >= measure_from:
             for a in arms:
                 tw = train_work(a, prefix, window, fin, s, update=k >= s.critic_warmup_steps, carried=carried,
-                                whole=whole_rows(ending, a.whole_share))
+                                whole=ending & known if known is not None and a.whole_share else whole_rows(ending, a.whole_share))
                 account(accs[a.name], results, tw, eng, gpus, len(finished), step_admitted)
         k += 1
     for acc in accs.values():
@@ -563,28 +620,15 @@ def lognormal_lengths(n: int, median: float, sigma: float, cap: int, seed: int =
     return np.clip(np.round(median * np.exp(sigma * rng.standard_normal(n))), 1, cap).astype(np.int64)
 
 
-def chain_lengths(n: int, cap: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
-    """Response lengths of the embedded chain task's correct solutions (characters = tokens,
-    + EOS) times ``scale`` (``cap / 256``: the shape of the embedded long tail at another
-    scale), capped at ``cap``."""
-    from tppo.config import ChainConfig
-    from tppo.tasks.chain import Chain, ChainTask, solution_text
-
-    stream = ChainTask(ChainConfig()).stream("train", seed)
-    metas = [next(stream).meta for _ in range(min(n, 20_000))]
-    base = np.array([len(solution_text(Chain(**m))) + 1 for m in metas])
-    rng = np.random.default_rng(seed)
-    return np.clip(np.round(rng.choice(base, n) * scale), 1, cap).astype(np.int64)
-
-
 # ---------------------------------------------------------------------- the CPU check
 
 
-def cpu_setting(correct_share: float = 0.0) -> dict[str, tuple[Setting, Arm]]:
-    """The speed study's arms (configs/demo.yaml + its COMMON + the arm's overrides) as the
-    model sees them: (setting, arm) per arm. ``tppo-auto`` is left out: its W is chosen
-    while it runs. ``correct_share``: the share of finished rows that are correct (under the
-    positive-example LM loss, their whole response carries a loss: Arm.whole_share)."""
+def cpu_setting(correct_share: float = 0.0, extra: list[str] | None = None) -> dict[str, tuple[Setting, Arm]]:
+    """The speed study's arms (configs/demo.yaml + its COMMON + the arm's overrides + the
+    study's ``extra`` ones) as the model sees them: (setting, arm) per arm. ``tppo-auto`` is
+    left out: its W is chosen while it runs. ``correct_share``: the share of finished rows
+    that are correct (under the positive-example LM loss, their whole response carries a
+    loss: Arm.whole_share)."""
     from speed_study import ARMS, COMMON
 
     from tppo.config import load_config
@@ -593,7 +637,7 @@ def cpu_setting(correct_share: float = 0.0) -> dict[str, tuple[Setting, Arm]]:
     out = {}
     prompt = chain_prompt_tokens()
     for name, overrides in ARMS.items():
-        cfg = load_config(ROOT / "configs" / "demo.yaml", [*COMMON, *overrides])
+        cfg = load_config(ROOT / "configs" / "demo.yaml", [*COMMON, *overrides, *(extra or [])])
         a, r, t = cfg.algo, cfg.rollout, cfg.train
         if not isinstance(r.window_tokens, int):
             continue
@@ -617,34 +661,21 @@ def chain_prompt_tokens() -> int:
     return round(statistics.mean(len(next(stream).prompt) for _ in range(2000)))
 
 
-def calibration_lengths(run: dict, s: Setting, n: int = 100_000, seed: int = 0) -> tuple[np.ndarray, str]:
-    """Response lengths like the calibration run's (a synchronous PPO run), from its own
-    counters only: a share q of rows run to the cap L (a policy that rambles; PPO's step
-    lasts L decode steps whenever one of its B rows does, so q = 1 - f^(1/B) with f the
-    share of its steps that lasted L), the others the chain task's solution lengths scaled
-    so that the mean response is the run's (generated tokens / responses).
-
-    TODO(#20, D): this model of the lengths is what fails the CPU check of the study of
-    record (PPO's simulated decode steps +30 %, T-PPO's prefill -29 %: RESULTS.md); the
-    trained policies' tails, and each arm's own, are not the chain task's scaled. The
-    study should log each step's response lengths so that the check replays them."""
-    L, B = s.max_response_tokens, s.prompts_per_step * s.samples_per_prompt
-    steps = run["per_step"]
-    f = sum((st.get("work/decode_steps") or 0) >= L for st in steps) / len(steps)
-    f = min(f, 1 - 1 / (2 * len(steps)))  # all steps at L: q is at least this much
-    q = 1 - (1 - f) ** (1 / B) if f > 0 else 0.0
-    mean = sum(st.get("rollout/generated_tokens") or 0 for st in steps) / (run["prompts"] * s.samples_per_prompt)
-    base = chain_lengths(20_000, L).astype(np.float64)
-    scale = max(mean - q * L, 1.0) / ((1 - q) * base.mean())
-    rng = np.random.default_rng(seed)
-    lengths = np.where(rng.random(n) < q, L, np.clip(np.round(rng.choice(base, n) * scale), 1, L)).astype(np.int64)
-    return lengths, (f"{q:.1%} of the rows at the cap L = {L}, the others the chain task's solution lengths x {scale:.3f}: "
-                     f"the calibration run's share of steps lasting L ({f:.0%}) and its mean response ({mean:.1f} tokens)")
+def replayed_rows(run: dict, cap: int) -> np.ndarray:
+    """A speed-study run's own rows (its ``rows``: prompt tokens, response tokens, finished,
+    correct), in admission order, as :func:`simulate` replays them: (prompt, length,
+    correct); a row still in flight when the run ended is given the cap (it stays in
+    flight as it did)."""
+    return np.array([(p, n if done else cap, ok) for p, n, done, ok in run["rows"]], dtype=np.int64)
 
 
 def cpu_check(study: dict) -> dict | None:
-    """Each speed-study arm simulated on the CPU's setting, its work per prompt costed with
-    the study's fitted unit costs, against the seconds and work the study measured."""
+    """Each speed-study run the unit costs were not fitted on, simulated on the CPU's
+    setting with its own rows replayed (:func:`replayed_rows`), its simulated work costed
+    with the study's unit costs (benchmarks/cost_model.py), against the seconds and work
+    it measured: per arm the median over its runs of model / measured - 1, per phase.
+    What it checks is the model's accounting (the library's windows, batches and passes
+    replayed from lengths alone) and the unit costs together; the lengths are an input."""
     from cost_model import predict
 
     cm = study.get("cost_model") or {}
@@ -653,35 +684,34 @@ def cpu_check(study: dict) -> dict | None:
     # the share of correct responses while training: about midway between the start and the arms' ends (held-out accuracy)
     finals = [x for a in study["arms"].values() for x in a["final_accuracy"]]
     correct = (study["initial_accuracy"] + statistics.median(finals)) / 2 if finals else study["initial_accuracy"]
-    arms = cpu_setting(correct)
-    s = arms["ppo"][0]
-    lengths_run = cm.get("lengths_run", cm["calibration"])  # older studies: one calibration run, PPO's
-    lengths, how = calibration_lengths(study["results"][lengths_run], s)
-    prompts = int(study["args"]["prompts"])
+    arms = cpu_setting(correct, study.get("args", {}).get("extra"))
     cpu = Engine("CPU (work only)", 0, 0, 0, 0, 0, 0, 0, 0, 0, combine="sum")
-    out = {"lengths": {"source": how, "mean": float(lengths.mean()), "at_cap": float((lengths >= s.max_response_tokens).mean())},
-           "correct_share": correct, "arms": {}}
-    seen = cm["calibration"] if isinstance(cm["calibration"], list) else [cm["calibration"]]  # older studies: one run
+    out = {"lengths": "each run's own rows, replayed", "correct_share": correct, "arms": {}}
+    seen = set(cm["calibration"] if isinstance(cm["calibration"], list) else [cm["calibration"]])
     for name, a in study["arms"].items():
-        if name not in arms:
+        runs = [study["results"][key] for seed in a["seeds"] if (key := f"{name}/s{seed}") not in seen]
+        runs = [r for r in runs if r.get("rows")]
+        if name not in arms or not runs:
             continue
         setting, arm = arms[name]
-        sim = simulate(lengths, setting, cpu, arm, prompts=prompts)
-        work = {f"work/{k}": v for k, v in sim["work"].items()}
-        pred = predict(cm["unit_costs"], work)
-        n_prompts = sim["admitted_prompts"]
-        # the runs the unit costs were not fitted on; per run per prompt, then the median over them
-        runs = [study["results"][key] for seed in a["seeds"] if (key := f"{name}/s{seed}") not in seen]
-        if not runs:
-            continue
-
-        def per_prompt(get) -> float:
-            return statistics.median(get(r) / r["prompts"] for r in runs)
-
-        err = {p: (pred[p] / n_prompts) / m - 1 for p in pred if pred[p] and (m := per_prompt(lambda r: r["phase_s"][p]))}
-        err["total"] = (sum(pred.values()) / n_prompts) / per_prompt(lambda r: sum(r["phase_s"][p] for p in pred)) - 1
-        work_err = {k: (work[k] / n_prompts) / m - 1 for k in work if (m := per_prompt(lambda r: r["work"].get(k) or 0))}
-        out["arms"][name] = {"relative_error": err, "work_relative_error": work_err,
+        errs: dict[str, list[float]] = {}
+        work_errs: dict[str, list[float]] = {}
+        admitted = []  # the simulation's prompts over the run's: 1 where it replays the run's steps
+        for r in runs:
+            sim = simulate(replayed_rows(r, setting.max_response_tokens), setting, cpu, arm, prompts=r["prompts"])
+            admitted.append(sim["admitted_prompts"] / r["prompts"])
+            work = {f"work/{k}": v for k, v in sim["work"].items()}
+            pred = predict(cm["unit_costs"], work)
+            for p, v in pred.items():
+                if v and r["phase_s"].get(p):
+                    errs.setdefault(p, []).append(v / r["phase_s"][p] - 1)
+            errs.setdefault("total", []).append(sum(pred.values()) / sum(r["phase_s"][p] for p in pred) - 1)
+            for k, v in work.items():
+                if r["work"].get(k):
+                    work_errs.setdefault(k, []).append(v / r["work"][k] - 1)
+        err = {p: statistics.median(e) for p, e in errs.items()}
+        out["arms"][name] = {"runs": len(runs), "relative_error": err, "admitted_over_run": statistics.median(admitted),
+                             "work_relative_error": {k: statistics.median(e) for k, e in work_errs.items()},
                              "within_10pct": all(abs(e) <= 0.10 for e in err.values())}
     out["all_within_10pct"] = all(v["within_10pct"] for v in out["arms"].values())
     return out
@@ -836,9 +866,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a small cluster and L (a test runs it)")
     ap.add_argument("--out", help="output JSON (default: results/gpu_projection.json)")
     ap.add_argument("--markdown", action="store_true", help="print the tables of an existing --out JSON and stop")
+    ap.add_argument("--cpu-check-only", action="store_true", help="recompute the CPU check of an existing --out JSON from --study")
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(results_path(args.out or "gpu_projection.json").read_text())))
+        return 0
+    if args.cpu_check_only:
+        report = json.loads(results_path(args.out or "gpu_projection.json").read_text())
+        report["cpu_check"] = cpu_check(json.loads(Path(args.study).read_text()))
+        report["cpu_check_commit"] = commit()
+        print(markdown(report))
+        print(f"wrote {write_json(args.out or 'gpu_projection.json', report)}")
         return 0
     eng = Engine.derive(QWEN_32B, H100, tp=4)
     s = PAPER

@@ -74,8 +74,9 @@ ARMS: dict[str, list[str]] = {
 MAIN_ARMS = ("ppo", "tppo", "grpo", "partial-ppo")
 APPROXIMATIONS = {"tppo-noprefixgrad": "the gradient without the terms through earlier windows (prefix_grad=false)"}
 PHASES = ("generate", "score", "values", "old_logprobs", "policy_update", "value_update")
-WORK = ("work/decode_steps", "work/row_steps", "work/kv_positions", "work/prefill_tokens", "work/value_positions", "work/old_logprob_positions",
-        "work/policy_positions", "work/policy_prefix_positions", "work/critic_positions", "work/padding_positions")
+WORK = ("work/decode_steps", "work/row_steps", "work/kv_positions", "work/cache_positions", "work/prefill_tokens", "work/prefill_calls",
+        "work/copy_positions", "work/value_positions", "work/old_logprob_positions", "work/policy_positions", "work/policy_prefix_positions",
+        "work/critic_positions", "work/padding_positions")
 
 
 def arm_overrides(arm: str) -> list[str]:
@@ -121,12 +122,22 @@ def run_job(spec: dict) -> dict:
 
 
 def train_curve(tr, prompts: int, eval_every: int) -> dict:
-    """Train until ``prompts`` prompts were admitted, evaluating every ``eval_every``."""
+    """Train until ``prompts`` prompts were admitted, evaluating every ``eval_every``.
+    ``rows``: every row the engine admitted, in admission order (uid), as [prompt tokens,
+    response tokens, finished, correct]: the final length of a finished row, the length so
+    far of one still in flight at the end; correct: finished with reward >= 1 (the
+    positive-example LM loss's rows). The GPU projection's CPU check replays them."""
+    rows: dict[int, list[int]] = {}
+
+    def record(tr) -> None:
+        for r, x in zip(tr.last_window.rows, tr.last_rewards):  # a row is in every window it spans: the last record is its latest
+            rows[r.uid] = [len(r.prompt_ids), len(r.response_ids), int(r.finished), int(x is not None and x >= 1.0)]
+
     steps, curve = train_with_evals(tr, prompts, eval_every, ("time/step_s", *(f"time/{p}_s" for p in PHASES), *WORK,
-                                                             "rollout/generated_tokens"))
+                                                             "rollout/generated_tokens"), on_step=record)
     return {"curve": curve, "steps": len(steps), "prompts": tr.source.cursor, "train_s": tr.elapsed,
             "phase_s": {p: sum(s[f"time/{p}_s"] or 0.0 for s in steps) for p in PHASES},
-            "work": {k: sum(s[k] or 0 for s in steps) for k in WORK}, "per_step": steps}
+            "work": {k: sum(s[k] or 0 for s in steps) for k in WORK}, "per_step": steps, "rows": [rows[u] for u in sorted(rows)]}
 
 
 # ---------------------------------------------------------------------- the driver

@@ -376,11 +376,21 @@ def test_speed_study_quick_runs_end_to_end(tmp_path):
         assert a["overrides"] == ss.arm_overrides(arm) and len(a["final_accuracy"]) == len(a["time_to_target_s"]) == 1
         assert a["work"]["work/decode_steps"] > 0 and a["work"]["work/policy_positions"] > 0
         assert (a["work"]["work/value_positions"] == 0) == (arm == "grpo")  # GRPO runs no value pass
+        run = res["results"][f"{arm}/s0"]
+        # every admitted row, once, in admission order: its tokens are every token the run generated
+        assert len(run["rows"]) == run["prompts"] * 4 and sum(r[1] for r in run["rows"]) == sum(s["rollout/generated_tokens"] for s in run["per_step"])
+        assert all(f in (0, 1) and c <= f for *_, f, c in run["rows"]) and sum(r[2] for r in run["rows"]) >= len(run["rows"]) / 2
     assert res["target_accuracy"] >= res["initial_accuracy"] + 3 * res["eval_se"]
     for r in res["ratios"].values():
         assert {"median", "ci_low", "ci_high", "n"} == set(r["per_prompt"]) and r["per_prompt"]["n"] == 1
     cm = res["cost_model"]  # fitted on PPO's run, checked on every other arm's
     assert cm["calibration"] == ["ppo/s0"] and set(cm["relative_error"]) == set(ss.MAIN_ARMS) - {"ppo"}
+    # the projection's CPU check replays each run's rows: every work counter the trainer logged, exactly
+    check = gp.cpu_check(res)
+    assert set(check["arms"]) == set(ss.MAIN_ARMS) - {"ppo"}
+    for arm, c in check["arms"].items():
+        assert c["admitted_over_run"] == 1.0 and len(c["work_relative_error"]) >= 7, arm
+        assert c["work_relative_error"] == pytest.approx(dict.fromkeys(c["work_relative_error"], 0.0), abs=1e-12), arm
 
 
 def test_lora_benchmark_quick_runs_end_to_end(tmp_path):
@@ -405,7 +415,8 @@ def test_cost_model_recovers_known_unit_costs_and_predicts_another_run():
     import cost_model as cm
 
     rng = np.random.default_rng(0)
-    truth = {"work/decode_steps": 2e-3, "work/row_steps": 1e-4, "work/kv_positions": 2e-7, "work/prefill_tokens": 5e-6, "work/value_positions": 3e-6,
+    truth = {"work/decode_steps": 2e-3, "work/row_steps": 1e-4, "work/kv_positions": 2e-7, "work/cache_positions": 1e-7, "work/prefill_tokens": 5e-6,
+             "work/prefill_calls": 3e-3, "work/copy_positions": 4e-8, "work/value_positions": 3e-6,
              "work/policy_positions": 9e-6, "work/policy_prefix_positions": 3e-6, "work/critic_positions": 8e-6}
 
     def steps(n, decode, rows):
@@ -416,6 +427,8 @@ def test_cost_model_recovers_known_unit_costs_and_predicts_another_run():
                  "work/policy_prefix_positions": 0, "work/critic_positions": int(rng.integers(2e3, 1e4)), "work/old_logprob_positions": 0}
             w["work/row_steps"] = w["work/decode_steps"] * int(rng.integers(*rows))
             w["work/kv_positions"] = w["work/row_steps"] * int(rng.integers(20, 300))  # the rows' contexts vary apart
+            w["work/cache_positions"] = w["work/kv_positions"] + w["work/row_steps"] * int(rng.integers(0, 64))  # the cache's unused tail
+            w["work/prefill_calls"], w["work/copy_positions"] = int(rng.integers(1, 12)), int(rng.integers(0, 10**5))
             t = {f"time/{p}_s": sum(truth.get(k, 0) * w[k] for k in keys) for p, keys in cm.PHASE_WORK.items()}
             out.append({**w, **t})
         return out
@@ -500,3 +513,46 @@ def test_a_study_journal_keeps_finished_runs_and_runs_only_the_rest(tmp_path):
     assert sorted(log.read_text().split()) == ["2", "3"], "a was not run again; b's spec changed"
     again = run_job_subprocesses(script, [("a", {"x": 1}), ("b", {"x": 2}), ("c", {"x": 3})], 2, str, journal=journal)
     assert again == out and sorted(log.read_text().split()) == ["2", "3"]
+
+
+@pytest.mark.parametrize("mode", ["ppo", "tppo", "refill-tokens", "refill-steps"])
+def test_the_projection_counts_the_embedded_engines_work_exactly_on_the_same_rows(mode):
+    """The model's window is the library's: the embedded engine on the countdown model
+    (each prompt's rows write a known number of tokens, some past the cap) and the
+    projection's lockstep simulation of the same rows, window for window, count the same
+    decode steps, row-steps, KV and cache positions, prefill tokens and calls and copies."""
+    from mock_models import BOS, EOS, PAD, count_token, countdown_model
+
+    from tppo.config import RolloutConfig
+    from tppo.rollout import EmbeddedEngine, PromptItem
+    from tppo.rollout.embedded import COMPACT_FRACTION
+
+    L, W, G, windows = 24, 6, 2, 8
+    lengths = [int(x) for x in np.random.default_rng(3).integers(1, 31, 200)]
+    refill, steps_mode = mode.startswith("refill"), mode == "refill-steps"
+    cfg = RolloutConfig(prompts_per_step=4, samples_per_prompt=G, window_tokens=L if mode == "ppo" else W, max_response_tokens=L,
+                        refill_within_window=refill, window_mode="steps" if steps_mode else "tokens")
+    eng = EmbeddedEngine(cfg, [PromptItem(i, [BOS, count_token(n)]) for i, n in enumerate(lengths)], eos_token_ids=EOS, pad_token_id=PAD)
+    model = countdown_model(32)
+    stats = [eng.generate_window(model, v).stats for v in range(windows)]
+    s = gp.Setting(prompts_per_step=4, samples_per_prompt=G, max_response_tokens=L, prompt_tokens=2, compact_fraction=COMPACT_FRACTION,
+                   lockstep=True)
+    arm = gp.Arm("ppo") if mode == "ppo" else gp.Arm("tppo", window=W, refill=refill, window_mode="steps" if steps_mode else "tokens")
+    cpu = gp.Engine("CPU (work only)", 0, 0, 0, 0, 0, 0, 0, 0, 0, combine="sum")
+    sim = gp.simulate(np.array([(2, min(n, L)) for n in lengths for _ in range(G)]), s, cpu, arm, steps=windows)
+    assert sum(st.prefill_calls for st in stats) > windows or not refill, "the case has in-window joins"
+    assert sum(st.copy_positions for st in stats) > 0, "and compactions"
+    for key in gp.GEN_WORK:
+        assert sim["work"][key] == sum(getattr(st, key) for st in stats), key
+
+
+def test_static_cache_benchmark_quick_runs_at_head(tmp_path):
+    """`python benchmarks/static_cache.py --quick`: every width x context case timed."""
+    import json
+
+    import static_cache
+
+    assert static_cache.main(["--quick", "--out", str(tmp_path / "sc.json")]) == 0
+    res = json.loads((tmp_path / "sc.json").read_text())
+    assert len(res["decode_forward_ms"]) == 4 and all(v > 0 for v in res["decode_forward_ms"].values())
+    assert res["width_ratio_at_short_context"] > 0 and res["context_ratio_at_widest"] > 0

@@ -161,6 +161,12 @@ def test_refill_within_window_fills_freed_slots_hand_computed(countdown):
     assert wb.window_start == [0] * 5
     assert wb.stats.decode_steps == 8 and wb.stats.generated_tokens == 16
     assert wb.stats.slot_utilization == 1.0
+    # the work counters, by hand: 7 decode forwards (the 8th token's logits are never needed) of 2 entries over
+    # a static cache of P + 16 (window_mode tokens: a row joining late may run W = 8 steps past the first rows'
+    # 8); one prefill for A and B, then one join each for C, D and E (a row of the cache copied in apiece)
+    P, width = max(len(r.prompt_ids) for r in wb.rows[:2]), max(len(r.prompt_ids) for r in wb.rows[:2]) + 16
+    assert wb.stats.cache_positions == 7 * 2 * width and wb.stats.kv_positions == sum(2 * (P + s + 1) for s in range(7))
+    assert wb.stats.prefill_calls == 4 and wb.stats.copy_positions == 3 * width
     # Without refill the same window leaves the second slot idle after step 2.
     eng = EmbeddedEngine(dataclasses.replace(cfg, refill_within_window=False), countdown_prompts([2, 8, 2, 2, 2]), eos_token_ids=EOS, pad_token_id=PAD)
     assert eng.generate_window(countdown, 0).stats.slot_utilization == pytest.approx(10 / 16)
@@ -440,18 +446,23 @@ def test_row_steps_count_the_decode_batch_padding_included(countdown, mode):
     cfg = RolloutConfig(prompts_per_step=16, samples_per_prompt=1, window_tokens=16, max_response_tokens=16, **MODES[mode])
     wb = EmbeddedEngine(cfg, countdown_prompts(lengths), eos_token_ids=EOS, pad_token_id=PAD).generate_window(countdown, 0)
     expected = 160
+    P = max(len(r.prompt_ids) for r in wb.rows)
+    width = P + 16  # the static cache: the prompts and the window's W = 16 steps
+    entries, copied = [16] * 9, 0  # naive: 9 decode forwards (the 10th token's logits are never needed) of all 16 entries
     if mode == "compact":
-        batch, expected = list(lengths), 0
+        batch, expected, entries = list(lengths), 0, []
         for s in range(1, max(lengths) + 1):
             expected += len(batch)
             dead = sum(n <= s for n in batch)
             if dead and dead >= emb.COMPACT_FRACTION * len(batch):
                 batch = [n for n in batch if n > s]
+                copied += len(batch) * width  # the survivors' rows of the cache, copied
+            if batch:
+                entries.append(len(batch))  # the next step's decode forward
         assert sum(lengths) < expected < 160
     assert wb.stats.row_steps == expected and wb.stats.generated_tokens == sum(lengths)
-    if mode == "naive":  # 9 decode forwards (the 10th token's logits are never needed), 16 entries over P + s + 1 positions
-        P = max(len(r.prompt_ids) for r in wb.rows)
-        assert wb.stats.kv_positions == sum(16 * (P + s + 1) for s in range(9))
+    assert wb.stats.kv_positions == sum(n * (P + s + 1) for s, n in enumerate(entries))
+    assert wb.stats.cache_positions == sum(entries) * width and wb.stats.prefill_calls == 1 and wb.stats.copy_positions == copied
 
 
 def test_a_vllm_rank_without_rows_still_takes_the_new_weights(monkeypatch):

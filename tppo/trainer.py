@@ -161,6 +161,8 @@ class Trainer:
         self.nonfinite_skips, self.nonfinite_in_a_row = 0, 0
         self.saved_step: int | None = None  # the step of the last checkpoint this process wrote
         self.work = WorkCounter()  # this step's positions per pass (work/*)
+        self.last_window: WindowBatch | None = None  # the last step's rows and rewards (benchmarks replay them)
+        self.last_rewards: list[float | None] = []
         self.reward_extras: dict[str, float] = {}  # this step's reward/<name> of a dict reward
         self._bar = None  # the console's progress bar while train() runs on a terminal
         if ckpt is not None:
@@ -362,9 +364,11 @@ class Trainer:
         m["time/generate_s"] = time.perf_counter() - t0
         if not wb.rows:
             raise RuntimeError("the prompt stream is exhausted and no row is in flight")
+        self.last_window = wb
         # 3. score finished rows.
         t = time.perf_counter()
         rewards = self._score(wb)
+        self.last_rewards = rewards
         m["time/score_s"] = time.perf_counter() - t
         # 4. critic values over prompt + response so far (none for GRPO).
         t = time.perf_counter()
@@ -542,7 +546,10 @@ class Trainer:
             "work/decode_steps": wb.stats.decode_steps,
             "work/row_steps": wb.stats.row_steps,
             "work/kv_positions": wb.stats.kv_positions,
+            "work/cache_positions": wb.stats.cache_positions,
             "work/prefill_tokens": wb.stats.prefill_tokens,
+            "work/prefill_calls": wb.stats.prefill_calls,
+            "work/copy_positions": wb.stats.copy_positions,
             **self.work.counts,
             "rollout/tokens_per_s": wb.stats.tokens_per_s,
             "time/prefill_s": wb.stats.prefill_s,

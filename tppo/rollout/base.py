@@ -80,7 +80,12 @@ class RolloutStats:
     ``row_steps`` = decode-batch rows summed over the decode steps, padding included (a
     finished row not yet compacted away still costs its step); ``kv_positions`` = the KV
     cache positions the decode steps' attention reads, summed over rows and steps (what
-    makes a decode step over long contexts cost more)."""
+    makes a decode step over long contexts cost more); ``cache_positions`` = the KV positions
+    the decode steps' attention spans, padding included (the embedded engine's static cache
+    is attended over its whole length, whatever the step: measured, benchmarks/RESULTS.md);
+    ``prefill_calls`` = the prefill forwards (one per window, plus one per in-window join);
+    ``copy_positions`` = KV-cache positions copied (the embedded engine's compactions and
+    joins copy whole rows of its static cache)."""
 
     slots: int
     decode_steps: int
@@ -90,6 +95,9 @@ class RolloutStats:
     decode_s: float
     row_steps: int = 0
     kv_positions: int = 0
+    cache_positions: int = 0
+    prefill_calls: int = 0
+    copy_positions: int = 0
 
     @property
     def slot_utilization(self) -> float:

@@ -117,6 +117,8 @@ class _Window:
         self.first_col = torch.zeros(len(rows), dtype=torch.long, device=self.dev)
         self.prefill_s = 0.0
         self.prefill_tokens = 0
+        self.prefill_calls = 0
+        self.copy_positions = 0  # KV cache positions copied: compactions and in-window joins
 
     def run(self, version: int) -> RolloutStats:
         logits = self._prefill()
@@ -127,7 +129,7 @@ class _Window:
         self.resp_len = self.start_len.clone()
         self.reason = torch.zeros(B, dtype=torch.long, device=self.dev)  # 0 running/cut, 1 eos, 2 length
         steps = generated = row_steps = 0
-        self.kv_positions = 0
+        self.kv_positions = self.cache_positions = 0
         for s in range(self.horizon):
             row_steps += int(self.active.numel())  # the decode batch this step computes, dead entries included
             generated += self._sample(logits, s)
@@ -144,7 +146,7 @@ class _Window:
         decode_s = time.perf_counter() - t0 - self.admit_s
         self._commit(version)
         return RolloutStats(self.cfg.num_slots, steps, generated, self.prefill_tokens, self.prefill_s + self.admit_s, decode_s, row_steps,
-                            self.kv_positions)
+                            self.kv_positions, self.cache_positions, self.prefill_calls, self.copy_positions)
 
     # ------------------------------------------------------------------ phases
 
@@ -161,6 +163,7 @@ class _Window:
         self.alive = torch.ones(len(self.rows), dtype=torch.bool, device=self.dev)
         self.next_pos = pos[:, -1] + 1
         self.prefill_tokens = int(attn.sum())
+        self.prefill_calls = 1
         self.prefill_s = time.perf_counter() - t0
         self.admit_s = 0.0
         return logits
@@ -192,6 +195,7 @@ class _Window:
             return
         keep = self.alive.nonzero().squeeze(-1)
         self.cache.reorder_cache(keep)
+        self.copy_positions += keep.numel() * (self.P + self.horizon)
         self.active, self.tok, self.next_pos = self.active[keep], self.tok[keep], self.next_pos[keep]
         self.attn_buf, self.alive = self.attn_buf[keep], self.alive[keep]
 
@@ -221,6 +225,8 @@ class _Window:
         Q = ids.shape[1]
         new_cache = _cache_at_offset(self.cache, len(new), self.P + self.horizon, write_pos - Q, self.model.config)
         new_attn = torch.zeros(len(new), self.attn_buf.shape[1], dtype=torch.long, device=dev)
+        self.prefill_calls += 1  # a join: a fresh cache of the whole width, its prompts' prefill, the copy
+        self.copy_positions += len(new) * (self.P + self.horizon)
         if Q > 0:  # one-token prompts have nothing to prefill: their last token is fed below
             new_attn[:, write_pos - Q : write_pos] = attn
             self._forward(ids, new_attn[:, :write_pos], pos, new_cache)
@@ -256,6 +262,7 @@ class _Window:
         self.attn_buf[:, self.P + s] = 1
         ids, pos = self.tok.unsqueeze(-1), self.next_pos.unsqueeze(-1)
         self.kv_positions += ids.shape[0] * (self.P + s + 1)  # each entry attends over the shared cache up to P + s
+        self.cache_positions += ids.shape[0] * (self.P + self.horizon)  # ... and a static cache's attention spans all of it
         logits = self._forward(ids, self.attn_buf[:, : self.P + s + 1], pos, self.cache)
         self.next_pos = self.next_pos + 1
         return logits

@@ -222,7 +222,8 @@ class VLLMEngine(SlotFiller):
         stats = RolloutStats(slots=self.cfg.num_slots, decode_steps=max(new_tokens, default=0), generated_tokens=sum(new_tokens),
                              prefill_tokens=sum(len(r.prompt_ids) + s for r, s in zip(rows, starts)), prefill_s=0.0, decode_s=elapsed,
                              row_steps=sum(new_tokens),  # continuous batching: a finished sequence leaves the batch
-                             kv_positions=sum(n * (len(r.prompt_ids) + s) + n * (n - 1) // 2 for r, s, n in zip(rows, starts, new_tokens)))
+                             kv_positions=(kv := sum(n * (len(r.prompt_ids) + s) + n * (n - 1) // 2 for r, s, n in zip(rows, starts, new_tokens))),
+                             cache_positions=kv, prefill_calls=1)  # paged attention reads each row's own context
         return self._close_window(rows, starts, stats)
 
     def state_dict(self) -> dict[str, Any]:
