@@ -45,8 +45,9 @@ The check (section ``cpu_check``): the same simulation of the speed study's CPU 
 replays each study run's own rows (their prompt and response lengths, logged by the
 study) and gives its work; this machine's unit costs (benchmarks/cost_model.py, fitted on
 the study's first seed of every arm) turn it into seconds per phase, compared with what
-the run measured, for every run the costs were not fitted on. Left out: per-prompt correlation of lengths, communication other than the
-weight sync, a reference model (the paper's runs use no KL).
+the run measured, for every run the costs were not fitted on. Left out: per-prompt
+correlation of lengths, communication other than the weight sync, a reference model (the
+paper's runs use no KL).
 
     python benchmarks/gpu_projection.py          # writes results/gpu_projection.json
     python benchmarks/gpu_projection.py --quick  # small, seconds (a test runs it)

@@ -187,6 +187,22 @@ def test_two_rank_run_checkpoints_and_resumes_exactly(model_dir, tmp_path, fsdp,
     assert single.returncode == 2 and ("train.fsdp shards" if fsdp else "written by 2 ranks") in single.stderr
 
 
+def test_an_fsdp_checkpoint_in_the_critic_warmup_leaves_the_run_as_it_was(model_dir, tmp_path):
+    """torch's get_optimizer_state_dict gives an optimizer that has not stepped a zero-gradient
+    step at lr 0 first: checkpointing the policy's optimizer during the critic-only warm-up
+    counted as AdamW's first step, and the first real update (step 2) came out smaller."""
+    runs = []
+    for every in (0, 1):
+        cfg = make_cfg(model_dir, tmp_path / "unused", "train.total_steps=3", "train.critic_warmup_steps=1", f"log.checkpoint_every={every}",
+                       "log.keep_checkpoints=3", "train.device=cpu", "train.torch_threads=1", "train.fsdp=true")
+        save_config(cfg, tmp_path / f"c{every}.yaml")
+        res = _torchrun("--config", str(tmp_path / f"c{every}.yaml"), "--run-dir", str(tmp_path / f"run{every}"))
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs.append(deterministic_metrics(tmp_path / f"run{every}"))
+    assert [m["policy/updated"] for m in runs[0]] == [0, 1, 1] and runs[0] == runs[1]
+    assert (tmp_path / "run1" / "checkpoints" / "step-000001").is_dir()
+
+
 def _rank_pids(parent: int) -> dict[int, int]:
     """{rank: pid} of torchrun's workers (descendants of ``parent`` with RANK in their environment)."""
     out, todo = {}, [parent]

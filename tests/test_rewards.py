@@ -233,6 +233,21 @@ def test_several_rewards_are_a_weighted_sum_each_logged_by_name():
         RewardScorer("exact", weights=[1.0, 2.0])
 
 
+def test_rewards_that_share_a_function_name_are_logged_apart():
+    """Two rewards named alike (two modules' ``accuracy``, two lambdas, one reward listed
+    twice) each keep their own reward/<name>: neither value overwrites the other."""
+    from tppo.rewards import RewardScorer, reward_names
+
+    assert reward_names(["a.rewards:accuracy", "b.rewards:accuracy", "exact"]) == ["a.rewards.accuracy", "b.rewards.accuracy", "exact"]
+    assert reward_names(["exact", "exact"]) == ["exact", "exact_2"]
+    assert reward_names([f"{EXAMPLES}:length_penalised_exact", "exact"]) == ["length_penalised_exact", "exact"]
+    half, one = (lambda p, c, a: 0.5), (lambda p, c, a: 1.0)
+    with RewardScorer([half, one], workers=0) as scorer:
+        assert scorer.score(["p"], ["c"], ["a"]) == [1.5]
+        (names,) = [list(e) for e in scorer.last_extras]
+        assert len(set(names)) == 2 and sorted(scorer.last_extras[0].values()) == [0.5, 1.0]
+
+
 def test_a_batched_reward_is_called_once_per_batch_with_column_lists():
     import reward_helpers as rh
 

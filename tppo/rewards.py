@@ -216,6 +216,23 @@ def reward_name(spec: str) -> str:
     return spec.rpartition(":")[2]
 
 
+def reward_names(given: list) -> list[str]:
+    """Each reward's ``reward/<name>``: its function's name (:func:`reward_name`); where two
+    rewards share it, their qualified names (``module.function``, so that neither value
+    overwrites the other), numbered if even those repeat (the same reward listed twice)."""
+    short = [reward_name(f) if isinstance(f, str) else getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(given)]
+    full = [f.replace(":", ".") if isinstance(f, str) else f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', short[i])}"
+            for i, f in enumerate(given)]
+    out: list[str] = []
+    for name, qualified in zip(short, full):
+        base = qualified if short.count(name) > 1 else name
+        name, k = base, 2
+        while name in out:
+            name, k = f"{base}_{k}", k + 1
+        out.append(name)
+    return out
+
+
 def checked_rewards(spec: str | list[str], batched: bool = False) -> list[RewardFn]:
     """:func:`checked_reward` of each reward ``task.reward`` names."""
     return [checked_reward(s, batched) for s in reward_specs(spec)]
@@ -362,7 +379,7 @@ class RewardScorer:
                  timeout_s: float = 10.0, workers: int = 2, format_penalty: float = 0.0, batch_slack_s: float = 5.0) -> None:
         given = fn if isinstance(fn, list) else [fn]
         self.fns = [resolve_reward(f) if isinstance(f, str) else f for f in given]
-        self.names = [reward_name(f) if isinstance(f, str) else getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(given)]
+        self.names = reward_names(given)
         self.weights = [1.0] * len(self.fns) if weights is None else [float(w) for w in weights]
         if len(self.weights) != len(self.fns):
             raise ValueError(f"{len(self.weights)} reward weights for {len(self.fns)} rewards")

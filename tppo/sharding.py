@@ -136,10 +136,22 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     return state if distributed.is_main() else None
 
 
+# A sharded optimizer that has not stepped yet (the policy's during the critic-only warm-up), as saved.
+UNSTEPPED = {"unstepped": True}
+
+
 def full_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
-    """The optimizer's whole state on rank 0 (keyed by parameter name when sharded)."""
+    """The optimizer's whole state on rank 0 (keyed by parameter name when sharded).
+
+    A sharded optimizer that has not stepped is saved as :data:`UNSTEPPED`: torch's
+    ``get_optimizer_state_dict`` (and ``set_``) would first initialise its state with a
+    zero-gradient step at lr 0, which counts as AdamW's first step and changes the bias
+    correction of the first real update, so a run would depend on when it was checkpointed.
+    The ranks step together, so all of them take this branch or none."""
     if not is_sharded(model):
         return opt.state_dict() if distributed.is_main() else None
+    if not opt.state:
+        return dict(UNSTEPPED) if distributed.is_main() else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -150,6 +162,8 @@ def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, sta
     """Restore what :func:`full_optimizer_state` saved; each rank keeps its shard."""
     if not is_sharded(model):
         opt.load_state_dict(state)
+        return
+    if state == UNSTEPPED:  # a fresh optimizer is what was saved
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
