@@ -14,7 +14,7 @@ measured ones: the relative error the speed study reports per arm and phase.
 
 Attention's cost grows with the context (a decode step over long rows costs more):
 ``work/kv_positions`` carries it, and ``work/cache_positions`` what the embedded engine's
-static cache makes every decode step attend over (its whole width: measured, RESULTS.md);
+static cache makes every decode step attend over (its whole width: static_cache.py);
 ``work/prefill_calls`` and ``work/copy_positions`` the fixed cost of a prefill or an
 in-window join and the cache copies of compaction (runs before a counter have none; the
 fit drops a unit that never varies). A calibration run whose steps barely vary a unit (T-PPO: every window ~W decode steps)

@@ -46,8 +46,9 @@ replays each study run's own rows (their prompt and response lengths, logged by 
 study) and gives its work; this machine's unit costs (benchmarks/cost_model.py, fitted on
 the study's first seed of every arm) turn it into seconds per phase, compared with what
 the run measured, for every run the costs were not fitted on. Left out: per-prompt
-correlation of lengths, communication other than the weight sync, a reference model (the
-paper's runs use no KL).
+correlation of lengths in the GPU conditions (their lengths are drawn independently; the
+CPU check's replay keeps each prompt's rows together), communication other than the
+weight sync, a reference model (the paper's runs use no KL).
 
     python benchmarks/gpu_projection.py          # writes results/gpu_projection.json
     python benchmarks/gpu_projection.py --quick  # small, seconds (a test runs it)
@@ -259,19 +260,24 @@ class EngineResult:
 
 class RowQueue:
     """In-window refill's new rows, drawn from the prompt stream as slots free up (``take``);
-    ``taken``: those drawn, in order."""
+    ``taken``: those that joined, in order. ``defer``: rows drawn that cannot join yet go
+    back to the front of ``pending`` (the stream's head: embedded.py's ``_pending``)."""
 
-    def __init__(self, draw) -> None:
-        self.draw, self.taken = draw, []
+    def __init__(self, draw, pending: list[Row] | None = None) -> None:
+        self.draw, self.pending, self.taken = draw, pending if pending is not None else [], []
 
     def take(self, n: int) -> list[Row]:
         out = [self.draw() for _ in range(n)]
         self.taken += out
         return out
 
+    def defer(self, rows: list[Row]) -> None:
+        self.taken = [r for r in self.taken if not any(r is x for x in rows)]
+        self.pending[:0] = rows
+
 
 def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_steps: int | None = None,
-               new_rows: list[Row] | None = None, chunk: int = 64, compact_fraction: float = 0.0, lockstep: bool = False,
+               new_rows: list[Row] | RowQueue | None = None, chunk: int = 64, compact_fraction: float = 0.0, lockstep: bool = False,
                group: int = 1, max_tokens: int | None = None) -> EngineResult:
     """Generate on one engine until every row has finished or used ``budget`` tokens this
     window, or ``max_steps`` decode steps have passed (``window_mode: steps``). ``rows``
@@ -293,18 +299,21 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
     (``cache_positions``; ``kv_positions`` up to P + s); finished rows stay in the decode
     batch (``row_steps``) until ``compact_fraction`` of it is finished, and a compaction
     copies the survivors' cache rows (``copy_positions``); refill joins whole groups of
-    ``group`` rows into finished rows' entries within the window's first horizon - 1
-    steps, one prefill call each; the first token comes from the prefill, so the decode
-    forwards are one fewer than the decode steps. Else (vLLM) each row's own context.
+    ``group`` rows into finished rows' entries before step n_steps - 1 (n_steps: the
+    planned steps of the rows the window starts with), one prefill call each, a row whose
+    prompt does not fit before the shared write position yet deferred (``RowQueue.defer``);
+    the first token comes from the prefill, so the decode forwards are one fewer than the
+    decode steps; the window ends at its horizon. Else (vLLM) each row's own context.
     """
     refill = new_rows is not None
     take = new_rows.take if isinstance(new_rows, RowQueue) else (lambda n: [new_rows.pop(0) for _ in range(min(n, len(new_rows)))])
+    defer = new_rows.defer if isinstance(new_rows, RowQueue) else (lambda rows: new_rows.__setitem__(slice(0, 0), rows))
     want = (lambda r: r.target - r.have) if budget is None else (lambda r: min(r.target - r.have, budget - (r.have - r.start_have)))
     waiting = [r for r in rows if want(r) > 0]
     running: list[Row] = []
     t = prefill = used = pending = 0.0
     work = dict.fromkeys(GEN_WORK, 0.0)
-    work["prefill_calls"] = 1.0
+    work["prefill_calls"] = float(bool(waiting))  # an engine without rows runs no window
     steps = preempt = dead = 0
     cap = eng.kv_capacity_tokens
     width = max((r.context for r in waiting), default=0)  # the embedded engine's static cache: P, the widest context
@@ -337,6 +346,8 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
         k = min(chunk, min(left), int((cap - used) // n) if math.isfinite(cap) else chunk)
         if max_steps is not None:
             k = min(k, max_steps - steps)
+        if lockstep:  # embedded.py decodes at most its horizon (steps mode: n_steps, which may be below W near the cap)
+            k = min(k, horizon - steps)
         context = used + n * k / 2
         t += eng.decode_s(k, n, context, pending)
         prefill, pending = prefill + pending, 0.0
@@ -360,10 +371,15 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
             blocked = False
             dead += len(done)
             last = (max_steps is not None and steps >= max_steps) or (lockstep and steps >= horizon)
-            # refill (embedded._admit, before its compaction): whole groups into finished rows' entries, before step horizon - 1
+            # refill (embedded._admit, before its compaction): whole groups into finished rows' entries, before step n_steps - 1
             if refill and steps < first_end and not last:
                 free = dead - dead % group if lockstep else sum(r.have >= r.target for r in done)
                 joining = take(free)
+                if lockstep:  # a prompt joins where it fits before the shared write position P + s (s = steps - 1)
+                    late = [r for r in joining if r.prompt - 1 > width + steps - 1]
+                    if late:
+                        defer(late)
+                        joining = [r for r in joining if not any(r is x for x in late)]
                 if joining:
                     waiting.extend(joining)
                     dead = max(0, dead - len(joining))  # they take the finished rows' entries in place (embedded._join)
@@ -375,7 +391,7 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
                 if lockstep:
                     work["copy_positions"] += (len(running) + len(waiting)) * (width + horizon)  # the survivors' cache rows
                 dead = 0
-        if max_steps is not None and steps >= max_steps:
+        if (max_steps is not None and steps >= max_steps) or (lockstep and steps >= horizon):
             break
     return EngineResult(t, prefill, preempt, work)
 
@@ -525,8 +541,11 @@ def simulate(lengths: np.ndarray, s: Setting, eng: Engine, arm: Arm, steps: int 
     lengths = np.asarray(lengths)
     rows_ = lengths.tolist() if lengths.ndim == 2 else [(s.prompt_tokens, n) for n in lengths.tolist()]
     stream = itertools.cycle(rows_)
+    pending: list[Row] = []  # rows drawn for an in-window refill that could not join yet: the next drawn
 
     def fresh() -> Row:
+        if pending:
+            return pending.pop(0)
         prompt, target, *correct = next(stream)
         return Row(target=int(target), have=0, prompt=int(prompt), correct=bool(correct[0]) if correct else None)
 
@@ -547,7 +566,7 @@ def simulate(lengths: np.ndarray, s: Setting, eng: Engine, arm: Arm, steps: int 
         for r in in_flight + new:
             r.start_have = r.have
         # in-window refill: new rows drawn from the stream as each engine's rows finish
-        queues = [RowQueue(fresh) if arm.refill else None for _ in placed]
+        queues = [RowQueue(fresh, pending) if arm.refill else None for _ in placed]
         W = None if arm.synchronous else arm.window
         results = [run_engine(rows, eng, budget=W, max_steps=W if arm.window_mode == "steps" else None, new_rows=q,
                               compact_fraction=s.compact_fraction, lockstep=s.lockstep, group=G,
@@ -647,7 +666,8 @@ def cpu_setting(correct_share: float = 0.0, extra: list[str] | None = None) -> d
                   window_mode=r.window_mode, refill=r.refill_within_window, prefix_grad=a.prefix_grad, train_on=a.train_on,
                   engine_logprobs=one_pass, whole_share=correct_share if a.lm_loss_coef else 0.0)
         s = Setting(prompts_per_step=r.prompts_per_step, samples_per_prompt=r.samples_per_prompt, max_response_tokens=r.max_response_tokens,
-                    prompt_tokens=prompt, critic_warmup_steps=t.critic_warmup_steps, compact_fraction=COMPACT_FRACTION, lockstep=True,
+                    prompt_tokens=prompt, critic_warmup_steps=t.critic_warmup_steps,
+                    compact_fraction=COMPACT_FRACTION if r.remove_finished else math.inf, lockstep=True,
                     micro_batch_tokens=t.micro_batch_tokens, micro_batch_rows=t.micro_batch_rows)
         out[name] = (s, arm)
     return out

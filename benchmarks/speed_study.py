@@ -123,10 +123,12 @@ def run_job(spec: dict) -> dict:
 
 def train_curve(tr, prompts: int, eval_every: int) -> dict:
     """Train until ``prompts`` prompts were admitted, evaluating every ``eval_every``.
-    ``rows``: every row the engine admitted, in admission order (uid), as [prompt tokens,
-    response tokens, finished, correct]: the final length of a finished row, the length so
-    far of one still in flight at the end; correct: finished with reward >= 1 (the
-    positive-example LM loss's rows). The GPU projection's CPU check replays them."""
+    ``rows``: every row the engine drew from the prompt stream, in the order drawn (uid; a
+    refill row whose prompt did not fit yet joins later, as the replay models), as [prompt
+    tokens, response tokens, finished, correct]: the final length of a finished row, the
+    length so far of one still in flight at the end (one still waiting to join then is
+    left out); correct: finished with reward >= 1 (the positive-example LM loss's rows).
+    The GPU projection's CPU check replays them."""
     rows: dict[int, list[int]] = {}
 
     def record(tr) -> None:

@@ -515,33 +515,48 @@ def test_a_study_journal_keeps_finished_runs_and_runs_only_the_rest(tmp_path):
     assert again == out and sorted(log.read_text().split()) == ["2", "3"]
 
 
-@pytest.mark.parametrize("mode", ["ppo", "tppo", "refill-tokens", "refill-steps"])
-def test_the_projection_counts_the_embedded_engines_work_exactly_on_the_same_rows(mode):
+@pytest.mark.parametrize("mode,pads", [("ppo", 0), ("tppo", 0), ("refill-tokens", 0), ("refill-steps", 0), ("tppo", 20),
+                                       ("refill-tokens", 20), ("refill-steps", 20), ("near-cap", 0)])
+def test_the_projection_counts_the_embedded_engines_work_exactly_on_the_same_rows(mode, pads, monkeypatch):
     """The model's window is the library's: the embedded engine on the countdown model
     (each prompt's rows write a known number of tokens, some past the cap) and the
     projection's lockstep simulation of the same rows, window for window, count the same
-    decode steps, row-steps, KV and cache positions, prefill tokens and calls and copies."""
+    decode steps, row-steps, KV and cache positions, prefill tokens and calls and copies.
+    ``pads``: a fifth of the prompts that many tokens longer, so that a refill row whose
+    prompt does not fit before the shared write position yet waits (embedded._admit's
+    deferral); near-cap: a
+    steps-mode window whose rows all end within W of the cap (its horizon is below W)."""
     from mock_models import BOS, EOS, PAD, count_token, countdown_model
 
     from tppo.config import RolloutConfig
     from tppo.rollout import EmbeddedEngine, PromptItem
+    import tppo.rollout.embedded as emb
     from tppo.rollout.embedded import COMPACT_FRACTION
 
-    L, W, G, windows = 24, 6, 2, 8
-    lengths = [int(x) for x in np.random.default_rng(3).integers(1, 31, 200)]
-    refill, steps_mode = mode.startswith("refill"), mode == "refill-steps"
-    cfg = RolloutConfig(prompts_per_step=4, samples_per_prompt=G, window_tokens=L if mode == "ppo" else W, max_response_tokens=L,
+    deferred = []  # rows waiting after an in-window admission: prompts that did not fit yet
+    admit = emb._Window._admit
+    monkeypatch.setattr(emb._Window, "_admit", lambda self, s: (admit(self, s), deferred.append(len(self.engine._pending)))[0])
+    rng = np.random.default_rng(3)
+    if mode == "near-cap":  # A and B carried into window 2 with 1 and 2 tokens to go: C (3) joins when A ends, cut at 1
+        L, W, G, pps, windows, lengths = 8, 6, 1, 2, 6, [7, 8, 3, 5, 7, 8, 2, 4, 5, 1] * 4
+    else:
+        L, W, G, pps, windows, lengths = 24, 6, 2, 4, 8, [int(x) for x in rng.integers(1, 31, 200)]
+    prompts = [[BOS] * (pads if rng.random() < 0.2 else 0) + [BOS, count_token(n)] for n in lengths]
+    refill, steps_mode = mode.startswith("refill") or mode == "near-cap", mode in ("refill-steps", "near-cap")
+    cfg = RolloutConfig(prompts_per_step=pps, samples_per_prompt=G, window_tokens=L if mode == "ppo" else W, max_response_tokens=L,
                         refill_within_window=refill, window_mode="steps" if steps_mode else "tokens")
-    eng = EmbeddedEngine(cfg, [PromptItem(i, [BOS, count_token(n)]) for i, n in enumerate(lengths)], eos_token_ids=EOS, pad_token_id=PAD)
+    eng = EmbeddedEngine(cfg, [PromptItem(i, p) for i, p in enumerate(prompts)], eos_token_ids=EOS, pad_token_id=PAD)
     model = countdown_model(32)
     stats = [eng.generate_window(model, v).stats for v in range(windows)]
-    s = gp.Setting(prompts_per_step=4, samples_per_prompt=G, max_response_tokens=L, prompt_tokens=2, compact_fraction=COMPACT_FRACTION,
+    s = gp.Setting(prompts_per_step=pps, samples_per_prompt=G, max_response_tokens=L, prompt_tokens=2, compact_fraction=COMPACT_FRACTION,
                    lockstep=True)
     arm = gp.Arm("ppo") if mode == "ppo" else gp.Arm("tppo", window=W, refill=refill, window_mode="steps" if steps_mode else "tokens")
     cpu = gp.Engine("CPU (work only)", 0, 0, 0, 0, 0, 0, 0, 0, 0, combine="sum")
-    sim = gp.simulate(np.array([(2, min(n, L)) for n in lengths for _ in range(G)]), s, cpu, arm, steps=windows)
+    rows = np.array([(len(p), min(n, L)) for p, n in zip(prompts, lengths) for _ in range(G)])
+    sim = gp.simulate(rows, s, cpu, arm, steps=windows)
     assert sum(st.prefill_calls for st in stats) > windows or not refill, "the case has in-window joins"
     assert sum(st.copy_positions for st in stats) > 0, "and compactions"
+    assert any(deferred) or not (refill and pads), "and a refill row deferred"
     for key in gp.GEN_WORK:
         assert sim["work"][key] == sum(getattr(st, key) for st in stats), key
 

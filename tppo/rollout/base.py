@@ -81,9 +81,10 @@ class RolloutStats:
     finished row not yet compacted away still costs its step); ``kv_positions`` = the KV
     cache positions the decode steps' attention reads, summed over rows and steps (what
     makes a decode step over long contexts cost more); ``cache_positions`` = the KV positions
-    the decode steps' attention spans, padding included (the embedded engine's static cache
-    is attended over its whole length, whatever the step: measured, benchmarks/RESULTS.md);
-    ``prefill_calls`` = the prefill forwards (one per window, plus one per in-window join);
+    the decode forwards' attention spans, padding included (the embedded engine's static
+    cache is attended over its whole length, whatever the step: benchmarks/static_cache.py);
+    ``prefill_calls`` = the prefills (one per window, plus one per in-window join, which
+    allocates and copies a cache even for one-token prompts that run no forward);
     ``copy_positions`` = KV-cache positions copied (the embedded engine's compactions and
     joins copy whole rows of its static cache)."""
 
