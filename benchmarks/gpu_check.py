@@ -25,7 +25,6 @@ Budget: ``--budget-s`` (default 420) stops the decode grid early rather than ove
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
@@ -200,12 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(SMOKE if args.cpu_smoke else FULL, device, args.budget_s)
     payload = {"mode": "cpu-smoke" if args.cpu_smoke else "gpu", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "commit": commit(), "machine": machine(), **result}
-    if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    else:
-        path = write_json("gpu_check_smoke.json" if args.cpu_smoke else "gpu_check.json", payload)
+    # --out is a path as given (resolved: write_json puts a bare name under results/)
+    path = write_json(Path(args.out).resolve() if args.out else "gpu_check_smoke.json" if args.cpu_smoke else "gpu_check.json", payload)
     r = result["replay"]
     print(f"replay: T-PPO {r['tppo_speedup_per_prompt']:.2f}x, T-PPO+refill {r['tppo_refill_speedup_per_prompt']:.2f}x "
           f"PPO's prompts per second; fit {result['fit']}; {result['seconds']:.0f} s; wrote {path}")
