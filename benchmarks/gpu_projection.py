@@ -646,7 +646,8 @@ def lognormal_lengths(n: int, median: float, sigma: float, cap: int, seed: int =
 def cpu_setting(correct_share: float = 0.0, extra: list[str] | None = None) -> dict[str, tuple[Setting, Arm]]:
     """The speed study's arms (configs/demo.yaml + its COMMON + the arm's overrides + the
     study's ``extra`` ones) as the model sees them: (setting, arm) per arm. ``tppo-auto`` is
-    left out: its W is chosen while it runs. ``correct_share``: the share of finished rows
+    left out: its W is chosen while it runs (TODO(#20): log each step's W in the study and
+    replay it). ``correct_share``: the share of finished rows
     that are correct (under the positive-example LM loss, their whole response carries a
     loss: Arm.whole_share)."""
     from speed_study import ARMS, COMMON
