@@ -259,15 +259,26 @@ class EngineResult:
 
 
 class RowQueue:
-    """In-window refill's new rows, drawn from the prompt stream as slots free up (``take``);
-    ``taken``: those that joined, in order. ``defer``: rows drawn that cannot join yet go
-    back to the front of ``pending`` (the stream's head: embedded.py's ``_pending``)."""
+    """In-window refill's new rows, drawn from the prompt stream as slots free up (``take``;
+    ``draw`` returns None when the stream has run dry); ``taken``: those that joined, in
+    order. ``defer``: rows drawn that cannot join yet go back to the front of ``pending``
+    (the stream's head: embedded.py's ``_pending``). A plain list is :meth:`of_list`."""
 
     def __init__(self, draw, pending: list[Row] | None = None) -> None:
         self.draw, self.pending, self.taken = draw, pending if pending is not None else [], []
 
+    @classmethod
+    def of_list(cls, rows: list[Row]) -> "RowQueue":
+        """The rows of ``rows``, taken from its front; deferred ones go back there."""
+        return cls(lambda: rows.pop(0) if rows else None, pending=rows)
+
     def take(self, n: int) -> list[Row]:
-        out = [self.draw() for _ in range(n)]
+        out = []
+        for _ in range(n):
+            r = self.draw()
+            if r is None:
+                break
+            out.append(r)
         self.taken += out
         return out
 
@@ -306,8 +317,7 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
     decode steps; the window ends at its horizon. Else (vLLM) each row's own context.
     """
     refill = new_rows is not None
-    take = new_rows.take if isinstance(new_rows, RowQueue) else (lambda n: [new_rows.pop(0) for _ in range(min(n, len(new_rows)))])
-    defer = new_rows.defer if isinstance(new_rows, RowQueue) else (lambda rows: new_rows.__setitem__(slice(0, 0), rows))
+    queue = new_rows if isinstance(new_rows, RowQueue) or not refill else RowQueue.of_list(new_rows)
     want = (lambda r: r.target - r.have) if budget is None else (lambda r: min(r.target - r.have, budget - (r.have - r.start_have)))
     waiting = [r for r in rows if want(r) > 0]
     running: list[Row] = []
@@ -374,11 +384,11 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
             # refill (embedded._admit, before its compaction): whole groups into finished rows' entries, before step n_steps - 1
             if refill and steps < first_end and not last:
                 free = dead - dead % group if lockstep else sum(r.have >= r.target for r in done)
-                joining = take(free)
+                joining = queue.take(free)
                 if lockstep:  # a prompt joins where it fits before the shared write position P + s (s = steps - 1)
                     late = [r for r in joining if r.prompt - 1 > width + steps - 1]
                     if late:
-                        defer(late)
+                        queue.defer(late)
                         joining = [r for r in joining if not any(r is x for x in late)]
                 if joining:
                     waiting.extend(joining)

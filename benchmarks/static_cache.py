@@ -71,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(rounds):  # interleaved, so drift hits every case
         for w, f in cases:
             times[(w, f)] += decode_forward_s(model, w, f, rows, repeats)
-    ms = {f"width {w}, context {f}": 1e3 * statistics.median(times[(w, f)]) for w, f in cases}
-    short = [1e3 * statistics.median(times[(w, 16)]) for w in widths]
+    med = {c: 1e3 * statistics.median(t) for c, t in times.items()}
+    ms = {f"width {w}, context {f}": med[(w, f)] for w, f in cases}
+    narrow, wide = widths[0], widths[-1]
     payload = {"commit": commit(), "machine": machine(), "rows": rows, "decode_forward_ms": ms,
-               "width_ratio_at_short_context": short[-1] / short[0],
-               "context_ratio_at_widest": statistics.median(times[(widths[-1], widths[-1] - repeats - 16)])
-               / statistics.median(times[(widths[-1], 16)])}
+               "width_ratio_at_short_context": med[(wide, 16)] / med[(narrow, 16)],
+               "context_ratio_at_widest": med[(wide, wide - repeats - 16)] / med[(wide, 16)]}
     for k, v in ms.items():
         print(f"{k:<28} {v:7.2f} ms")
     print(f"widest / narrowest cache, short context: {payload['width_ratio_at_short_context']:.2f}x; "

@@ -155,8 +155,9 @@ class _Window:
         t0 = time.perf_counter()
         ids, attn, pos = _left_pad([r.prompt_ids + r.response_ids for r in self.rows], self.engine.pad_token_id, self.dev)
         self.P = ids.shape[1]
-        self.cache = StaticCache(config=self.model.config, max_cache_len=self.P + self.horizon)
-        self.attn_buf = torch.zeros(len(self.rows), self.P + self.horizon, dtype=torch.long, device=self.dev)
+        self.width = self.P + self.horizon  # the static cache's length: the prefill and every decode step
+        self.cache = StaticCache(config=self.model.config, max_cache_len=self.width)
+        self.attn_buf = torch.zeros(len(self.rows), self.width, dtype=torch.long, device=self.dev)
         self.attn_buf[:, : self.P] = attn
         logits = self._forward(ids, attn, pos, self.cache)
         self.active = torch.arange(len(self.rows), device=self.dev)
@@ -195,7 +196,7 @@ class _Window:
             return
         keep = self.alive.nonzero().squeeze(-1)
         self.cache.reorder_cache(keep)
-        self.copy_positions += keep.numel() * (self.P + self.horizon)
+        self.copy_positions += keep.numel() * self.width
         self.active, self.tok, self.next_pos = self.active[keep], self.tok[keep], self.next_pos[keep]
         self.attn_buf, self.alive = self.attn_buf[keep], self.alive[keep]
 
@@ -223,10 +224,10 @@ class _Window:
         dev, write_pos = self.dev, self.P + s
         ids, attn, pos = _left_pad([r.prompt_ids[:-1] for r in new], self.engine.pad_token_id, dev)
         Q = ids.shape[1]
-        new_cache = _cache_at_offset(self.cache, len(new), self.P + self.horizon, write_pos - Q, self.model.config)
+        new_cache = _cache_at_offset(self.cache, len(new), self.width, write_pos - Q, self.model.config)
         new_attn = torch.zeros(len(new), self.attn_buf.shape[1], dtype=torch.long, device=dev)
         self.prefill_calls += 1  # a join: a fresh cache of the whole width, its prompts' prefill, the copy
-        self.copy_positions += len(new) * (self.P + self.horizon)
+        self.copy_positions += len(new) * self.width
         if Q > 0:  # one-token prompts have nothing to prefill: their last token is fed below
             new_attn[:, write_pos - Q : write_pos] = attn
             self._forward(ids, new_attn[:, :write_pos], pos, new_cache)
@@ -262,7 +263,7 @@ class _Window:
         self.attn_buf[:, self.P + s] = 1
         ids, pos = self.tok.unsqueeze(-1), self.next_pos.unsqueeze(-1)
         self.kv_positions += ids.shape[0] * (self.P + s + 1)  # each entry attends over the shared cache up to P + s
-        self.cache_positions += ids.shape[0] * (self.P + self.horizon)  # ... and a static cache's attention spans all of it
+        self.cache_positions += ids.shape[0] * self.width  # ... and a static cache's attention spans all of it
         logits = self._forward(ids, self.attn_buf[:, : self.P + s + 1], pos, self.cache)
         self.next_pos = self.next_pos + 1
         return logits
