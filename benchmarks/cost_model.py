@@ -33,7 +33,7 @@ import numpy as np
 
 PHASE_WORK = {
     "generate": ("work/decode_steps", "work/row_steps", "work/kv_positions", "work/cache_positions", "work/prefill_tokens",
-                 "work/prefill_calls", "work/copy_positions"),
+                 "work/prefill_positions", "work/prefill_calls", "work/copy_positions"),
     "values": ("work/value_positions",),
     "old_logprobs": ("work/old_logprob_positions",),
     "policy_update": ("work/policy_positions", "work/policy_prefix_positions"),

@@ -243,7 +243,8 @@ class Row:
         return self.prompt + self.have
 
 
-GEN_WORK = ("decode_steps", "row_steps", "prefill_tokens", "kv_positions", "cache_positions", "prefill_calls", "copy_positions")
+GEN_WORK = ("decode_steps", "row_steps", "prefill_tokens", "prefill_positions", "kv_positions", "cache_positions", "prefill_calls",
+            "copy_positions")
 
 
 @dataclasses.dataclass
@@ -332,6 +333,8 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
     else:
         plan = want
     first_end = max((plan(r) for r in waiting), default=0)  # the window's steps for the rows it starts with
+    # the window's prefill in lockstep (embedded.py): its rows left padded to P (else, vLLM: each admission's context, below)
+    work["prefill_positions"] = len(waiting) * width if lockstep else 0.0
     horizon = first_end + (budget if refill and max_steps is None and budget is not None else 0)
     blocked = False  # after a preemption nothing is admitted until a row finishes (vLLM V1)
     while waiting or running:
@@ -340,6 +343,7 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
             r = waiting.pop(0)
             pending += eng.prefill_s(0.0, r.context)
             work["prefill_tokens"] += r.context
+            work["prefill_positions"] += 0 if lockstep else r.context
             used += r.context
             running.append(r)
         if not running:
@@ -396,6 +400,7 @@ def run_engine(rows: list[Row], eng: Engine, *, budget: int | None = None, max_s
                     if lockstep:
                         work["prefill_calls"] += 1
                         work["prefill_tokens"] -= len(joining)  # a joining prompt's last token is fed with the decode step
+                        work["prefill_positions"] += len(joining) * (max(r.prompt for r in joining) - 1)  # padded to the widest
                         work["copy_positions"] += len(joining) * (width + horizon)
             if not last and dead and dead >= compact_fraction * (len(running) + len(waiting) + dead):
                 if lockstep:

@@ -74,7 +74,8 @@ ARMS: dict[str, list[str]] = {
 MAIN_ARMS = ("ppo", "tppo", "grpo", "partial-ppo")
 APPROXIMATIONS = {"tppo-noprefixgrad": "the gradient without the terms through earlier windows (prefix_grad=false)"}
 PHASES = ("generate", "score", "values", "old_logprobs", "policy_update", "value_update")
-WORK = ("work/decode_steps", "work/row_steps", "work/kv_positions", "work/cache_positions", "work/prefill_tokens", "work/prefill_calls",
+WORK = ("work/decode_steps", "work/row_steps", "work/kv_positions", "work/cache_positions", "work/prefill_tokens", "work/prefill_positions",
+        "work/prefill_calls",
         "work/copy_positions", "work/value_positions", "work/old_logprob_positions", "work/policy_positions", "work/policy_prefix_positions",
         "work/critic_positions", "work/padding_positions")
 
@@ -136,7 +137,7 @@ def train_curve(tr, prompts: int, eval_every: int) -> dict:
             rows[r.uid] = [len(r.prompt_ids), len(r.response_ids), int(r.finished), int(x is not None and x >= 1.0)]
 
     steps, curve = train_with_evals(tr, prompts, eval_every, ("time/step_s", *(f"time/{p}_s" for p in PHASES), *WORK,
-                                                             "rollout/generated_tokens"), on_step=record)
+                                                             "rollout/generated_tokens", "rollout/window_tokens"), on_step=record)
     return {"curve": curve, "steps": len(steps), "prompts": tr.source.cursor, "train_s": tr.elapsed,
             "phase_s": {p: sum(s[f"time/{p}_s"] or 0.0 for s in steps) for p in PHASES},
             "work": {k: sum(s[k] or 0 for s in steps) for k in WORK}, "per_step": steps, "rows": [rows[u] for u in sorted(rows)]}
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny SFT, one seed, few prompts: checks the harness end to end")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--seeds", type=int, default=5, help="seeds of the main arms (ppo, tppo, grpo, partial-ppo)")
-    ap.add_argument("--variant-seeds", type=int, default=3, help="seeds of the other arms")
+    ap.add_argument("--variant-seeds", type=int, default=4, help="seeds of the other arms (one is the cost model's calibration)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=1024, help="prompts each run trains on")
     ap.add_argument("--eval-every", type=int, default=128)

@@ -416,7 +416,7 @@ def test_cost_model_recovers_known_unit_costs_and_predicts_another_run():
 
     rng = np.random.default_rng(0)
     truth = {"work/decode_steps": 2e-3, "work/row_steps": 1e-4, "work/kv_positions": 2e-7, "work/cache_positions": 1e-7, "work/prefill_tokens": 5e-6,
-             "work/prefill_calls": 3e-3, "work/copy_positions": 4e-8, "work/value_positions": 3e-6,
+             "work/prefill_positions": 6e-6, "work/prefill_calls": 3e-3, "work/copy_positions": 4e-8, "work/value_positions": 3e-6,
              "work/policy_positions": 9e-6, "work/policy_prefix_positions": 3e-6, "work/critic_positions": 8e-6}
 
     def steps(n, decode, rows):
@@ -429,6 +429,7 @@ def test_cost_model_recovers_known_unit_costs_and_predicts_another_run():
             w["work/kv_positions"] = w["work/row_steps"] * int(rng.integers(20, 300))  # the rows' contexts vary apart
             w["work/cache_positions"] = w["work/kv_positions"] + w["work/row_steps"] * int(rng.integers(0, 64))  # the cache's unused tail
             w["work/prefill_calls"], w["work/copy_positions"] = int(rng.integers(1, 12)), int(rng.integers(0, 10**5))
+            w["work/prefill_positions"] = w["work/prefill_tokens"] + int(rng.integers(0, 2000))  # left padding
             t = {f"time/{p}_s": sum(truth.get(k, 0) * w[k] for k in keys) for p, keys in cm.PHASE_WORK.items()}
             out.append({**w, **t})
         return out

@@ -150,6 +150,16 @@ def test_partial_group_is_not_admitted(countdown):
     assert [r.prompt_id for r in eng3.generate_window(countdown, 3).rows] == [1, 1, 1]
 
 
+def test_a_windows_prefill_costs_its_rows_left_padded_to_the_widest_context(countdown):
+    # 2 slots, W = 2: A needs 6 tokens, B 1. Window 1 prefills the two 2-token prompts; window 2
+    # prefills A's prompt + 2 tokens (4) beside C's new prompt (2), padded to 4: 8 positions for 6 tokens.
+    cfg = RolloutConfig(prompts_per_step=2, samples_per_prompt=1, window_tokens=2, max_response_tokens=8)
+    eng = EmbeddedEngine(cfg, countdown_prompts([6, 1, 3]), eos_token_ids=EOS, pad_token_id=PAD)
+    first, second = eng.generate_window(countdown, 0).stats, eng.generate_window(countdown, 1).stats
+    assert (first.prefill_tokens, first.prefill_positions) == (4, 4)
+    assert (second.prefill_tokens, second.prefill_positions) == (4 + 2, 2 * 4)
+
+
 def test_refill_within_window_fills_freed_slots_hand_computed(countdown):
     # 2 slots, W = L = 8: row B needs 8 tokens; A, C, D, E need 2 each and take turns in
     # the other slot (C joins at step 1, D at 3, E at 5): 16 tokens in 2 x 8 slot-steps.
@@ -167,6 +177,8 @@ def test_refill_within_window_fills_freed_slots_hand_computed(countdown):
     P, width = max(len(r.prompt_ids) for r in wb.rows[:2]), max(len(r.prompt_ids) for r in wb.rows[:2]) + 16
     assert wb.stats.cache_positions == 7 * 2 * width and wb.stats.kv_positions == sum(2 * (P + s + 1) for s in range(7))
     assert wb.stats.prefill_calls == 4 and wb.stats.copy_positions == 3 * width
+    # the prefills compute their padded batches: A and B padded to P, then each joining row's prompt but its last token
+    assert wb.stats.prefill_positions == 2 * P + sum(len(r.prompt_ids) - 1 for r in wb.rows[2:])
     # Without refill the same window leaves the second slot idle after step 2.
     eng = EmbeddedEngine(dataclasses.replace(cfg, refill_within_window=False), countdown_prompts([2, 8, 2, 2, 2]), eos_token_ids=EOS, pad_token_id=PAD)
     assert eng.generate_window(countdown, 0).stats.slot_utilization == pytest.approx(10 / 16)
@@ -463,6 +475,7 @@ def test_row_steps_count_the_decode_batch_padding_included(countdown, mode):
     assert wb.stats.row_steps == expected and wb.stats.generated_tokens == sum(lengths)
     assert wb.stats.kv_positions == sum(n * (P + s + 1) for s, n in enumerate(entries))
     assert wb.stats.cache_positions == sum(entries) * width and wb.stats.prefill_calls == 1 and wb.stats.copy_positions == copied
+    assert wb.stats.prefill_positions == 16 * P >= wb.stats.prefill_tokens  # one prefill of the batch left padded to P
 
 
 def test_a_vllm_rank_without_rows_still_takes_the_new_weights(monkeypatch):

@@ -26,7 +26,7 @@ STEP_KEYS = (
     "rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/mismatch_kl", "rollout/stale_token_frac",
     "policy/is_weight_mean", "policy/is_clipped_frac", "policy/is_masked_frac", "train/filtered_groups",
     "work/decode_steps", "work/row_steps", "work/kv_positions", "work/cache_positions", "work/prefill_tokens",
-    "work/prefill_calls", "work/copy_positions", "work/value_positions", "work/old_logprob_positions",
+    "work/prefill_positions", "work/prefill_calls", "work/copy_positions", "work/value_positions", "work/old_logprob_positions",
     "work/policy_positions", "work/policy_prefix_positions", "work/critic_positions", "work/padding_positions",
     "value/loss", "value/explained_variance", "value/tokens", "value/clipfrac", "value/grad_norm",
     "train/policy_lr", "train/critic_lr",

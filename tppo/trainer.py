@@ -548,6 +548,7 @@ class Trainer:
             "work/kv_positions": wb.stats.kv_positions,
             "work/cache_positions": wb.stats.cache_positions,
             "work/prefill_tokens": wb.stats.prefill_tokens,
+            "work/prefill_positions": wb.stats.prefill_positions,
             "work/prefill_calls": wb.stats.prefill_calls,
             "work/copy_positions": wb.stats.copy_positions,
             **self.work.counts,

@@ -86,7 +86,10 @@ class RolloutStats:
     ``prefill_calls`` = the prefills (one per window, plus one per in-window join, which
     allocates and copies a cache even for one-token prompts that run no forward);
     ``copy_positions`` = KV-cache positions copied (the embedded engine's compactions and
-    joins copy whole rows of its static cache)."""
+    joins copy whole rows of its static cache); ``prefill_positions`` = the positions the
+    prefill forwards compute, padding included (the embedded engine left-pads a window's
+    rows to the widest context: a short new prompt beside a long carried row costs the
+    long row's width; an engine without padding counts its prefill tokens)."""
 
     slots: int
     decode_steps: int
@@ -99,6 +102,7 @@ class RolloutStats:
     cache_positions: int = 0
     prefill_calls: int = 0
     copy_positions: int = 0
+    prefill_positions: int = 0
 
     @property
     def slot_utilization(self) -> float:

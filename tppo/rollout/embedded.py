@@ -117,6 +117,7 @@ class _Window:
         self.first_col = torch.zeros(len(rows), dtype=torch.long, device=self.dev)
         self.prefill_s = 0.0
         self.prefill_tokens = 0
+        self.prefill_positions = 0  # what the prefill forwards compute: left padding included
         self.prefill_calls = 0
         self.copy_positions = 0  # KV cache positions copied: compactions and in-window joins
 
@@ -146,7 +147,7 @@ class _Window:
         decode_s = time.perf_counter() - t0 - self.admit_s
         self._commit(version)
         return RolloutStats(self.cfg.num_slots, steps, generated, self.prefill_tokens, self.prefill_s + self.admit_s, decode_s, row_steps,
-                            self.kv_positions, self.cache_positions, self.prefill_calls, self.copy_positions)
+                            self.kv_positions, self.cache_positions, self.prefill_calls, self.copy_positions, self.prefill_positions)
 
     # ------------------------------------------------------------------ phases
 
@@ -164,6 +165,7 @@ class _Window:
         self.alive = torch.ones(len(self.rows), dtype=torch.bool, device=self.dev)
         self.next_pos = pos[:, -1] + 1
         self.prefill_tokens = int(attn.sum())
+        self.prefill_positions = ids.numel()  # B x P: a prefill costs its padded batch (benchmarks/static_cache.py)
         self.prefill_calls = 1
         self.prefill_s = time.perf_counter() - t0
         self.admit_s = 0.0
@@ -232,6 +234,7 @@ class _Window:
             new_attn[:, write_pos - Q : write_pos] = attn
             self._forward(ids, new_attn[:, :write_pos], pos, new_cache)
             self.prefill_tokens += int(attn.sum())
+            self.prefill_positions += ids.numel()
         for layer, new_layer in zip(self.cache.layers, new_cache.layers):
             layer.keys.index_copy_(0, entries, new_layer.keys)
             layer.values.index_copy_(0, entries, new_layer.values)

@@ -219,8 +219,9 @@ class VLLMEngine(SlotFiller):
         new_tokens = [apply_completion(r, out.outputs[0], version, p["max_tokens"], self.eos, self.cfg.ignore_eos)
                       for r, out, p in zip(rows, outputs, params)]
         self._sleep()
+        prefill = sum(len(r.prompt_ids) + s for r, s in zip(rows, starts))
         stats = RolloutStats(slots=self.cfg.num_slots, decode_steps=max(new_tokens, default=0), generated_tokens=sum(new_tokens),
-                             prefill_tokens=sum(len(r.prompt_ids) + s for r, s in zip(rows, starts)), prefill_s=0.0, decode_s=elapsed,
+                             prefill_tokens=prefill, prefill_positions=prefill, prefill_s=0.0, decode_s=elapsed,  # varlen: no padding
                              row_steps=sum(new_tokens),  # continuous batching: a finished sequence leaves the batch
                              kv_positions=(kv := sum(n * (len(r.prompt_ids) + s) + n * (n - 1) // 2 for r, s, n in zip(rows, starts, new_tokens))),
                              cache_positions=kv, prefill_calls=1)  # paged attention reads each row's own context
