@@ -538,13 +538,16 @@ def deal(rows: list[Row], engines: int) -> list[list[Row]]:
 
 
 def simulate(lengths: np.ndarray, s: Setting, eng: Engine, arm: Arm, steps: int | None = None, *,
-             prompts: int | None = None, measure_from: int = 0, trained: list[Arm] | None = None) -> dict:
+             prompts: int | None = None, measure_from: int = 0, trained: list[Arm] | None = None,
+             windows: list[int] | None = None) -> dict:
     """Steps of ``arm`` (``steps`` of them, or until ``prompts`` prompts were admitted as the
     speed study's loop does); totals over the steps from ``measure_from`` on: seconds per
     phase (``generate``, ``train``, ``sync`` and the training passes), work counters, prompts
     finished and admitted. ``trained``: arms that generate as ``arm`` does and train
     differently (GRPO beside PPO, the engine's log-probs beside the exact update): the
-    same rollout costed for each, {name: totals}.
+    same rollout costed for each, {name: totals}. ``windows``: each step's W, where a run
+    chose it as it went (``rollout.window_tokens: auto``, its logged ``rollout/window_tokens``);
+    ``arm.window`` after them.
 
     ``lengths``: the response lengths, in the order rows are admitted; or (n, 2) rows of
     (prompt tokens, response length), or (n, 3) with a third column, correct, a run's own
@@ -582,7 +585,7 @@ def simulate(lengths: np.ndarray, s: Setting, eng: Engine, arm: Arm, steps: int 
             r.start_have = r.have
         # in-window refill: new rows drawn from the stream as each engine's rows finish
         queues = [RowQueue(fresh, pending) if arm.refill else None for _ in placed]
-        W = None if arm.synchronous else arm.window
+        W = None if arm.synchronous else windows[k] if windows is not None and k < len(windows) else arm.window
         results = [run_engine(rows, eng, budget=W, max_steps=W if arm.window_mode == "steps" else None, new_rows=q,
                               compact_fraction=s.compact_fraction, lockstep=s.lockstep, group=G,
                               max_tokens=s.max_response_tokens if s.lockstep else None) for rows, q in zip(placed, queues)]
@@ -660,9 +663,9 @@ def lognormal_lengths(n: int, median: float, sigma: float, cap: int, seed: int =
 
 def cpu_setting(correct_share: float = 0.0, extra: list[str] | None = None) -> dict[str, tuple[Setting, Arm]]:
     """The speed study's arms (configs/demo.yaml + its COMMON + the arm's overrides + the
-    study's ``extra`` ones) as the model sees them: (setting, arm) per arm. ``tppo-auto`` is
-    left out: its W is chosen while it runs (TODO(#20): log each step's W in the study and
-    replay it). ``correct_share``: the share of finished rows
+    study's ``extra`` ones) as the model sees them: (setting, arm) per arm. An arm whose W is
+    chosen while it runs (``auto``: ``tppo-auto``) gets ``rollout.max_window`` here; the CPU
+    check replays each step's logged W (:func:`simulate`'s ``windows``). ``correct_share``: the share of finished rows
     that are correct (under the positive-example LM loss, their whole response carries a
     loss: Arm.whole_share)."""
     from speed_study import ARMS, COMMON
@@ -675,10 +678,9 @@ def cpu_setting(correct_share: float = 0.0, extra: list[str] | None = None) -> d
     for name, overrides in ARMS.items():
         cfg = load_config(ROOT / "configs" / "demo.yaml", [*COMMON, *overrides, *(extra or [])])
         a, r, t = cfg.algo, cfg.rollout, cfg.train
-        if not isinstance(r.window_tokens, int):
-            continue
+        window = r.window_tokens if isinstance(r.window_tokens, int) else r.max_window
         one_pass = t.ppo_epochs * t.mini_batches == 1  # pi_old is the update's own forward: no pass of its own
-        arm = Arm(algorithm=a.algorithm, window=None if a.algorithm in ("ppo", "grpo") else r.window_tokens,
+        arm = Arm(algorithm=a.algorithm, window=None if a.algorithm in ("ppo", "grpo") else window,
                   window_mode=r.window_mode, refill=r.refill_within_window, prefix_grad=a.prefix_grad, train_on=a.train_on,
                   engine_logprobs=one_pass, whole_share=correct_share if a.lm_loss_coef else 0.0)
         s = Setting(prompts_per_step=r.prompts_per_step, samples_per_prompt=r.samples_per_prompt, max_response_tokens=r.max_response_tokens,
@@ -706,6 +708,12 @@ def replayed_rows(run: dict, cap: int) -> np.ndarray:
     return np.array([(p, n if done else cap, ok) for p, n, done, ok in run["rows"]], dtype=np.int64)
 
 
+def run_windows(run: dict) -> list[int] | None:
+    """A speed-study run's W per step, where it logged them (``rollout/window_tokens``)."""
+    ws = [st.get("rollout/window_tokens") for st in run.get("per_step", [])]
+    return [int(w) for w in ws] if ws and all(w is not None for w in ws) else None
+
+
 def cpu_check(study: dict) -> dict | None:
     """Each speed-study run the unit costs were not fitted on, simulated on the CPU's
     setting with its own rows replayed (:func:`replayed_rows`), its simulated work costed
@@ -727,7 +735,8 @@ def cpu_check(study: dict) -> dict | None:
     seen = set(cm["calibration"] if isinstance(cm["calibration"], list) else [cm["calibration"]])
     for name, a in study["arms"].items():
         runs = [study["results"][key] for seed in a["seeds"] if (key := f"{name}/s{seed}") not in seen]
-        runs = [r for r in runs if r.get("rows")]
+        chosen = "rollout.window_tokens=auto" in a.get("overrides", [])  # W chosen as it ran: replayable where it was logged
+        runs = [r for r in runs if r.get("rows") and (run_windows(r) or not chosen)]
         if name not in arms or not runs:
             continue
         setting, arm = arms[name]
@@ -735,7 +744,7 @@ def cpu_check(study: dict) -> dict | None:
         work_errs: dict[str, list[float]] = {}
         admitted = []  # the simulation's prompts over the run's: 1 where it replays the run's steps
         for r in runs:
-            sim = simulate(replayed_rows(r, setting.max_response_tokens), setting, cpu, arm, prompts=r["prompts"])
+            sim = simulate(replayed_rows(r, setting.max_response_tokens), setting, cpu, arm, prompts=r["prompts"], windows=run_windows(r))
             admitted.append(sim["admitted_prompts"] / r["prompts"])
             work = {f"work/{k}": v for k, v in sim["work"].items()}
             pred = predict(cm["unit_costs"], work)

@@ -517,7 +517,7 @@ def test_a_study_journal_keeps_finished_runs_and_runs_only_the_rest(tmp_path):
 
 
 @pytest.mark.parametrize("mode,pads", [("ppo", 0), ("tppo", 0), ("refill-tokens", 0), ("refill-steps", 0), ("tppo", 20),
-                                       ("refill-tokens", 20), ("refill-steps", 20), ("near-cap", 0)])
+                                       ("refill-tokens", 20), ("refill-steps", 20), ("near-cap", 0), ("auto", 0)])
 def test_the_projection_counts_the_embedded_engines_work_exactly_on_the_same_rows(mode, pads, monkeypatch):
     """The model's window is the library's: the embedded engine on the countdown model
     (each prompt's rows write a known number of tokens, some past the cap) and the
@@ -526,7 +526,8 @@ def test_the_projection_counts_the_embedded_engines_work_exactly_on_the_same_row
     ``pads``: a fifth of the prompts that many tokens longer, so that a refill row whose
     prompt does not fit before the shared write position yet waits (embedded._admit's
     deferral); near-cap: a
-    steps-mode window whose rows all end within W of the cap (its horizon is below W)."""
+    steps-mode window whose rows all end within W of the cap (its horizon is below W); auto:
+    each window its own W (``rollout.window_tokens: auto``), replayed from the list."""
     from mock_models import BOS, EOS, PAD, count_token, countdown_model
 
     from tppo.config import RolloutConfig
@@ -548,13 +549,14 @@ def test_the_projection_counts_the_embedded_engines_work_exactly_on_the_same_row
                         refill_within_window=refill, window_mode="steps" if steps_mode else "tokens")
     eng = EmbeddedEngine(cfg, [PromptItem(i, p) for i, p in enumerate(prompts)], eos_token_ids=EOS, pad_token_id=PAD)
     model = countdown_model(32)
-    stats = [eng.generate_window(model, v).stats for v in range(windows)]
+    chosen = [6, 2, 9, 4, 3, 7, 5, 8] if mode == "auto" else None  # each window's W, as auto chose them
+    stats = [eng.generate_window(model, v, chosen[v] if chosen else None).stats for v in range(windows)]
     s = gp.Setting(prompts_per_step=pps, samples_per_prompt=G, max_response_tokens=L, prompt_tokens=2, compact_fraction=COMPACT_FRACTION,
                    lockstep=True)
     arm = gp.Arm("ppo") if mode == "ppo" else gp.Arm("tppo", window=W, refill=refill, window_mode="steps" if steps_mode else "tokens")
     cpu = gp.Engine("CPU (work only)", 0, 0, 0, 0, 0, 0, 0, 0, 0, combine="sum")
     rows = np.array([(len(p), min(n, L)) for p, n in zip(prompts, lengths) for _ in range(G)])
-    sim = gp.simulate(rows, s, cpu, arm, steps=windows)
+    sim = gp.simulate(rows, s, cpu, arm, steps=windows, windows=chosen)
     assert sum(st.prefill_calls for st in stats) > windows or not refill, "the case has in-window joins"
     assert sum(st.copy_positions for st in stats) > 0, "and compactions"
     assert any(deferred) or not (refill and pads), "and a refill row deferred"
