@@ -259,7 +259,10 @@ def cost_model_check(results: dict[str, dict]) -> dict | None:
     windowed arms re-prefill carried rows and attend over longer contexts; fitted on PPO
     alone (``ppo_only``, kept for the record) T-PPO's generation is off by about 40 %. With
     one seed (``--quick``) the calibration is PPO's run and the other arms are predicted.
-    TODO(#20, D): a calibration run of its own that varies batch and W."""
+    Why a set and not one run of its own (#20 D's wording): no single arm exercises every
+    unit (the joins' cache copies are in-window refill's, the no-grad prefix
+    ``prefix_grad: false``'s, the re-prefilled carried rows the windowed arms'); a run
+    that varied batch and W would still leave those unfitted. None of the set is predicted."""
     ran = sorted(k for k in results if "per_step" in results[k])
     if not any(k.startswith("ppo/") for k in ran):
         return None
