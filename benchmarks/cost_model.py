@@ -16,10 +16,13 @@ Attention's cost grows with the context (a decode step over long rows costs more
 ``work/kv_positions`` carries it, and ``work/cache_positions`` what the embedded engine's
 static cache makes every decode step attend over (its whole width: static_cache.py);
 ``work/prefill_calls`` and ``work/copy_positions`` the fixed cost of a prefill or an
-in-window join and the cache copies of compaction (runs before a counter have none; the
-fit drops a unit that never varies). A calibration run whose steps barely vary a unit (T-PPO: every window ~W decode steps)
-leaves that unit's cost ill-determined: calibrate on a run that varies them (PPO's
-whole-response steps do).
+in-window join and the cache copies of compaction; ``work/prefill_positions`` the
+prefill's padded batch, what a prefill costs (its tokens, ``work/prefill_tokens``, do not:
+a T-PPO window pads its new prompts to its longest carried row; static_cache.py). Runs
+before a counter have none; the fit drops a unit that never varies. A calibration run
+whose steps barely vary a unit (T-PPO: every window ~W decode steps) leaves that unit's
+cost ill-determined: calibrate on runs that vary them (the speed study pools one run of
+each arm).
 """
 
 from __future__ import annotations

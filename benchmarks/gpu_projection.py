@@ -920,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_check_only:
         report = json.loads(results_path(args.out or "gpu_projection.json").read_text())
         report["cpu_check"] = cpu_check(json.loads(Path(args.study).read_text()))
-        report["cpu_check_commit"] = commit()
+        report["cpu_check_commit"], report["cpu_check_study"] = commit(), Path(args.study).name  # the study it replayed
         print(markdown(report))
         print(f"wrote {write_json(args.out or 'gpu_projection.json', report)}")
         return 0

@@ -503,6 +503,7 @@ def test_every_step_logs_the_work_of_each_pass_by_hand(model_dir, tmp_path, pref
         assert m["work/value_positions"] == B * max(n) and m["work/old_logprob_positions"] == 0
         assert m["work/critic_positions"] == crit
         assert m["work/prefill_tokens"] == sum(len(r.prompt_ids) + s for r, s in zip(wb.rows, wb.window_start))
+        assert m["work/prefill_positions"] == B * max(len(r.prompt_ids) + s for r, s in zip(wb.rows, wb.window_start))  # left padded
         assert m["work/decode_steps"] == m["rollout/decode_steps"] and m["rollout/generated_tokens"] <= m["work/row_steps"] <= B * m["work/decode_steps"]
         if prefix_grad:
             assert m["work/policy_positions"] == B * max(n) and m["work/policy_prefix_positions"] == 0
