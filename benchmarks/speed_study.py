@@ -75,9 +75,8 @@ MAIN_ARMS = ("ppo", "tppo", "grpo", "partial-ppo")
 APPROXIMATIONS = {"tppo-noprefixgrad": "the gradient without the terms through earlier windows (prefix_grad=false)"}
 PHASES = ("generate", "score", "values", "old_logprobs", "policy_update", "value_update")
 WORK = ("work/decode_steps", "work/row_steps", "work/kv_positions", "work/cache_positions", "work/prefill_tokens", "work/prefill_positions",
-        "work/prefill_calls",
-        "work/copy_positions", "work/value_positions", "work/old_logprob_positions", "work/policy_positions", "work/policy_prefix_positions",
-        "work/critic_positions", "work/padding_positions")
+        "work/prefill_calls", "work/copy_positions", "work/value_positions", "work/old_logprob_positions", "work/policy_positions",
+        "work/policy_prefix_positions", "work/critic_positions", "work/padding_positions")
 
 
 def arm_overrides(arm: str) -> list[str]:
