@@ -147,9 +147,11 @@ def train_curve(tr, prompts: int, eval_every: int) -> dict:
 
 def run_all(jobs: list[Job], args, sft_dir: Path) -> dict[str, dict]:
     """Every job in a subprocess of its own, the starting evaluation first."""
+    weights = warm_start_id(sft_dir)  # in the spec: a resumed study reuses only runs from these very weights
+
     def spec(job: Job) -> dict:
-        return {"arm": job.arm, "seed": job.seed, "sft_dir": str(sft_dir), "prompts": args.prompts, "eval_every": args.eval_every,
-                "eval_problems": args.eval_problems, "eval_samples": args.eval_samples, "extra": args.extra}
+        return {"arm": job.arm, "seed": job.seed, "sft_dir": str(sft_dir), "sft_sha256": weights, "prompts": args.prompts,
+                "eval_every": args.eval_every, "eval_problems": args.eval_problems, "eval_samples": args.eval_samples, "extra": args.extra}
 
     def brief(res: dict) -> str:
         return f"final {res['curve'][-1]['accuracy']:.3f}, {res['train_s']:.0f} s training" if "curve" in res else f"accuracy {res['accuracy']:.3f}"
@@ -157,6 +159,17 @@ def run_all(jobs: list[Job], args, sft_dir: Path) -> dict[str, dict]:
     ordered = [j for j in jobs if j.arm == "init"] + [j for j in jobs if j.arm != "init"]
     return run_job_subprocesses(Path(__file__), [(j.name, spec(j)) for j in ordered], args.workers, brief,
                                 first=sum(j.arm == "init" for j in jobs), journal=args.journal)
+
+
+def warm_start_id(sft_dir: Path) -> str:
+    """The SHA-256 of the warm-start's weight files: ``runs/`` caches the SFT across
+    sessions and code changes, so the study names the weights it started from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(sft_dir).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def journal_path(out: str) -> Path:
@@ -405,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         results = run_all(jobs, args, sft_dir)
         payload = {"wall_s": time.perf_counter() - t0, "args": {k: v for k, v in vars(args).items() if k not in ("job", "journal")},
-               "results": results}
+                   "sft": {"dir": str(sft_dir), "sha256": warm_start_id(sft_dir)}, "results": results}
     # a re-summary keeps the provenance of the runs it summarises
     payload.update(summarize(results, args.min_gain, payload.get("commit") or commit(), payload.get("machine") or machine()))
     path = write_json(out, payload)

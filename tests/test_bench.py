@@ -371,6 +371,11 @@ def test_speed_study_quick_runs_end_to_end(tmp_path):
     assert ss.main(["--quick", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert {"commit", "machine", "seeds", "initial_accuracy", "eval_se", "target_accuracy", "arms", "ratios"} <= set(res)
+    # the warm-start it ran from, named by its weights (runs/ caches it across code changes)
+    import hashlib
+
+    weights = Path(res["sft"]["dir"]) / "model.safetensors"
+    assert res["sft"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert set(res["arms"]) == set(ss.MAIN_ARMS) and set(res["ratios"]) == set(ss.MAIN_ARMS) - {"ppo"}
     for arm, a in res["arms"].items():
         assert a["overrides"] == ss.arm_overrides(arm) and len(a["final_accuracy"]) == len(a["time_to_target_s"]) == 1
