@@ -736,15 +736,15 @@ def cpu_check(study: dict) -> dict | None:
     for name, a in study["arms"].items():
         runs = [study["results"][key] for seed in a["seeds"] if (key := f"{name}/s{seed}") not in seen]
         chosen = "rollout.window_tokens=auto" in a.get("overrides", [])  # W chosen as it ran: replayable where it was logged
-        runs = [r for r in runs if r.get("rows") and (run_windows(r) or not chosen)]
+        runs = [(r, ws) for r in runs if r.get("rows") and ((ws := run_windows(r)) or not chosen)]
         if name not in arms or not runs:
             continue
         setting, arm = arms[name]
         errs: dict[str, list[float]] = {}
         work_errs: dict[str, list[float]] = {}
         admitted = []  # the simulation's prompts over the run's: 1 where it replays the run's steps
-        for r in runs:
-            sim = simulate(replayed_rows(r, setting.max_response_tokens), setting, cpu, arm, prompts=r["prompts"], windows=run_windows(r))
+        for r, ws in runs:
+            sim = simulate(replayed_rows(r, setting.max_response_tokens), setting, cpu, arm, prompts=r["prompts"], windows=ws)
             admitted.append(sim["admitted_prompts"] / r["prompts"])
             work = {f"work/{k}": v for k, v in sim["work"].items()}
             pred = predict(cm["unit_costs"], work)

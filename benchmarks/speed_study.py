@@ -145,10 +145,8 @@ def train_curve(tr, prompts: int, eval_every: int) -> dict:
 # ---------------------------------------------------------------------- the driver
 
 
-def run_all(jobs: list[Job], args, sft_dir: Path) -> dict[str, dict]:
+def run_all(jobs: list[Job], args, sft_dir: Path, weights: str) -> dict[str, dict]:
     """Every job in a subprocess of its own, the starting evaluation first."""
-    weights = warm_start_id(sft_dir)  # in the spec: a resumed study reuses only runs from these very weights
-
     def spec(job: Job) -> dict:
         return {"arm": job.arm, "seed": job.seed, "sft_dir": str(sft_dir), "sft_sha256": weights, "prompts": args.prompts,
                 "eval_every": args.eval_every, "eval_problems": args.eval_problems, "eval_samples": args.eval_samples, "extra": args.extra}
@@ -416,9 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         sft_dir = ensure_sft(args.quick)
         print(f"{len(jobs)} runs, {args.workers} at a time, {args.prompts} prompts each", flush=True)
         t0 = time.perf_counter()
-        results = run_all(jobs, args, sft_dir)
+        weights = warm_start_id(sft_dir)  # in every run's spec: a resumed study reuses only runs from these very weights
+        results = run_all(jobs, args, sft_dir, weights)
         payload = {"wall_s": time.perf_counter() - t0, "args": {k: v for k, v in vars(args).items() if k not in ("job", "journal")},
-                   "sft": {"dir": str(sft_dir), "sha256": warm_start_id(sft_dir)}, "results": results}
+                   "sft": {"dir": str(sft_dir), "sha256": weights}, "results": results}
     # a re-summary keeps the provenance of the runs it summarises
     payload.update(summarize(results, args.min_gain, payload.get("commit") or commit(), payload.get("machine") or machine()))
     path = write_json(out, payload)
