@@ -14,7 +14,7 @@ and into a cache of width P + 64 or P + 576 (``work/prefill_tokens`` against
 ``work/prefill_positions``: a T-PPO window prefills short new prompts beside long carried rows).
 
     python benchmarks/static_cache.py           # results/static_cache.json, about 30 s
-    python benchmarks/static_cache.py --quick   # tiny (a test runs it)
+    python benchmarks/static_cache.py --quick   # tiny, results/static_cache_quick.json (a test runs it)
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def prefill_s(model, rows: int, padded: int, real: int, width: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="static_cache.json")
+    ap.add_argument("--out", help="output JSON (default: results/static_cache.json; --quick: results/static_cache_quick.json)")
     args = ap.parse_args(argv)
     from tppo.config import load_config
     from tppo.models import build_tiny
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     pf = payload["prefill"]
     print(f"prefill of {pre_rows} rows padded to {P}: a quarter of the tokens real / all {pf['quarter_real_over_all_real']:.2f}x; "
           f"cache width {4 * P} / {P + 64}: {pf['wide_cache_over_narrow']:.2f}x")
-    print(f"wrote {write_json(args.out, payload)}")
+    path = write_json(args.out or ("static_cache_quick.json" if args.quick else "static_cache.json"), payload)
+    print(f"wrote {path}")
     return 0
 
 

@@ -579,3 +579,31 @@ def test_static_cache_benchmark_quick_runs_at_head(tmp_path):
     res = json.loads((tmp_path / "sc.json").read_text())
     assert len(res["decode_forward_ms"]) == 4 and all(v > 0 for v in res["decode_forward_ms"].values())
     assert res["width_ratio_at_short_context"] > 0 and res["context_ratio_at_widest"] > 0
+
+
+def test_eval_batch_benchmark_quick_runs_at_head(tmp_path):
+    """`python benchmarks/eval_batch.py --quick`: every batch size timed and scored."""
+    import json
+
+    import eval_batch
+
+    assert eval_batch.main(["--quick", "--out", str(tmp_path / "eb.json")]) == 0
+    res = json.loads((tmp_path / "eb.json").read_text())
+    assert set(res["seconds"]) == {"4", "16"} and all(v > 0 for v in res["seconds"].values())
+    assert res["speedup_over_fewest_rows"]["4"] == 1.0
+    assert all(0 <= a["accuracy"] <= 1 for r in res["accuracy"].values() for a in r)
+
+
+def test_write_json_puts_each_run_on_one_line_and_reads_back_equal(tmp_path):
+    import json
+
+    from common import write_json
+
+    payload = {"b": [1, 2], "results": {"ppo/s0": {"rows": [[3, 4, 1, 0], [5, 6, 0, 0]], "x": "@@"}, "tppo/s0": {"rows": []}}, "a": {"c": 1.5}}
+    path = write_json(tmp_path / "r.json", payload, one_line="results")
+    text = path.read_text()
+    assert json.loads(text) == payload
+    lines = text.splitlines()
+    assert sum('"ppo/s0": {"rows":[[3,4,1,0],[5,6,0,0]],"x":"@@"}' in ln for ln in lines) == 1  # one run, one line
+    assert '  "b": [\n    1,' in text  # the rest indented as before
+    assert json.loads(write_json(tmp_path / "e.json", {"results": {}}, one_line="results").read_text()) == {"results": {}}

@@ -250,6 +250,45 @@ def test_evaluate_avg_and_pass_at_k_with_a_scripted_generator():
     assert res.pass_at_k[2] == pytest.approx((0.5 + 1.0) / 2)
 
 
+def test_eval_batch_prompts_divides_the_batch_rows_over_the_samples():
+    from tppo.config import load_config
+    from tppo.evaluation import eval_batch_prompts
+
+    assert eval_batch_prompts(load_config(None, ["rollout.prompts_per_step=16", "rollout.samples_per_prompt=4", "log.eval_samples=4"])) == 16
+    assert eval_batch_prompts(load_config(None, ["log.eval_batch_rows=1024", "log.eval_samples=1"])) == 1024
+    assert eval_batch_prompts(load_config(None, ["log.eval_batch_rows=10", "log.eval_samples=4"])) == 2
+    assert eval_batch_prompts(load_config(None, ["log.eval_batch_rows=3", "log.eval_samples=8"])) == 1  # at least one problem
+    with pytest.raises(ConfigError, match="log.eval_batch_rows must be >= 1"):
+        load_config(None, ["log.eval_batch_rows=0"])
+
+
+def test_greedy_evaluation_is_the_same_whatever_its_batch():
+    """Left padding and finished rows leaving the batch change nothing a row decodes: the
+    greedy completions of 12 chain prompts, one at a time or 5 or all 12 at once."""
+    from tppo.config import TinyModelConfig, load_config
+    from tppo.evaluation import run_generate_fn
+    from tppo.models import build_tiny
+
+    import torch
+
+    model, tok = build_tiny(TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                            num_key_value_heads=2), seed=3)
+    with torch.no_grad():  # larger weights: completions that differ per prompt, some ending early (EOS) and leaving the batch
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    rng = random.Random(1)
+    prompts = [prompt_text(Chain(rng.randint(300, 999), rng.randint(2, 9), rng.randint(1, 20))) for _ in range(12)]
+    outs = []
+    for rows in (1, 5, 12):
+        cfg = load_config(None, ["rollout.temperature=0", "rollout.max_response_tokens=24", "rollout.window_tokens=24", f"log.eval_batch_rows={rows}",
+                                 "log.eval_samples=1", "log.progress=false"])
+        outs.append(run_generate_fn(cfg, model.eval(), tok, [tok.eos_token_id], "cpu")(prompts, 1))
+    assert outs[0] == outs[1] == outs[2]
+    lengths = {len(o[0]) for o in outs[0]}
+    assert len({o[0] for o in outs[0]}) == 12 and min(lengths) < 24 == max(lengths)  # distinct, some finished early: the comparison can fail
+
+
 # ---------------------------------------------------------------------- conversational prompts, chat template off (#23)
 
 

@@ -548,6 +548,11 @@ class LogConfig:
         progress: show a progress bar and one summary line per step.
         eval_every: evaluate held-out accuracy every N steps (0: only at the start and end).
         eval_samples: samples per held-out problem (avg@k and pass@k).
+        eval_batch_rows: rows an evaluation decodes at once (problems x eval_samples;
+            null: rollout.prompts_per_step x rollout.samples_per_prompt, the training
+            batch, which already fits). The evaluation is synchronous, so each batch waits
+            for its longest response: more rows wait for fewer tails (the speed study's
+            1024 problems: 1024 rows 3.5x faster than 16 on the CPU, results/eval_batch.json).
         checkpoint_every: save a checkpoint every N steps (0: only at the end).
         keep_checkpoints: keep the last K checkpoints.
         samples: prompts whose completions are logged at each evaluation (the first
@@ -566,10 +571,16 @@ class LogConfig:
     progress: bool = True
     eval_every: int = 0
     eval_samples: int = 4
+    eval_batch_rows: int | None = None
     checkpoint_every: int = 25
     keep_checkpoints: int = 2
     samples: int = 4
     samples_every: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("eval_samples", "eval_batch_rows"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"log.{key} must be >= 1 (got {getattr(self, key)})")
 
 
 @dataclasses.dataclass

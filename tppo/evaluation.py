@@ -110,12 +110,22 @@ def run_generate_fn(cfg: Config, model: torch.nn.Module, tokenizer, eos_token_id
     """The generate function of a run's evaluation: the run's prompt formatting (template,
     system prompt, prompt limit), sampling settings (temperature, top-p, top-k) and
     stop tokens, so that held-out prompts are built exactly as training prompts are.
-    Used by the trainer and by ``tppo eval`` alike."""
+    Used by the trainer and by ``tppo eval`` alike. Batches of ``log.eval_batch_rows`` rows
+    (:func:`eval_batch_prompts`)."""
     t, r = cfg.task, cfg.rollout
-    return engine_generate_fn(model, tokenizer, max_response_tokens=r.max_response_tokens, temperature=r.temperature,
+    return engine_generate_fn(model, tokenizer, max_response_tokens=r.max_response_tokens, batch_prompts=eval_batch_prompts(cfg),
+                              temperature=r.temperature,
                               top_p=r.top_p, top_k=r.top_k, seed=r.seed + 7919, template=t.template, system=t.system, chat_template=t.chat_template,
                               max_prompt_tokens=t.max_prompt_tokens, eos_token_ids=eos_token_ids, device=device,
                               progress=cfg.log.progress)
+
+
+def eval_batch_prompts(cfg: Config) -> int:
+    """Problems per evaluation batch: ``log.eval_batch_rows`` rows (null: the training
+    batch's prompts_per_step x samples_per_prompt) over ``log.eval_samples`` samples each,
+    at least one problem."""
+    rows = cfg.log.eval_batch_rows or cfg.rollout.num_slots
+    return max(1, rows // cfg.log.eval_samples)
 
 
 def decode_response(tokenizer, ids: Sequence[int]) -> str:
