@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from speed_study import ensure_sft
 
     problems, cases, rounds = (16, (4, 16), 1) if args.quick else (1024, (16, 64, 256, 1024), 2)
+    commit_ = commit()  # the code that runs (the tree may be edited while it does)
     sft = ensure_sft(args.quick)
     times: dict[int, list[float]] = {r: [] for r in cases}
     acc: dict[int, list[tuple[float, float]]] = {r: [] for r in cases}
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 acc[rows].append((a, eval_standard_error(correct)))
                 print(f"{rows:5d} rows: {s:6.1f} s, accuracy {a:.3f}", flush=True)
     med = {r: statistics.median(t) for r, t in times.items()}
-    payload = {"commit": commit(), "machine": machine(), "sft": str(sft), "problems": problems, "samples": 1, "rounds": rounds,
+    payload = {"commit": commit_, "machine": machine(), "sft": str(sft), "problems": problems, "samples": 1, "rounds": rounds,
                "seconds": {str(r): med[r] for r in cases},
                "speedup_over_fewest_rows": {str(r): med[cases[0]] / med[r] for r in cases},
                "accuracy": {str(r): [{"accuracy": a, "se": se} for a, se in acc[r]] for r in cases}}

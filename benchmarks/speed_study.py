@@ -416,10 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         jobs = build_jobs(args.arms, args.seeds, args.variant_seeds)
         sft_dir = ensure_sft(args.quick)
         print(f"{len(jobs)} runs, {args.workers} at a time, {args.prompts} prompts each", flush=True)
-        t0 = time.perf_counter()
+        t0, commit_ = time.perf_counter(), commit()  # the code that runs (the tree may be edited while it does)
         weights = warm_start_id(sft_dir)  # in every run's spec: a resumed study reuses only runs from these very weights
         results = run_all(jobs, args, sft_dir, weights)
-        payload = {"wall_s": time.perf_counter() - t0, "args": {k: v for k, v in vars(args).items() if k not in ("job", "journal")},
+        payload = {"commit": commit_, "wall_s": time.perf_counter() - t0, "args": {k: v for k, v in vars(args).items() if k not in ("job", "journal")},
                    "sft": {"dir": str(sft_dir), "sha256": weights}, "results": results}
     # a re-summary keeps the provenance of the runs it summarises
     payload.update(summarize(results, args.min_gain, payload.get("commit") or commit(), payload.get("machine") or machine()))

@@ -607,3 +607,19 @@ def test_write_json_puts_each_run_on_one_line_and_reads_back_equal(tmp_path):
     assert sum('"ppo/s0": {"rows":[[3,4,1,0],[5,6,0,0]],"x":"@@"}' in ln for ln in lines) == 1  # one run, one line
     assert '  "b": [\n    1,' in text  # the rest indented as before
     assert json.loads(write_json(tmp_path / "e.json", {"results": {}}, one_line="results").read_text()) == {"results": {}}
+
+
+def test_power_pilots_quick_runs_at_head(tmp_path):
+    """`python benchmarks/power_pilots.py --quick`: the start, two pilots, their learning metrics by quarter."""
+    import json
+
+    import power_pilots
+
+    assert power_pilots.main(["--quick", "--out", str(tmp_path / "pp.json")]) == 0
+    res = json.loads((tmp_path / "pp.json").read_text())
+    assert set(res["pilots"]) == {"ppo", "grpo"} and 0 <= res["initial_accuracy"] <= 1
+    for p in res["pilots"].values():
+        assert p["gain"] == pytest.approx(p["final_accuracy"] - res["initial_accuracy"])
+        assert len(p["by_quarter"]["rollout/response_length"]) == 4 and p["by_quarter"]["rollout/response_length"][0] > 0
+    assert res["pilots"]["grpo"]["by_quarter"]["value/explained_variance"] == [None] * 4  # GRPO has no critic
+    assert not (tmp_path / "pp.runs.jsonl").exists()
