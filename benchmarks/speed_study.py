@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-problems", type=int, default=1024)
     ap.add_argument("--eval-samples", type=int, default=1, help="1 sample of 1024 problems: the SE of 512 x 2 is larger at the same cost (problems differ more than samples)")
     ap.add_argument("--eval-batch-rows", type=int, default=1024,
-                    help="rows an evaluation decodes at once (log.eval_batch_rows): 1024 evaluates the 1024 problems 3.5x faster than 16 (results/eval_batch.json; evaluations are not training time)")
+                    help="rows an evaluation decodes at once (log.eval_batch_rows): 1024 evaluates the 1024 problems 3.5x "
+                         "faster than 16 (results/eval_batch.json; evaluations are not training time)")
     ap.add_argument("--min-gain", type=float, default=0.02, help="the target is at least this far above the start")
     ap.add_argument("--out", help="output JSON (default: results/speed_study.json; --quick: results/speed_study_quick.json)")
     ap.add_argument("--summarize-only", action="store_true")
