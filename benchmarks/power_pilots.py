@@ -50,17 +50,14 @@ def run_job(spec: dict) -> dict:
     """The starting evaluation, or one pilot's curve and per-step learning metrics."""
     import speed_study as ss
 
-    from tppo.evaluation import evaluate, run_generate_fn
-
     if spec["pilot"] == "start":
         overrides = [f"log.eval_batch_rows={spec['eval_batch_rows']}"]
     else:
         arm, extra = PILOTS[spec["pilot"]]
         overrides = [*ss.arm_overrides(arm), f"log.eval_batch_rows={spec['eval_batch_rows']}", *extra, *spec["extra"]]
     with benchmark_trainer(ss.DEMO, spec["sft_dir"], spec["seed"], spec["eval_problems"], 1, overrides) as tr:
-        if spec["pilot"] == "start":
-            res = evaluate(tr.eval_set, run_generate_fn(tr.cfg, tr.policy, tr.tokenizer, tr.eos_ids, tr.device), tr.scorer, samples=1)
-            return {"accuracy": res.avg_at_k}
+        if spec["pilot"] == "start":  # the trainer's own evaluation, as each point of the curves
+            return {"accuracy": tr.evaluate()["eval/accuracy"]}
         steps, curve = train_with_evals(tr, spec["prompts"], spec["eval_every"], LEARNING)
         return {"curve": curve, "steps": steps, "train_s": tr.elapsed}
 
