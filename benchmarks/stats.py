@@ -23,7 +23,8 @@ from typing import Sequence
 
 def eval_standard_error(correct: Sequence[Sequence[bool]], draws: int = 2000, seed: int = 0) -> float:
     """Bootstrap SE of avg@k: resample problems with replacement, then each problem's k
-    samples with replacement; the standard deviation of the resampled means."""
+    samples with replacement; the standard deviation of the resampled means (its closed
+    form is ``tppo.evaluation.avg_at_k_se``, logged by the trainer as ``eval/accuracy_se``)."""
     rng = random.Random(seed)
     rows = [list(map(float, r)) for r in correct if len(r)]
     if len(rows) < 2:

@@ -330,6 +330,17 @@ def test_speed_study_jobs_rotate_arms_and_give_variants_fewer_seeds():
     assert [j.name for j in jobs[1:]] == ["ppo/s0", "tppo/s0", "tppo-auto/s0", "tppo/s1", "ppo/s1", "ppo/s2", "tppo/s2"]
 
 
+def test_eval_standard_error_bootstrap_matches_the_closed_form():
+    import random
+
+    import stats
+    from tppo.evaluation import avg_at_k_se
+
+    rng = random.Random(3)  # problems of varied difficulty, 4 samples each: both terms matter
+    correct = [[rng.random() < q for _ in range(4)] for q in (rng.random() for _ in range(300))]
+    assert stats.eval_standard_error(correct, draws=2000) == pytest.approx(avg_at_k_se(correct), rel=0.06)
+
+
 def test_eval_standard_error_matches_the_binomial_one():
     """k = 1 sample per problem, n problems at accuracy p: SE = sqrt(p (1 - p) / n)."""
     import stats

@@ -22,7 +22,12 @@ def test_train_then_plot(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "step    2/2 |" in out and "held-out accuracy (avg@1): before RL" in out
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]  # 0: before RL
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1, 2]  # 0: before RL
+    # one sample per problem: the SE is the binomial one over the 2 problems, and the report quotes it
+    acc = lines[0]["eval/accuracy"]
+    assert lines[0]["eval/accuracy_se"] == pytest.approx((acc * (1 - acc) / 2) ** 0.5, abs=1e-12)
+    assert f"before RL {acc:.3f} (SE {lines[0]['eval/accuracy_se']:.3f}) -> after RL" in out
     assert (run / "plots.png").stat().st_size > 10_000
     assert main(["plot", str(run), str(run), "--out", str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "both.png").exists()

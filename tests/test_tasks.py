@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tppo.config import ChainConfig, ConfigError
-from tppo.evaluation import evaluate, pass_at_k
+from tppo.evaluation import avg_at_k_se, evaluate, pass_at_k
 from tppo.models import build_tiny_tokenizer
 from tppo.rewards import RewardScorer, exact_reward
 from tppo.tasks import (
@@ -236,6 +236,30 @@ def test_pass_at_k_against_brute_force():
             assert pass_at_k(n, c, k) == pytest.approx(brute)
     with pytest.raises(ValueError):
         pass_at_k(3, 4, 1)
+
+
+def test_avg_at_k_se_by_hand_and_by_exact_enumeration():
+    from itertools import product
+
+    # by hand: two problems always right / always wrong (between-problem spread only) ...
+    assert avg_at_k_se([[True, True], [False, False]]) == pytest.approx((0.25 / 2) ** 0.5)
+    # ... and two coin-flip problems (within-problem noise only): each resampled mean 0, 1/2, 1
+    # with probabilities 1/4, 1/2, 1/4 has variance 1/8; the mean of two, 1/16
+    assert avg_at_k_se([[True, False], [False, True]]) == pytest.approx(0.25)
+    # a naive reference: every two-stage resampling of 3 problems x 2 samples enumerated
+    correct = [[True, False], [True, True], [False, False]]
+    n, k = len(correct), len(correct[0])
+    means = []
+    for picks in product(range(n), repeat=n):
+        for draws in product(range(k), repeat=n * k):
+            means.append(sum(correct[p][draws[j * k + i]] for j, p in enumerate(picks) for i in range(k)) / (n * k))
+    exact = statistics.pstdev(means)
+    assert avg_at_k_se(correct) == pytest.approx(exact, rel=1e-12)
+    # invariant to the order of problems and of samples within a problem
+    assert avg_at_k_se([[False, False], [True, True], [False, True]]) == pytest.approx(exact, rel=1e-12)
+    assert math.isnan(avg_at_k_se([[True]]))
+    with pytest.raises(ValueError, match="same number of samples"):
+        avg_at_k_se([[True], [True, False]])
 
 
 def test_evaluate_avg_and_pass_at_k_with_a_scripted_generator():

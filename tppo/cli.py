@@ -175,12 +175,20 @@ def _report(cfg, run_dir) -> None:
     run_dir = Path(run_dir)
     plot = plot_runs([run_dir], run_dir / "plots.png")
     initial = run_dir / "eval_initial.json"
-    before = json.loads(initial.read_text()).get("eval/accuracy") if initial.exists() else None
-    after = next((m["eval/accuracy"] for m in reversed(read_metrics(run_dir)) if m.get("eval/accuracy") is not None), None)
-    if before is not None and after is not None:
-        print(f"held-out accuracy (avg@{cfg.log.eval_samples}): before RL {before:.3f} -> after RL {after:.3f} "
-              f"({100 * (after - before):+.1f} points)")
+    before = json.loads(initial.read_text()) if initial.exists() else {}
+    after = next((m for m in reversed(read_metrics(run_dir)) if m.get("eval/accuracy") is not None), {})
+    if before.get("eval/accuracy") is not None and after:
+        gain = after["eval/accuracy"] - before["eval/accuracy"]
+        print(f"held-out accuracy (avg@{cfg.log.eval_samples}): before RL {_with_se(before)} -> after RL {_with_se(after)} "
+              f"({100 * gain:+.1f} points)")
     print(f"metrics: {run_dir / 'metrics.jsonl'}\nplots:   {plot}")
+
+
+def _with_se(m: dict) -> str:
+    """``eval/accuracy`` with its standard error when the run logged one (runs before
+    ``eval/accuracy_se`` existed did not)."""
+    se = m.get("eval/accuracy_se")
+    return f"{m['eval/accuracy']:.3f}" + (f" (SE {se:.3f})" if se is not None and se == se else "")
 
 
 def cmd_sft(args) -> int:
@@ -196,7 +204,7 @@ def cmd_sft(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from tppo.evaluation import evaluate, run_generate_fn
+    from tppo.evaluation import avg_at_k_se, evaluate, run_generate_fn
     from tppo.export import is_adapter, load_policy
     from tppo.models import ModelSource, eos_token_ids, load_pretrained
     from tppo.rewards import RewardScorer
@@ -217,7 +225,7 @@ def cmd_eval(args) -> int:
     k = cfg.log.eval_samples
     with RewardScorer.from_task(cfg.task) as scorer:
         res = evaluate(examples, run_generate_fn(cfg, model, tok, eos_token_ids(tok, model), device), scorer, samples=k, ks=(1, k))
-    print(f"{len(examples)} problems x {k} samples: avg@{k} {res.avg_at_k:.4f}  pass@1 {res.pass_at_k[1]:.4f}  pass@{k} {res.pass_at_k[k]:.4f}")
+    print(f"{len(examples)} problems x {k} samples: avg@{k} {res.avg_at_k:.4f} (SE {avg_at_k_se(res.correct):.4f})  pass@1 {res.pass_at_k[1]:.4f}  pass@{k} {res.pass_at_k[k]:.4f}")
     return 0
 
 

@@ -3,7 +3,9 @@
 ``avg@k`` is the mean accuracy over k samples per problem (the paper's AIME "avg@32");
 ``pass@k`` the probability that at least one of k samples is correct, estimated without
 bias from n >= k samples (Chen et al. 2021, "Evaluating Large Language Models Trained
-on Code", eq. 1): 1 - C(n - c, k) / C(n, k) for c correct of n.
+on Code", eq. 1): 1 - C(n - c, k) / C(n, k) for c correct of n. ``avg@k``'s standard
+error (:func:`avg_at_k_se`) is the noise to quote next to it: problems and samples both
+vary (Miller 2024, "Adding Error Bars to Evals", clustered by problem).
 """
 
 from __future__ import annotations
@@ -31,6 +33,34 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1):
         prob_all_wrong *= 1.0 - k / i
     return 1.0 - prob_all_wrong
+
+
+def avg_at_k_se(correct: Sequence[Sequence[bool]]) -> float:
+    """Standard error of avg@k under a two-stage resampling: problems with replacement,
+    then each drawn problem's k samples with replacement.
+
+    With m_i problem i's mean correctness over its k samples, p their mean and n problems,
+    the resampled mean's variance is exactly
+
+        SE^2 = [ (1/n) sum_i (m_i - p)^2  +  (1/n) sum_i m_i (1 - m_i) / k ] / n,
+
+    the between-problem spread plus the sampling noise within a problem (a greedy
+    evaluation, k = 1 or identical samples, has only the first term). This is the
+    closed form of ``benchmarks/stats.eval_standard_error``'s bootstrap; it needs the
+    same k for every problem. NaN with fewer than two problems.
+    """
+    rows = [[float(x) for x in r] for r in correct]
+    if len(rows) < 2:
+        return float("nan")
+    k = len(rows[0])
+    if k == 0 or any(len(r) != k for r in rows):
+        raise ValueError(f"avg_at_k_se needs the same number of samples for every problem (got {sorted({len(r) for r in rows})})")
+    n = len(rows)
+    means = [sum(r) / k for r in rows]
+    p = sum(means) / n
+    between = sum((m - p) ** 2 for m in means) / n
+    within = sum(m * (1.0 - m) for m in means) / (n * k)
+    return ((between + within) / n) ** 0.5
 
 
 @dataclasses.dataclass

@@ -38,7 +38,7 @@ from tppo.advantages import compute_advantages, has_critic, policy_lambda, rows_
 from tppo.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from tppo.config import Config, ConfigError, diff_configs, load_config, save_config
 from tppo.egae_bias import TruncationTracker
-from tppo.evaluation import decode_response, evaluate, run_generate_fn
+from tppo.evaluation import avg_at_k_se, decode_response, evaluate, run_generate_fn
 from tppo.export import BASE_FILE
 from tppo.metrics import MetricsLogger, sample_line, summary_line
 from tppo.models import ModelSource, critic_from_policy, eos_token_ids, load_critic, load_pretrained, own_aligned_memory, save_pretrained
@@ -305,7 +305,8 @@ class Trainer:
                     self.start_eval = start
                     (self.run_dir / "eval_initial.json").write_text(json.dumps(self.start_eval) + "\n")
                     self.logger.log({"step": 0, **start, "time/elapsed_s": 0.0})  # step 0: the accuracy before RL
-                    self._say(f"held-out accuracy before RL: {self.start_eval['eval/accuracy']:.3f}")
+                    self._say(f"held-out accuracy before RL: {self.start_eval['eval/accuracy']:.3f} "
+                              f"(SE {self.start_eval['eval/accuracy_se']:.3f})")
                 while self.step_idx < self.cfg.train.total_steps:
                     if signum := distributed.max_int(stop.signum or 0):  # every rank stops at the same step
                         self._save_for_stop(signum)
@@ -620,7 +621,8 @@ class Trainer:
         samples = [{"split": "eval", "prompt": prompt_text(e.prompt), "completion": c[0], "reward": r[0], "finished": True, "windows": None}
                    for e, c, r in zip(self.eval_set[:n], res.completions, res.rewards)]
         # pass@k under one key whatever k is (eval/k says which); pass@{k} kept for earlier readers
-        return {"eval/accuracy": res.avg_at_k, "eval/pass@k": res.pass_at_k[k], "eval/k": k, f"eval/pass@{k}": res.pass_at_k[k]}, samples
+        return {"eval/accuracy": res.avg_at_k, "eval/accuracy_se": avg_at_k_se(res.correct), "eval/pass@k": res.pass_at_k[k],
+                "eval/k": k, f"eval/pass@{k}": res.pass_at_k[k]}, samples
 
     def _train_samples(self, wb: WindowBatch, rewards: list[float | None]) -> list[dict[str, Any]]:
         """The first ``log.samples`` rows of the window: the response so far, its reward
