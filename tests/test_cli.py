@@ -260,3 +260,13 @@ def test_the_demo_run_twice_shows_its_run_and_overwrite_trains_it_again(model_di
     assert main(["demo", "--config", str(tmp_path / "demo.yaml"), "rollout.window_tokens=4"]) == 2  # another config: refused
     assert "tppo demo --overwrite" in capsys.readouterr().err
     assert main(["demo", "--config", str(tmp_path / "demo.yaml"), "--overwrite"]) == 0
+
+
+def test_summary_line_quotes_the_evaluation_with_its_standard_error():
+    from tppo.metrics import summary_line
+
+    m = {"step": 3, "eval/accuracy": 0.4521, "eval/accuracy_se": 0.0214}
+    assert summary_line(m).endswith("| eval acc 0.452 (SE 0.021)")
+    assert summary_line({**m, "eval/accuracy_se": float("nan")}).endswith("| eval acc 0.452 (SE -)")  # one problem: undefined
+    assert summary_line({"step": 3, "eval/accuracy": 0.4521}).endswith("| eval acc 0.452")  # a run from before the SE
+    assert "eval acc" not in summary_line({"step": 3})

@@ -115,8 +115,10 @@ def summary_line(m: dict[str, Any], total_steps: int | None = None, eta_s: float
     step = f"step {m['step']:>4}" + (f"/{total_steps}" if total_steps else "")
     eta = f" | eta {_duration(eta_s)}" if eta_s is not None else ""
     acc = m.get("eval/accuracy")
-    se = m.get("eval/accuracy_se")
-    eval_part = f" | eval acc {_fmt(acc, '.3f')}" + (f" (SE {_fmt(se, '.3f')})" if se is not None else "") if acc is not None else ""
+    eval_part = ""
+    if acc is not None:
+        se = m.get("eval/accuracy_se")
+        eval_part = f" | eval acc {_fmt(acc, '.3f')}" + (f" (SE {_fmt(se, '.3f')})" if se is not None else "")
     return (f"{step} | reward {_fmt(m.get('reward/mean'), '.3f')} acc {_fmt(m.get('reward/accuracy'), '.3f')} | "
             f"pg {_fmt(m.get('policy/loss'), '.4f')} kl {_fmt(m.get('policy/approx_kl'), '.1e')} "
             f"lr {_fmt(m.get('train/policy_lr'), '.1e')} | W {m.get('rollout/window_tokens', '-')} | "

@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import math
 import random
 import sys
 import time
@@ -305,8 +306,8 @@ class Trainer:
                     self.start_eval = start
                     (self.run_dir / "eval_initial.json").write_text(json.dumps(self.start_eval) + "\n")
                     self.logger.log({"step": 0, **start, "time/elapsed_s": 0.0})  # step 0: the accuracy before RL
-                    self._say(f"held-out accuracy before RL: {self.start_eval['eval/accuracy']:.3f} "
-                              f"(SE {self.start_eval['eval/accuracy_se']:.3f})")
+                    se = start["eval/accuracy_se"]  # NaN with a single problem
+                    self._say(f"held-out accuracy before RL: {start['eval/accuracy']:.3f}" + (f" (SE {se:.3f})" if math.isfinite(se) else ""))
                 while self.step_idx < self.cfg.train.total_steps:
                     if signum := distributed.max_int(stop.signum or 0):  # every rank stops at the same step
                         self._save_for_stop(signum)
