@@ -234,13 +234,13 @@ def print_report(summary: dict) -> None:
               f" with_default_targets={d['math_verify_default_targets']}{notes}\n    gold: {d['gold']!r}\n    pred: {d['pred']!r}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--math-verify-dir", type=Path, required=True, help="a directory holding math-verify's tests/")
     ap.add_argument("--math-verify-commit", help="the checkout's commit, when the directory is not a git work tree")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "math_reward_agreement.json")
     ap.add_argument("--workers", type=int, default=2)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     cases, excluded = collect(args.math_verify_dir.resolve())
     golds, preds = [c["gold"] for c in cases], [c["pred"] for c in cases]
     ours, ours_timeout = score_all(math_reward, [""] * len(cases), preds, golds, args.workers)

@@ -634,3 +634,94 @@ def test_power_pilots_quick_runs_at_head(tmp_path):
         assert len(p["by_quarter"]["rollout/response_length"]) == 4 and p["by_quarter"]["rollout/response_length"][0] > 0
     assert res["pilots"]["grpo"]["by_quarter"]["value/explained_variance"] == [None] * 4  # GRPO has no critic
     assert not (tmp_path / "pp.runs.jsonl").exists()
+
+
+_MV_TEST_ALL = '''
+import pytest
+
+
+def compare_strings(gold, pred, match_types=("latex", "expr"), precision=6, strict=True, allow_set_relation_comp=False):
+    raise AssertionError("the benchmark reads this suite; it never runs it")
+
+
+@pytest.mark.parametrize("gold,pred,expected", [("$2$", "so $\\\\boxed{2}$", 1), ("$3$", "so $\\\\boxed{4}$", 0)])
+def test_numbers(gold, pred, expected):
+    assert compare_strings(gold, pred) == expected
+
+
+@pytest.mark.parametrize("gold,pred,expected", [("$9$", "Answer $ \\n 9 \\n $", 0)])
+def test_latex_notation(gold, pred, expected):
+    assert compare_strings(gold, pred, match_types=["latex"]) == expected
+
+
+@pytest.mark.parametrize("gold,pred,expected", [("$1.23$", "$1.2$", 1)])
+def test_rounding(gold, pred, expected):
+    assert compare_strings(gold, pred, precision=1) == expected
+
+
+@pytest.mark.parametrize("gold,pred,expected", [("$1$", "$1$", 1)])
+def test_swapped(gold, pred, expected):
+    assert compare_strings(pred, gold) == expected
+
+
+def test_helper():
+    assert compare_strings("$1$", "$1$") == 1
+'''
+
+_MV_OPEN_THOUGHTS = '''
+import pytest
+
+from tests.test_all import compare_strings
+
+
+@pytest.mark.parametrize("gold,pred,expected", [("$\\\\frac{1}{2}$", "$\\\\boxed{\\\\frac{2}{4}}$", 1)])
+def test_open_thoughts(gold, pred, expected):
+    assert compare_strings(gold, pred) == expected
+'''
+
+_MV_NUMINA = '''
+import pytest
+
+from tests.test_all import compare_strings
+
+
+@pytest.mark.parametrize("gold,pred,expected,strict", [("$10$", "$\\\\boxed{10}$", 1, True), ("$10$", "ten", 0, False)])
+def test_numina(gold, pred, expected, strict):
+    assert compare_strings(gold, pred, strict=strict) == expected
+'''
+
+
+def test_math_reward_agreement_runs_on_a_suite_of_math_verify_shape(tmp_path):
+    """`benchmarks/math_reward_agreement.py` on a small suite shaped like math-verify's tests/
+    (the real one is a checkout; tests/ has none): which tests and cases it keeps and why,
+    every case scored by math_reward and math-verify, and a case that the test's narrower
+    extraction targets decide (our verdict follows math-verify's default targets) counted so."""
+    import json
+    import subprocess
+
+    suite = tmp_path / "mv" / "tests"
+    suite.mkdir(parents=True)
+    (suite / "__init__.py").write_text("")
+    for name, text in [("test_all", _MV_TEST_ALL), ("test_open_thoughts", _MV_OPEN_THOUGHTS), ("test_numina_cases", _MV_NUMINA)]:
+        (suite / f"{name}.py").write_text(text)
+    out = tmp_path / "agreement.json"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "math_reward_agreement.py"
+    proc = subprocess.run([sys.executable, str(script), "--math-verify-dir", str(suite.parent), "--math-verify-commit", "fixture",
+                           "--workers", "1", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["math_verify_commit"] == "fixture"
+    assert {k: v["cases"] for k, v in res["per_file"].items()} == {"test_all": 3, "test_open_thoughts": 1, "test_numina_cases": 1}
+    assert res["total"]["cases"] == 5 and res["total"]["agree"] == 4 and res["total"]["agreement_pct"] == 80.0
+    reasons = {e["test"]: e["reason"] for e in res["excluded"]}
+    assert set(reasons) == {"test_all.py::test_rounding", "test_all.py::test_swapped", "test_all.py::test_helper",
+                            "test_numina_cases.py::test_numina"}
+    assert reasons["test_all.py::test_rounding"].startswith("precision=1")
+    assert "not (gold, pred)" in reasons["test_all.py::test_swapped"]
+    assert reasons["test_all.py::test_helper"].startswith("no parametrized cases")
+    assert reasons["test_numina_cases.py::test_numina"].startswith("strict=False")
+    [d] = res["disagreements"]  # latex alone reads no answer in "$ \n 9 \n $"; latex + expr does
+    assert d["test"] == "test_all.py::test_latex_notation" and (d["ours"], d["math_verify"], d["math_verify_default_targets"]) == (1, 0, 1)
+    assert d["targets_decide"] and not d["timeout"]
+    assert res["total"]["targets_decide"] == 1 and res["total"]["agreement_pct_targets_not_deciding"] == 100.0
+    assert res["total"]["math_verify_agrees"] == 5
