@@ -82,6 +82,23 @@ def relative_errors(costs: dict[str, dict[str, float]], run: dict) -> dict[str, 
     return {p: (pred[p] / run["phase_s"][p] - 1.0) if did[p] and run["phase_s"].get(p) else None for p in PHASE_WORK}
 
 
+def split_run_factor(errors: dict[str, float | None]) -> tuple[float, dict[str, float]]:
+    """A run's relative errors (``relative_errors``) split into the run's own speed and the
+    phases' shares: 1 + e_p = (1 + f) (1 + r_p), with 1 + f the median over phases of 1 + e_p.
+
+    f is what every phase of the run shares: the machine ran that run faster or slower than
+    the calibration (on a shared 2-core VM its speed drifts by several % between runs, and
+    the partner run on the other core changes too). r_p is what the counts get wrong about
+    how the run's time divides between phases. A model of counts can predict r, never f;
+    the speed study reports both beside the plain error. Returns (f, {phase: r_p}).
+    """
+    kept = {p: e for p, e in errors.items() if e is not None}
+    if not kept:
+        return float("nan"), {}
+    scale = float(np.median([1.0 + e for e in kept.values()]))
+    return scale - 1.0, {p: (1.0 + e) / scale - 1.0 for p, e in kept.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", type=Path, help="a speed study JSON (its results/*/per_step)")

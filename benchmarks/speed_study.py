@@ -48,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import benchmark_trainer, commit, machine, results_path, run_job_subprocesses, train_with_evals, write_json  # noqa: E402
 from cost_model import fit as fit_costs  # noqa: E402
-from cost_model import relative_errors  # noqa: E402
+from cost_model import relative_errors, split_run_factor  # noqa: E402
 from stats import eval_standard_error, seed_ratios, time_ratio_ci, value_at  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -289,16 +289,25 @@ def cost_model_check(results: dict[str, dict]) -> dict | None:
 
 
 def _check(results: dict[str, dict], calibration: list[str]) -> dict:
+    """The fit on ``calibration`` and, per arm and phase, the median over the other runs of
+    the relative error; beside it each run's common factor and the phase-share error
+    (cost_model.split_run_factor: what the machine did to a run, and what the model did)."""
     costs = fit_costs([s for k in calibration for s in results[k]["per_step"]])
     errors: dict[str, dict[str, list[float]]] = {}
+    shares: dict[str, dict[str, list[float]]] = {}
+    run_factor: dict[str, float] = {}
     for name, run in results.items():
         if name in calibration or "per_step" not in run:
             continue
-        for phase, err in relative_errors(costs, run).items():
+        errs = relative_errors(costs, run)
+        run_factor[name], share = split_run_factor(errs)
+        for phase, err in errs.items():
             if err is not None:
                 errors.setdefault(name.split("/")[0], {}).setdefault(phase, []).append(err)
-    return {"calibration": calibration, "unit_costs": costs,
-            "relative_error": {arm: {p: statistics.median(e) for p, e in ph.items()} for arm, ph in errors.items()}}
+                shares.setdefault(name.split("/")[0], {}).setdefault(phase, []).append(share[phase])
+    med = lambda d: {arm: {p: statistics.median(e) for p, e in ph.items()} for arm, ph in d.items()}  # noqa: E731
+    return {"calibration": calibration, "unit_costs": costs, "relative_error": med(errors),
+            "run_factor": run_factor, "phase_share_error": med(shares)}
 
 
 def report(summary: dict) -> str:
@@ -407,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize_only:
         payload = json.loads(results_path(out).read_text())
         results = payload["results"]
+        payload["summary_commit"] = commit()  # the runs keep their own commit; this is the summary's code
     else:
         if args.quick:
             args.arms, args.seeds, args.variant_seeds = [a for a in args.arms if a in MAIN_ARMS], 1, 0

@@ -4,6 +4,7 @@ and the GPU cost model (hand-computed decode time, T-PPO == PPO when W = L)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -485,10 +486,30 @@ def test_the_study_calibrates_on_every_arms_first_seed_where_ppo_alone_cannot_te
                 "phase_s": {"generate": sum(s["time/generate_s"] for s in steps)}}
 
     results = {f"{arm}/s{seed}": run(arm == "tppo") for arm in ("ppo", "tppo") for seed in (0, 1)}
+    slow = run(True)  # a run the machine made 1.2x slower in every phase: the factor, not the model
+    results["tppo/s2"] = {**slow, "phase_s": {p: 1.2 * t for p, t in slow["phase_s"].items()}}
     cm = ss.cost_model_check(results)
     assert cm["calibration"] == ["ppo/s0", "tppo/s0"] and cm["lengths_run"] == "ppo/s0"
-    assert abs(cm["relative_error"]["tppo"]["generate"]) < 1e-6 and abs(cm["relative_error"]["ppo"]["generate"]) < 1e-6
+    assert cm["run_factor"]["tppo/s2"] == pytest.approx(1 / 1.2 - 1) and abs(cm["run_factor"]["tppo/s1"]) < 1e-6
+    assert abs(cm["phase_share_error"]["tppo"]["generate"]) < 1e-6
+    assert abs(cm["relative_error"]["ppo"]["generate"]) < 1e-6
+    assert cm["relative_error"]["tppo"]["generate"] == pytest.approx((0 + (1 / 1.2 - 1)) / 2)  # the median of s1 and s2
     assert cm["ppo_only"]["calibration"] == ["ppo/s0"] and abs(cm["ppo_only"]["relative_error"]["tppo"]["generate"]) > 0.1
+
+
+def test_split_run_factor_by_hand_and_a_uniformly_faster_run_moves_only_its_factor():
+    import cost_model as cm
+
+    f, r = cm.split_run_factor({"generate": 0.10, "values": 0.21, "policy_update": -0.01, "old_logprobs": None})
+    assert f == pytest.approx(0.10)  # the median of 1.10, 1.21, 0.99
+    assert r == pytest.approx({"generate": 0.0, "values": 0.10, "policy_update": -0.10})
+    costs = {"generate": {"work/decode_steps": 2.0}, "values": {"work/value_positions": 0.5}}
+    run = {"work": {"work/decode_steps": 10.0, "work/value_positions": 40.0}, "phase_s": {"generate": 25.0, "values": 16.0}}
+    faster = {**run, "phase_s": {p: t / 1.25 for p, t in run["phase_s"].items()}}  # the machine, not the model
+    f1, r1 = cm.split_run_factor(cm.relative_errors(costs, run))
+    f2, r2 = cm.split_run_factor(cm.relative_errors(costs, faster))
+    assert r1 == pytest.approx(r2) and (1 + f2) == pytest.approx(1.25 * (1 + f1))
+    assert math.isnan(cm.split_run_factor({"values": None})[0])
 
 
 def test_nnls_drops_a_negative_cost_and_refits():
