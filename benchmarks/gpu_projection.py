@@ -850,13 +850,14 @@ def condition_row(res: dict, learning: dict, engines: int, label: str, upd: str)
         b = res[base]
         end, roll = b["s_per_prompt"] / t["s_per_prompt"], b["generate_s_per_prompt"] / t["generate_s_per_prompt"]
         lf = learning.get(base, {}).get("tppo")  # T-PPO's factor against this baseline, measured paired by seed
-        ttt = None
+        ttt, why = None, f"no seed where both T-PPO and {base} reached the CPU study's target: no learning factor"
         if lf and all(isinstance(lf.get(k), (int, float)) and math.isfinite(lf[k]) for k in ("median", "ci_low", "ci_high")):
             lo, hi = end * lf["ci_low"], end * lf["ci_high"]
+            why = "the CPU's learning factor's CI spans 1"
             if lo > 1 or hi < 1:  # decided on what is reported: throughput x learning, its CI on one side of 1
-                ttt = {"median": end * lf["median"], "ci_low": lo, "ci_high": hi,
-                       "learning_factor_from": "the CPU's one-pass T-PPO (W = L/4) against " + base}
-        row[f"tppo_over_{base}"] = {"end_to_end": end, "rollout": roll, "time_to_target": ttt}
+                ttt, why = {"median": end * lf["median"], "ci_low": lo, "ci_high": hi,
+                            "learning_factor_from": "the CPU's one-pass T-PPO (W = L/4) against " + base}, None
+        row[f"tppo_over_{base}"] = {"end_to_end": end, "rollout": roll, "time_to_target": ttt, "undecided_because": why}
     row["sentence"] = sentence(row)
     return row
 
@@ -870,7 +871,7 @@ def sentence(row: dict) -> str:
 
     ttt = p["time_to_target"]
     tail = (f"; to the target {ttt['median']:.2f}x [{ttt['ci_low']:.2f}, {ttt['ci_high']:.2f}] with the CPU's learning factor"
-            if ttt else "; its time to target is undecided (the CPU's learning factor's CI spans 1)")
+            if ttt else f"; its time to target is undecided ({p.get('undecided_because') or 'the CPU learning factor'})")
     return (f"{row['engines']} engines, median response {row['median_length']}, {row['update'].replace('_', ' ')} update: "
             f"T-PPO is {verdict(p['end_to_end'])} than PPO per prompt ({p['end_to_end']:.2f}x end to end, "
             f"{p['rollout']:.2f}x the rollout alone) and {verdict(g['end_to_end'])} than GRPO ({g['end_to_end']:.2f}x){tail}.")

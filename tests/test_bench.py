@@ -746,3 +746,21 @@ def test_math_reward_agreement_runs_on_a_suite_of_math_verify_shape(tmp_path):
     assert d["targets_decide"] and not d["timeout"]
     assert res["total"]["targets_decide"] == 1 and res["total"]["agreement_pct_targets_not_deciding"] == 100.0
     assert res["total"]["math_verify_agrees"] == 5
+
+
+def test_condition_row_says_why_time_to_target_is_undecided():
+    """A condition's time to target: throughput x the CPU's learning factor where its CI is on
+    one side of 1, else undecided with the reason: no factor at all (no seed where both arms
+    reached the target) or a CI that spans 1."""
+    res = {arm: {"s_per_prompt": s, "generate_s_per_prompt": s / 2, "preemptions": 0}
+           for arm, s in (("tppo", 1.0), ("ppo", 2.0), ("grpo", 1.5))}
+    none = gp.condition_row(res, {}, 16, "L/6", "exact")
+    assert none["tppo_over_ppo"]["end_to_end"] == pytest.approx(2.0) and none["tppo_over_ppo"]["rollout"] == pytest.approx(2.0)
+    assert none["tppo_over_ppo"]["time_to_target"] is None
+    assert "no learning factor" in none["tppo_over_ppo"]["undecided_because"] and "no learning factor" in none["sentence"]
+    spans = gp.condition_row(res, {"ppo": {"tppo": {"median": 0.6, "ci_low": 0.2, "ci_high": 0.9}}}, 16, "L/6", "exact")
+    assert spans["tppo_over_ppo"]["time_to_target"] is None and "spans 1" in spans["sentence"]  # 2 x [0.2, 0.9] = [0.4, 1.8]
+    decided = gp.condition_row(res, {"ppo": {"tppo": {"median": 0.8, "ci_low": 0.6, "ci_high": 0.9}}}, 16, "L/6", "exact")
+    ttt = decided["tppo_over_ppo"]["time_to_target"]
+    assert (ttt["median"], ttt["ci_low"], ttt["ci_high"]) == pytest.approx((1.6, 1.2, 1.8))
+    assert decided["tppo_over_ppo"]["undecided_because"] is None and "to the target 1.60x [1.20, 1.80]" in decided["sentence"]
