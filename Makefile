@@ -49,7 +49,7 @@ bench-rollout: setup
 bench-ppo-vs-tppo: setup
 	$(PY) benchmarks/ppo_vs_tppo.py --seeds 3 --windows 64 auto --variants refill cheap --no-ablations --no-short --prompts 768
 
-# The speed study (#20): ppo, tppo, grpo, partial-ppo (5 seeds) and the T-PPO variants (3),
+# The speed study (#20): ppo, tppo, grpo, partial-ppo (5 seeds) and the T-PPO variants (4),
 # every arm with every exact optimisation; results/speed_study.json. A study stopped half-way
 # resumes from its journal (results/speed_study.runs.jsonl). Then the GPU projection, which
 # reads the study's learning factors and checks its model on the study's CPU runs.
