@@ -13,6 +13,7 @@ setting worth a study, it is no result.
     python benchmarks/power_pilots.py                    # every pilot, two at a time (about 50 min here)
     python benchmarks/power_pilots.py --only grpo ppo    # some of them
     python benchmarks/power_pilots.py --only ppo grpo --prompts 2560 --out power_pilots_long.json   # longer runs
+    python benchmarks/power_pilots.py --only ppo grpo --sft-mistake-rate 0.35 --out power_pilots_m35.json   # another start
     python benchmarks/power_pilots.py --quick            # tiny, two pilots (a test runs it)
 
 A killed run resumes from its journal (``results/power_pilots.runs.jsonl``).
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny SFT, two pilots of 64 prompts (4 steps): checks the harness end to end")
     ap.add_argument("--prompts", type=int, default=1024, help="prompts each pilot trains on (the study's: 1024)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--sft-mistake-rate", type=float, help="pilot another warm-start: the SFT's injected mistakes (the study's: 0.2)")
     ap.add_argument("--out", help="output JSON (default: results/power_pilots.json; --quick: results/power_pilots_quick.json)")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -102,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     names = ["ppo", "grpo"] if args.quick else (args.only or list(PILOTS))
     size = ({"prompts": 64, "eval_every": 64, "eval_problems": 8, "extra": ["train.critic_warmup_steps=1"]} if args.quick else
             {"prompts": args.prompts, "eval_every": 128, "eval_problems": 1024, "extra": []})
-    sft = ss.ensure_sft(args.quick)
-    base = {"sft_dir": str(sft), "sft_sha256": ss.warm_start_id(sft), "seed": 0, "eval_batch_rows": 1024, **size}
+    sft = ss.ensure_sft(args.quick, args.sft_mistake_rate)
+    base = {"sft_dir": str(sft), "sft_sha256": ss.warm_start_id(sft), "sft_mistake_rate": args.sft_mistake_rate or 0.2,
+            "seed": 0, "eval_batch_rows": 1024, **size}
     out = args.out or ("power_pilots_quick.json" if args.quick else "power_pilots.json")
     specs = [("start", {**base, "pilot": "start"})] + [(n, {**base, "pilot": n}) for n in names]
 

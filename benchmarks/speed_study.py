@@ -176,9 +176,10 @@ def journal_path(out: str) -> Path:
     return results_path(out).with_suffix(".runs.jsonl")
 
 
-def ensure_sft(quick: bool) -> Path:
+def ensure_sft(quick: bool, mistake_rate: float | None = None) -> Path:
     """The study's SFT warm-start (trained once into ``runs/``, cached): the demo's, with
-    more injected step mistakes so RL has room to learn within a run (:data:`SFT`)."""
+    more injected step mistakes so RL has room to learn within a run (:data:`SFT`).
+    ``mistake_rate`` trains another start (``runs/sft-chain-m<percent>``) for pilots."""
     from ppo_vs_tppo import ensure_sft as demo_sft
 
     from tppo.config import load_config
@@ -186,10 +187,11 @@ def ensure_sft(quick: bool) -> Path:
 
     if quick:
         return demo_sft(argparse.Namespace(quick=True))
-    out = ROOT / load_config(DEMO, SFT).sft.output_dir
+    recipe = SFT if mistake_rate is None else [f"sft.mistake_rate={mistake_rate}", f"sft.output_dir=runs/sft-chain-m{round(100 * mistake_rate)}"]
+    out = ROOT / load_config(DEMO, recipe).sft.output_dir
     if not (out / "config.json").exists():
         print(f"training the study's SFT warm-start into {out}")
-        run_sft(load_config(DEMO, [*SFT, f"sft.output_dir={out}"]))
+        run_sft(load_config(DEMO, [*recipe, f"sft.output_dir={out}"]))
     return out
 
 
