@@ -871,7 +871,7 @@ def sentence(row: dict) -> str:
 
     ttt = p["time_to_target"]
     tail = (f"; to the target {ttt['median']:.2f}x [{ttt['ci_low']:.2f}, {ttt['ci_high']:.2f}] with the CPU's learning factor"
-            if ttt else f"; its time to target is undecided ({p.get('undecided_because') or 'the CPU learning factor'})")
+            if ttt else f"; its time to target is undecided ({p['undecided_because']})")
     return (f"{row['engines']} engines, median response {row['median_length']}, {row['update'].replace('_', ' ')} update: "
             f"T-PPO is {verdict(p['end_to_end'])} than PPO per prompt ({p['end_to_end']:.2f}x end to end, "
             f"{p['rollout']:.2f}x the rollout alone) and {verdict(g['end_to_end'])} than GRPO ({g['end_to_end']:.2f}x){tail}.")

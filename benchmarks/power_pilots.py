@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     names = ["ppo", "grpo"] if args.quick else (args.only or list(PILOTS))
     size = ({"prompts": 64, "eval_every": 64, "eval_problems": 8, "extra": ["train.critic_warmup_steps=1"]} if args.quick else
             {"prompts": args.prompts, "eval_every": 128, "eval_problems": 1024, "extra": []})
-    sft = ss.ensure_sft(args.quick, args.sft_mistake_rate)
-    base = {"sft_dir": str(sft), "sft_sha256": ss.warm_start_id(sft), "sft_mistake_rate": 0.2 if args.sft_mistake_rate is None else args.sft_mistake_rate,
-            "seed": 0, "eval_batch_rows": 1024, **size}
+    rate = ss.SFT_MISTAKE_RATE if args.sft_mistake_rate is None else args.sft_mistake_rate
+    sft = ss.ensure_sft(args.quick, rate)
+    base = {"sft_dir": str(sft), "sft_sha256": ss.warm_start_id(sft), "sft_mistake_rate": rate, "seed": 0, "eval_batch_rows": 1024, **size}
     out = args.out or ("power_pilots_quick.json" if args.quick else "power_pilots.json")
     specs = [("start", {**base, "pilot": "start"})] + [(n, {**base, "pilot": n}) for n in names]
 

@@ -57,7 +57,14 @@ L = 256  # the demo's max_response_tokens
 
 # The warm-start: the demo's SFT with 20 % injected step mistakes (the demo's 6 % left PPO
 # within one SE of its start after 1024 prompts: benchmarks/RESULTS.md, speed study).
-SFT = ["sft.mistake_rate=0.2", "sft.output_dir=runs/sft-chain-m20"]
+SFT_MISTAKE_RATE = 0.2
+
+
+def sft_recipe(mistake_rate: float = SFT_MISTAKE_RATE) -> list[str]:
+    """The warm-start's overrides of the demo's SFT: its mistake rate, and a directory of its own."""
+    return [f"sft.mistake_rate={mistake_rate}", f"sft.output_dir=runs/sft-chain-m{round(100 * mistake_rate)}"]
+
+
 # Every exact optimisation, for every arm (the gradient is unchanged by each).
 COMMON = ["train.micro_batch_tokens=4096"]
 ARMS: dict[str, list[str]] = {
@@ -176,10 +183,10 @@ def journal_path(out: str) -> Path:
     return results_path(out).with_suffix(".runs.jsonl")
 
 
-def ensure_sft(quick: bool, mistake_rate: float | None = None) -> Path:
+def ensure_sft(quick: bool, mistake_rate: float = SFT_MISTAKE_RATE) -> Path:
     """The study's SFT warm-start (trained once into ``runs/``, cached): the demo's, with
-    more injected step mistakes so RL has room to learn within a run (:data:`SFT`).
-    ``mistake_rate`` trains another start (``runs/sft-chain-m<percent>``) for pilots."""
+    more injected step mistakes so RL has room to learn within a run (:func:`sft_recipe`).
+    Another ``mistake_rate`` trains another start (``runs/sft-chain-m<percent>``), for pilots."""
     from ppo_vs_tppo import ensure_sft as demo_sft
 
     from tppo.config import load_config
@@ -187,7 +194,7 @@ def ensure_sft(quick: bool, mistake_rate: float | None = None) -> Path:
 
     if quick:
         return demo_sft(argparse.Namespace(quick=True))
-    recipe = SFT if mistake_rate is None else [f"sft.mistake_rate={mistake_rate}", f"sft.output_dir=runs/sft-chain-m{round(100 * mistake_rate)}"]
+    recipe = sft_recipe(mistake_rate)
     out = ROOT / load_config(DEMO, recipe).sft.output_dir
     if not (out / "config.json").exists():
         print(f"training the study's SFT warm-start into {out}")
@@ -301,12 +308,12 @@ def _check(results: dict[str, dict], calibration: list[str]) -> dict:
     for name, run in results.items():
         if name in calibration or "per_step" not in run:
             continue
-        errs = relative_errors(costs, run)
+        arm, errs = name.split("/")[0], relative_errors(costs, run)
         run_factor[name], share = split_run_factor(errs)
         for phase, err in errs.items():
             if err is not None:
-                errors.setdefault(name.split("/")[0], {}).setdefault(phase, []).append(err)
-                shares.setdefault(name.split("/")[0], {}).setdefault(phase, []).append(share[phase])
+                errors.setdefault(arm, {}).setdefault(phase, []).append(err)
+                shares.setdefault(arm, {}).setdefault(phase, []).append(share[phase])
     med = lambda d: {arm: {p: statistics.median(e) for p, e in ph.items()} for arm, ph in d.items()}  # noqa: E731
     return {"calibration": calibration, "unit_costs": costs, "relative_error": med(errors),
             "run_factor": run_factor, "phase_share_error": med(shares)}
