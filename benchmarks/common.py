@@ -92,13 +92,13 @@ def train_with_evals(tr, prompts: int, eval_every: int, keys: tuple[str, ...], o
     """Train ``tr`` (a tppo Trainer) until ``prompts`` prompts were admitted, evaluating each
     time another ``eval_every`` were, and at the end. (per-step ``keys`` of each step's
     metrics, the evaluated curve: prompts, training seconds, generated tokens, step, accuracy).
-    ``on_step(tr)`` is called after each step (untimed)."""
+    ``on_step(tr)`` is called after each step (untimed); a dict it returns joins the step's record."""
     steps, curve, next_eval = [], [], eval_every
     while tr.source.cursor < prompts:
         m = tr.step()
         steps.append({k: m.get(k) for k in keys})
         if on_step is not None:
-            on_step(tr)
+            steps[-1].update(on_step(tr) or {})
         if tr.source.cursor >= next_eval or tr.source.cursor >= prompts:
             while next_eval <= tr.source.cursor:
                 next_eval += eval_every

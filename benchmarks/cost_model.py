@@ -23,6 +23,14 @@ before a counter have none; the fit drops a unit that never varies. A calibratio
 whose steps barely vary a unit (T-PPO: every window ~W decode steps) leaves that unit's
 cost ill-determined: calibrate on runs that vary them (the speed study pools one run of
 each arm).
+
+The machine's own speed drifts between runs on a shared VM (the same work 8-18 % faster or
+slower): a run that logged the speed probe (benchmarks/speed_probe.py, ``probe/*`` per
+step) has its seconds measured in probe-seconds: each phase's seconds divided by the run's
+median probe of the kind that phase is made of (:data:`SPEED`) before the fit, and the
+prediction multiplied by the predicted run's (``speed``). The costs are then per unit of
+work in the probe's time, and the check is the counts' error with the machine's drift
+measured by a clock beside it, not fitted from the phases predicted.
 """
 
 from __future__ import annotations
@@ -42,6 +50,10 @@ PHASE_WORK = {
     "policy_update": ("work/policy_positions", "work/policy_prefix_positions"),
     "value_update": ("work/critic_positions",),
 }
+
+# the probe each phase's seconds are measured against (speed_probe.py): decode steps are small
+# matmuls and per-call overhead, the passes over token positions dense ones
+SPEED = {phase: "probe/decode_s" if phase == "generate" else "probe/dense_s" for phase in PHASE_WORK}
 
 
 def nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -69,15 +81,33 @@ def fit(steps: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def predict(costs: dict[str, dict[str, float]], work: dict[str, float]) -> dict[str, float]:
-    """Seconds per phase of a run with the total ``work`` counters."""
-    return {phase: sum(c * float(work.get(k) or 0) for k, c in units.items()) for phase, units in costs.items()}
+def run_speed(steps: list[dict]) -> dict[str, float] | None:
+    """A run's speed per phase: the median over its steps of the probe the phase is measured
+    against (:data:`SPEED`); None for a run that did not log the probe on every step."""
+    kinds = set(SPEED.values())
+    if not steps or any(not s.get(k) for s in steps for k in kinds):
+        return None
+    med = {k: float(np.median([s[k] for s in steps])) for k in kinds}
+    return {phase: med[k] for phase, k in SPEED.items()}
 
 
-def relative_errors(costs: dict[str, dict[str, float]], run: dict) -> dict[str, float | None]:
+def in_probe_seconds(steps: list[dict], speed: dict[str, float]) -> list[dict]:
+    """The steps with each phase's seconds divided by the run's probe (``run_speed``)."""
+    return [{**s, **{f"time/{p}_s": (s.get(f"time/{p}_s") or 0.0) / speed[p] for p in speed}} for s in steps]
+
+
+def predict(costs: dict[str, dict[str, float]], work: dict[str, float], speed: dict[str, float] | None = None) -> dict[str, float]:
+    """Seconds per phase of a run with the total ``work`` counters; ``speed``: the run's
+    probe (``run_speed``), for costs fitted in probe-seconds."""
+    return {phase: sum(c * float(work.get(k) or 0) for k, c in units.items()) * (speed[phase] if speed else 1.0)
+            for phase, units in costs.items()}
+
+
+def relative_errors(costs: dict[str, dict[str, float]], run: dict, speed: dict[str, float] | None = None) -> dict[str, float | None]:
     """Predicted / measured - 1 per phase of a run (``work`` and ``phase_s`` totals); None
-    for a phase the run did no work in (its seconds are the timer's)."""
-    pred = predict(costs, run["work"])
+    for a phase the run did no work in (its seconds are the timer's). ``speed``: the run's
+    probe (``run_speed``), for costs fitted in probe-seconds."""
+    pred = predict(costs, run["work"], speed)
     did = {p: any(float(run["work"].get(k) or 0) for k in keys) for p, keys in PHASE_WORK.items()}
     return {p: (pred[p] / run["phase_s"][p] - 1.0) if did[p] and run["phase_s"].get(p) else None for p in PHASE_WORK}
 
@@ -89,8 +119,9 @@ def split_run_factor(errors: dict[str, float | None]) -> tuple[float, dict[str, 
     f is what every phase of the run shares: the machine ran that run faster or slower than
     the calibration (on a shared 2-core VM its speed drifts by several % between runs, and
     the partner run on the other core changes too). r_p is what the counts get wrong about
-    how the run's time divides between phases. A model of counts can predict r, never f;
-    the speed study reports both beside the plain error. Returns (f, {phase: r_p}).
+    how the run's time divides between phases. A model of counts alone can predict r, never
+    f (the speed probe measures it: ``run_speed``); the speed study reports both beside the
+    plain error. Returns (f, {phase: r_p}).
     """
     kept = {p: e for p, e in errors.items() if e is not None}
     if not kept:
@@ -106,9 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     data = json.loads(args.results.read_text())
     runs = {k: v for k, v in data["results"].items() if "per_step" in v}
-    costs = fit(runs[args.calibrate]["per_step"])
-    print(json.dumps({"calibration": args.calibrate, "unit_costs": costs,
-                      "relative_error": {k: relative_errors(costs, r) for k, r in runs.items() if k != args.calibrate}}, indent=1))
+    speeds = {k: run_speed(r["per_step"]) for k, r in runs.items()}
+    probed = all(v is not None for v in speeds.values())  # else every run in seconds
+    steps = runs[args.calibrate]["per_step"]
+    costs = fit(in_probe_seconds(steps, speeds[args.calibrate]) if probed else steps)
+    errors = {k: relative_errors(costs, r, speeds[k] if probed else None) for k, r in runs.items() if k != args.calibrate}
+    print(json.dumps({"calibration": args.calibrate, "measured_against": "speed probe" if probed else "seconds",
+                      "unit_costs": costs, "relative_error": errors}, indent=1))
     return 0
 
 

@@ -734,20 +734,21 @@ def cpu_check(study: dict) -> dict | None:
     out = {"lengths": "each run's own rows, replayed", "correct_share": correct, "arms": {}}
     seen = set(cm["calibration"] if isinstance(cm["calibration"], list) else [cm["calibration"]])
     for name, a in study["arms"].items():
-        runs = [study["results"][key] for seed in a["seeds"] if (key := f"{name}/s{seed}") not in seen]
+        runs = [(key, study["results"][key]) for seed in a["seeds"] if (key := f"{name}/s{seed}") not in seen]
         chosen = "rollout.window_tokens=auto" in a.get("overrides", [])  # W chosen as it ran: replayable where it was logged
-        runs = [(r, ws) for r in runs if r.get("rows") and ((ws := run_windows(r)) or not chosen)]
+        runs = [(key, r, ws) for key, r in runs if r.get("rows") and ((ws := run_windows(r)) or not chosen)]
         if name not in arms or not runs:
             continue
         setting, arm = arms[name]
         errs: dict[str, list[float]] = {}
         work_errs: dict[str, list[float]] = {}
         admitted = []  # the simulation's prompts over the run's: 1 where it replays the run's steps
-        for r, ws in runs:
+        for key, r, ws in runs:
             sim = simulate(replayed_rows(r, setting.max_response_tokens), setting, cpu, arm, prompts=r["prompts"], windows=ws)
             admitted.append(sim["admitted_prompts"] / r["prompts"])
             work = {f"work/{k}": v for k, v in sim["work"].items()}
-            pred = predict(cm["unit_costs"], work)
+            speed = (cm.get("run_speed") or {}).get(key)  # costs in probe-seconds: the run's own probe (cost_model.run_speed)
+            pred = predict(cm["unit_costs"], work, speed)
             for p, v in pred.items():
                 if v and r["phase_s"].get(p):
                     errs.setdefault(p, []).append(v / r["phase_s"][p] - 1)

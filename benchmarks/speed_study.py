@@ -48,7 +48,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import benchmark_trainer, commit, machine, results_path, run_job_subprocesses, train_with_evals, write_json  # noqa: E402
 from cost_model import fit as fit_costs  # noqa: E402
-from cost_model import relative_errors, split_run_factor  # noqa: E402
+from cost_model import in_probe_seconds, relative_errors, run_speed, split_run_factor  # noqa: E402
+from speed_probe import SpeedProbe  # noqa: E402
 from stats import eval_standard_error, seed_ratios, time_ratio_ci, value_at  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,9 +139,12 @@ def train_curve(tr, prompts: int, eval_every: int) -> dict:
     The GPU projection's CPU check replays them."""
     rows: dict[int, list[int]] = {}
 
-    def record(tr) -> None:
+    probe = SpeedProbe(tr.policy, tr.policy.config.vocab_size)  # the machine's speed beside each step (cost_model.SPEED)
+
+    def record(tr) -> dict[str, float]:
         for r, x in zip(tr.last_window.rows, tr.last_rewards):  # a row is in every window it spans: the last record is its latest
             rows[r.uid] = [len(r.prompt_ids), len(r.response_ids), int(r.finished), int(x is not None and x >= 1.0)]
+        return probe()
 
     steps, curve = train_with_evals(tr, prompts, eval_every, ("time/step_s", *(f"time/{p}_s" for p in PHASES), *WORK,
                                                              "rollout/generated_tokens", "rollout/window_tokens"), on_step=record)
@@ -282,7 +286,11 @@ def cost_model_check(results: dict[str, dict]) -> dict | None:
     Why a set and not one run of its own (#20 D's wording): no single arm exercises every
     unit (the joins' cache copies are in-window refill's, the no-grad prefix
     ``prefix_grad: false``'s, the re-prefilled carried rows the windowed arms'); a run
-    that varied batch and W would still leave those unfitted. None of the set is predicted."""
+    that varied batch and W would still leave those unfitted. None of the set is predicted.
+
+    Where every run logged the speed probe (benchmarks/speed_probe.py), the seconds are
+    measured against it (``measured_against``, cost_model.SPEED) and the check in plain
+    seconds is kept beside it (``seconds``): what the machine's drift adds to the error."""
     ran = sorted(k for k in results if "per_step" in results[k])
     if not any(k.startswith("ppo/") for k in ran):
         return None
@@ -291,32 +299,40 @@ def cost_model_check(results: dict[str, dict]) -> dict | None:
         first.setdefault(k.split("/")[0], k)
     ppo_run = first["ppo"]
     pooled = sorted(first.values()) if len(ran) > len(first) else [ppo_run]
-    out = {**_check(results, pooled), "lengths_run": ppo_run}
+    probed = all(run_speed(results[k]["per_step"]) is not None for k in ran)
+    out = {**_check(results, pooled, probed), "lengths_run": ppo_run}
     if pooled != [ppo_run]:
-        out["ppo_only"] = _check(results, [ppo_run])
+        out["ppo_only"] = _check(results, [ppo_run], probed)
+    if probed:
+        out["seconds"] = _check(results, pooled, False)
     return out
 
 
-def _check(results: dict[str, dict], calibration: list[str]) -> dict:
+def _check(results: dict[str, dict], calibration: list[str], probed: bool) -> dict:
     """The fit on ``calibration`` and, per arm and phase, the median over the other runs of
     the relative error; beside it each run's common factor and the phase-share error
-    (cost_model.split_run_factor: what the machine did to a run, and what the model did)."""
-    costs = fit_costs([s for k in calibration for s in results[k]["per_step"]])
+    (cost_model.split_run_factor: what the machine did to a run, and what the model did).
+    ``probed``: every run's seconds measured against its speed probe (cost_model.run_speed)."""
+    runs = {k: r for k, r in results.items() if "per_step" in r}
+    speed = {k: run_speed(r["per_step"]) if probed else None for k, r in runs.items()}
+    costs = fit_costs([s for k in calibration for s in
+                       (in_probe_seconds(runs[k]["per_step"], speed[k]) if probed else runs[k]["per_step"])])
     errors: dict[str, dict[str, list[float]]] = {}
     shares: dict[str, dict[str, list[float]]] = {}
     run_factor: dict[str, float] = {}
-    for name, run in results.items():
-        if name in calibration or "per_step" not in run:
+    for name, run in runs.items():
+        if name in calibration:
             continue
-        arm, errs = name.split("/")[0], relative_errors(costs, run)
+        arm, errs = name.split("/")[0], relative_errors(costs, run, speed[name])
         run_factor[name], share = split_run_factor(errs)
         for phase, err in errs.items():
             if err is not None:
                 errors.setdefault(arm, {}).setdefault(phase, []).append(err)
                 shares.setdefault(arm, {}).setdefault(phase, []).append(share[phase])
     med = lambda d: {arm: {p: statistics.median(e) for p, e in ph.items()} for arm, ph in d.items()}  # noqa: E731
-    return {"calibration": calibration, "unit_costs": costs, "relative_error": med(errors),
-            "run_factor": run_factor, "phase_share_error": med(shares)}
+    return {"calibration": calibration, "measured_against": "speed probe" if probed else "seconds", "unit_costs": costs,
+            "relative_error": med(errors), "run_factor": run_factor, "phase_share_error": med(shares),
+            **({"run_speed": speed} if probed else {})}
 
 
 def report(summary: dict) -> str:

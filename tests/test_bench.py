@@ -402,6 +402,8 @@ def test_speed_study_quick_runs_end_to_end(tmp_path):
         assert {"median", "ci_low", "ci_high", "n"} == set(r["per_prompt"]) and r["per_prompt"]["n"] == 1
     cm = res["cost_model"]  # fitted on PPO's run, checked on every other arm's
     assert cm["calibration"] == ["ppo/s0"] and set(cm["relative_error"]) == set(ss.MAIN_ARMS) - {"ppo"}
+    assert cm["measured_against"] == "speed probe" and set(cm["run_speed"]) == {f"{a}/s0" for a in ss.MAIN_ARMS}
+    assert all(s["probe/decode_s"] > 0 and s["probe/dense_s"] > 0 for r in res["results"].values() for s in r.get("per_step", []))
     # the projection's CPU check replays each run's rows: every work counter the trainer logged, exactly
     check = gp.cpu_check(res)
     assert set(check["arms"]) == set(ss.MAIN_ARMS) - {"ppo"}
@@ -490,11 +492,72 @@ def test_the_study_calibrates_on_every_arms_first_seed_where_ppo_alone_cannot_te
     results["tppo/s2"] = {**slow, "phase_s": {p: 1.2 * t for p, t in slow["phase_s"].items()}}
     cm = ss.cost_model_check(results)
     assert cm["calibration"] == ["ppo/s0", "tppo/s0"] and cm["lengths_run"] == "ppo/s0"
+    assert cm["measured_against"] == "seconds" and "seconds" not in cm  # no run logged the probe
     assert cm["run_factor"]["tppo/s2"] == pytest.approx(1 / 1.2 - 1) and abs(cm["run_factor"]["tppo/s1"]) < 1e-6
     assert abs(cm["phase_share_error"]["tppo"]["generate"]) < 1e-6
     assert abs(cm["relative_error"]["ppo"]["generate"]) < 1e-6
     assert cm["relative_error"]["tppo"]["generate"] == pytest.approx((0 + (1 / 1.2 - 1)) / 2)  # the median of s1 and s2
     assert cm["ppo_only"]["calibration"] == ["ppo/s0"] and abs(cm["ppo_only"]["relative_error"]["tppo"]["generate"]) > 0.1
+
+
+def _probed_run(rng, factor: float, decode: float, dense: float) -> dict:
+    """Ten steps of known work whose seconds are ``factor`` x the truth, with a speed probe
+    that saw the same machine, within +-2 % on every step (so its median is too)."""
+    steps = []
+    for _ in range(10):
+        w = {"work/decode_steps": int(rng.integers(40, 256)), "work/value_positions": int(rng.integers(5e3, 2e4))}
+        steps.append({**w, "time/generate_s": factor * 2e-3 * w["work/decode_steps"], "time/values_s": factor * 3e-6 * w["work/value_positions"],
+                      "probe/decode_s": factor * decode * rng.uniform(0.98, 1.02), "probe/dense_s": factor * dense * rng.uniform(0.98, 1.02)})
+    return {"per_step": steps, "work": {k: sum(s[k] for s in steps) for k in steps[0] if k.startswith("work/")},
+            "phase_s": {p: sum(s[f"time/{p}_s"] for s in steps) for p in ("generate", "values")}}
+
+
+def test_the_speed_probe_measures_the_machines_drift_the_counts_cannot():
+    """Runs the machine made 0.8x-1.3x as fast, their probes with them: in probe-seconds the
+    other seeds are predicted to the probe's noise (within (1.02 / 0.98)^2 - 1), in plain seconds
+    each run is off by its factor; the run speed is the median of each probe per step."""
+    import cost_model as cm
+    import speed_study as ss
+
+    rng = np.random.default_rng(3)
+    factors = {"ppo/s0": 1.0, "ppo/s1": 1.3, "ppo/s2": 0.8, "tppo/s0": 1.1, "tppo/s1": 1.25}
+    results = {k: _probed_run(rng, f, 0.02, 0.05) for k, f in factors.items()}
+    check = ss.cost_model_check(results)
+    assert check["measured_against"] == "speed probe" and check["seconds"]["measured_against"] == "seconds"
+    speed = check["run_speed"]["ppo/s1"]
+    assert speed["generate"] == pytest.approx(np.median([s["probe/decode_s"] for s in results["ppo/s1"]["per_step"]]))
+    assert speed["values"] == speed["policy_update"] == pytest.approx(np.median([s["probe/dense_s"] for s in results["ppo/s1"]["per_step"]]))
+    for arm, phases in check["relative_error"].items():
+        assert all(abs(e) < 0.085 for e in phases.values()), (arm, phases)
+    plain = check["seconds"]["run_factor"]
+    assert plain["ppo/s1"] < -0.15 and plain["ppo/s2"] > 0.15  # the drift itself, in plain seconds
+    assert all(abs(f) < 0.085 for f in check["run_factor"].values())
+    # the costs are in probe-seconds: predicting with the run's probe gives seconds back
+    costs = check["unit_costs"]
+    pred = cm.predict(costs, results["tppo/s1"]["work"], check["run_speed"]["tppo/s1"])
+    assert pred["generate"] == pytest.approx(results["tppo/s1"]["phase_s"]["generate"], rel=0.085)
+    results["ppo/s2"]["per_step"][4].pop("probe/dense_s")  # one step without the probe: no run is measured against it
+    assert cm.run_speed(results["ppo/s2"]["per_step"]) is None and ss.cost_model_check(results)["measured_against"] == "seconds"
+
+
+def test_the_speed_probe_leaves_the_policy_and_the_random_streams_alone():
+    import torch
+    from speed_probe import SpeedProbe
+
+    from tppo.config import TinyModelConfig
+    from tppo.models import build_tiny
+
+    model, tok = build_tiny(TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                            num_key_value_heads=2))
+    torch.manual_seed(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.get_rng_state()
+    probe = SpeedProbe(model, len(tok), decode_rows=4, decode_calls=2, dense_rows=2, dense_tokens=8)
+    t = probe()
+    assert set(t) == {"probe/decode_s", "probe/dense_s"} and all(v > 0 for v in t.values())
+    assert torch.equal(torch.get_rng_state(), state), "the training's random stream moved"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and all(p.grad is None for p in model.parameters())
+    assert probe.model is not model and all(p.grad is None for p in probe.model.parameters())
 
 
 def test_split_run_factor_by_hand_and_a_uniformly_faster_run_moves_only_its_factor():
