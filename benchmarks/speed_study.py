@@ -330,8 +330,10 @@ def _check(results: dict[str, dict], calibration: list[str], probed: bool) -> di
                 errors.setdefault(arm, {}).setdefault(phase, []).append(err)
                 shares.setdefault(arm, {}).setdefault(phase, []).append(share[phase])
     med = lambda d: {arm: {p: statistics.median(e) for p, e in ph.items()} for arm, ph in d.items()}  # noqa: E731
+    factors = [f for f in run_factor.values() if f == f]
     return {"calibration": calibration, "measured_against": "speed probe" if probed else "seconds", "unit_costs": costs,
             "relative_error": med(errors), "run_factor": run_factor, "phase_share_error": med(shares),
+            "run_factor_sd": statistics.stdev(factors) if len(factors) > 1 else None,
             **({"run_speed": speed} if probed else {})}
 
 
@@ -414,6 +416,20 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def cost_markdown(summary: dict) -> str:
+    """The cost model's check for RESULTS.md: per arm and phase the median error measured
+    against the speed probe and in plain seconds, and the runs' common factors' SD."""
+    cm = summary.get("cost_model") or {}
+    plain = cm.get("seconds") or cm
+    fmt = lambda d: ", ".join(f"{p} {e:+.1%}" for p, e in d.items()) or "(calibration)"  # noqa: E731
+    sd = lambda c: "-" if c.get("run_factor_sd") is None else f"{c['run_factor_sd']:.1%}"  # noqa: E731
+    lines = [f"| arm | error per phase, {cm.get('measured_against', 'seconds')} | error per phase, plain seconds |", "|---|---|---|"]
+    for arm in summary["arms"]:
+        lines.append(f"| {arm} | {fmt(cm.get('relative_error', {}).get(arm, {}))} | {fmt(plain.get('relative_error', {}).get(arm, {}))} |")
+    lines.append(f"| SD of the runs' common factor | {sd(cm)} | {sd(plain)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny SFT, one seed, few prompts: checks the harness end to end")
@@ -464,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         args.journal.unlink(missing_ok=True)  # its runs are in the JSON now
     print(report(payload))
     print(markdown(payload))
+    print(cost_markdown(payload))
     print(f"wrote {path} and {plot(payload, path.with_suffix('.png'))}")
     return 0
 

@@ -532,6 +532,10 @@ def test_the_speed_probe_measures_the_machines_drift_the_counts_cannot():
     plain = check["seconds"]["run_factor"]
     assert plain["ppo/s1"] < -0.15 and plain["ppo/s2"] > 0.15  # the drift itself, in plain seconds
     assert all(abs(f) < 0.085 for f in check["run_factor"].values())
+    assert check["run_factor_sd"] < 0.05 < 0.15 < check["seconds"]["run_factor_sd"]
+    table = ss.cost_markdown({"arms": {"ppo": {}, "tppo": {}}, "cost_model": check}).splitlines()
+    assert table[0] == "| arm | error per phase, speed probe | error per phase, plain seconds |" and len(table) == 5
+    assert table[-1] == f"| SD of the runs' common factor | {check['run_factor_sd']:.1%} | {check['seconds']['run_factor_sd']:.1%} |"
     # the costs are in probe-seconds: predicting with the run's probe gives seconds back
     costs = check["unit_costs"]
     pred = cm.predict(costs, results["tppo/s1"]["work"], check["run_speed"]["tppo/s1"])
