@@ -270,3 +270,13 @@ def test_summary_line_quotes_the_evaluation_with_its_standard_error():
     assert summary_line({**m, "eval/accuracy_se": float("nan")}).endswith("| eval acc 0.452 (SE -)")  # one problem: undefined
     assert summary_line({"step": 3, "eval/accuracy": 0.4521}).endswith("| eval acc 0.452")  # a run from before the SE
     assert "eval acc" not in summary_line({"step": 3})
+
+
+def test_summary_line_shows_the_behaviour_kl_not_the_one_pass_approx_kl():
+    """With one update per step ``policy/approx_kl`` is 0 by construction; the console's KL
+    is the trained tokens' KL from the policies that sampled them (rollout/mismatch_kl)."""
+    from tppo.metrics import summary_line
+
+    line = summary_line({"step": 3, "policy/approx_kl": 0.0, "rollout/mismatch_kl": 3.1e-4})
+    assert " kl(mu) 3.1e-04 " in line and "0.0e+00" not in line
+    assert " kl(mu) - " in summary_line({"step": 3, "policy/approx_kl": 0.0})  # an engine-logprob run: pi_old is mu

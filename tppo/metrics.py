@@ -111,7 +111,10 @@ def read_metrics(run_dir: str | Path, initial: bool = False) -> list[dict[str, A
 
 def summary_line(m: dict[str, Any], total_steps: int | None = None, eta_s: float | None = None) -> str:
     """The one-line console summary of a step; an undefined value (no row finished, no
-    update) shows as ``-``, never ``nan``."""
+    update) shows as ``-``, never ``nan``. Its KL is ``kl(mu)``, the trained tokens'
+    KL(mu || pi_old) (``rollout/mismatch_kl``: the engine's numerics and the older
+    policies of carried tokens), not ``policy/approx_kl``, which is 0 by construction with
+    one update per step (the default: pi_old is the update's own forward)."""
     step = f"step {m['step']:>4}" + (f"/{total_steps}" if total_steps else "")
     eta = f" | eta {_duration(eta_s)}" if eta_s is not None else ""
     acc = m.get("eval/accuracy")
@@ -120,7 +123,7 @@ def summary_line(m: dict[str, Any], total_steps: int | None = None, eta_s: float
         se = m.get("eval/accuracy_se")
         eval_part = f" | eval acc {_fmt(acc, '.3f')}" + (f" (SE {_fmt(se, '.3f')})" if se is not None else "")
     return (f"{step} | reward {_fmt(m.get('reward/mean'), '.3f')} acc {_fmt(m.get('reward/accuracy'), '.3f')} | "
-            f"pg {_fmt(m.get('policy/loss'), '.4f')} kl {_fmt(m.get('policy/approx_kl'), '.1e')} "
+            f"pg {_fmt(m.get('policy/loss'), '.4f')} kl(mu) {_fmt(m.get('rollout/mismatch_kl'), '.1e')} "
             f"lr {_fmt(m.get('train/policy_lr'), '.1e')} | W {m.get('rollout/window_tokens', '-')} | "
             f"len {_fmt(m.get('rollout/response_length'), '.1f')} (max {m.get('rollout/response_length_max', '-')}) | "
             f"util {_fmt(m.get('rollout/slot_utilization'), '.2f')} | carried {m.get('rollout/carried_rows', '-')} | "
