@@ -31,7 +31,9 @@ PPO's median training time, training time per prompt.
 
 The cost model's check (D, benchmarks/cost_model.py): unit costs fitted on every arm's
 first seed, every other run's per-phase seconds predicted from its ``work/*`` counts, the
-error per arm and phase in the JSON (:func:`cost_model_check`). The GPU conditions table (E) is
+error per arm and phase in the JSON (:func:`cost_model_check`); each run's seconds measured
+against the speed probe it timed after every step (benchmarks/speed_probe.py: the machine's
+drift between runs), the plain seconds' check beside it. The GPU conditions table (E) is
 benchmarks/gpu_projection.py's, which reads this study's JSON.
 """
 
