@@ -14,6 +14,7 @@ setting worth a study, it is no result.
     python benchmarks/power_pilots.py --only grpo ppo    # some of them
     python benchmarks/power_pilots.py --only ppo grpo --prompts 2560 --out power_pilots_long.json   # longer runs
     python benchmarks/power_pilots.py --only ppo grpo --sft-mistake-rate 0.35 --out power_pilots_m35.json   # another start
+    python benchmarks/power_pilots.py --only ppo tppo grpo --prompts 2560 --out power_pilots_long_a786.json   # the study of record's start
     python benchmarks/power_pilots.py --quick            # tiny, two pilots (a test runs it)
 
 A killed run resumes from its journal (``results/power_pilots.runs.jsonl``).
@@ -42,6 +43,7 @@ PILOTS: dict[str, tuple[str, list[str]]] = {
     "ppo-seq-mean-token-mean": ("ppo", ["algo.loss_agg=seq-mean-token-mean"]),
     "ppo-no-lm-loss": ("ppo", ["algo.lm_loss_coef=0"]),
     "grpo": ("ppo", ["algo.algorithm=grpo"]),  # the study's grpo arm: the same config
+    "tppo": ("tppo", []),  # the study's T-PPO arm
 }
 LEARNING = ("reward/accuracy", "rollout/response_length", "policy/entropy", "policy/clipfrac", "policy/approx_kl", "policy/grad_norm",
             "value/explained_variance", "rollout/truncated_at_cap", "time/step_s")
