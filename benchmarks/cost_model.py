@@ -24,8 +24,8 @@ whose steps barely vary a unit (T-PPO: every window ~W decode steps) leaves that
 cost ill-determined: calibrate on runs that vary them (the speed study pools one run of
 each arm).
 
-The machine's own speed drifts between runs on a shared VM (the same work 8-18 % faster or
-slower): a run that logged the speed probe (benchmarks/speed_probe.py, ``probe/*`` per
+The machine's own speed drifts between runs on a shared VM (the same work up to 8 % slower
+or 18 % faster): a run that logged the speed probe (benchmarks/speed_probe.py, ``probe/*`` per
 step) has its seconds measured in probe-seconds: each phase's seconds divided by the run's
 median probe of the kind that phase is made of (:data:`SPEED`) before the fit, and the
 prediction multiplied by the predicted run's (``speed``). The costs are then per unit of

@@ -1,7 +1,7 @@
 """The machine's speed, measured beside a run (#20 D): a fixed reference workload timed
 after every training step, so the cost model can tell the counts' error from the machine's.
 
-On a shared 2-core VM the same work took 8-18 % longer or shorter from one run to the next
+On a shared 2-core VM the same work ran up to 8 % slower or 18 % faster from one run to the next
 (the study at 200348b: each run's common factor over its phases had an SD of 7.8 %; with it
 removed every phase's share was predicted within 7.5 %). Counts cannot predict that factor;
 a clock can measure it. The probe is the same computation in every run of every arm: a
@@ -14,8 +14,8 @@ of its own (the training's random streams are untouched), timed in two parts:
     probe/dense_s   one forward and backward over a (rows, tokens) batch: what the value,
                     log-prob and update passes are made of
 
-A few tens of milliseconds after a step of several seconds (under 1 %, and outside the
-step's timers). benchmarks/cost_model.py divides each step's seconds by its probe before
+It costs about 75 ms a step (the study at 94e5e2e: 4 % beside its training time, whose
+timers it is outside of). benchmarks/cost_model.py divides each step's seconds by its probe before
 fitting and multiplies them back when predicting (``SPEED``).
 """
 
