@@ -513,7 +513,7 @@ def _probed_run(rng, factor: float, decode: float, dense: float) -> dict:
 
 
 def test_the_speed_probe_measures_the_machines_drift_the_counts_cannot():
-    """Runs the machine made 0.8x-1.3x as fast, their probes with them: in probe-seconds the
+    """Runs whose seconds the machine stretched 0.8x-1.3x, their probes with them: in probe-seconds the
     other seeds are predicted to the probe's noise (within (1.02 / 0.98)^2 - 1), in plain seconds
     each run is off by its factor; the run speed is the median of each probe per step."""
     import cost_model as cm
