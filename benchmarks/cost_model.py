@@ -91,8 +91,11 @@ def run_speed(steps: list[dict]) -> dict[str, float] | None:
     return {phase: med[k] for phase, k in SPEED.items()}
 
 
-def in_probe_seconds(steps: list[dict], speed: dict[str, float]) -> list[dict]:
-    """The steps with each phase's seconds divided by the run's probe (``run_speed``)."""
+def in_probe_seconds(steps: list[dict], speed: dict[str, float] | None) -> list[dict]:
+    """The steps with each phase's seconds divided by the run's probe (``run_speed``); the
+    steps themselves when ``speed`` is None (a check in plain seconds)."""
+    if speed is None:
+        return steps
     return [{**s, **{f"time/{p}_s": (s.get(f"time/{p}_s") or 0.0) / speed[p] for p in speed}} for s in steps]
 
 
@@ -138,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(args.results.read_text())
     runs = {k: v for k, v in data["results"].items() if "per_step" in v}
     speeds = {k: run_speed(r["per_step"]) for k, r in runs.items()}
-    probed = all(v is not None for v in speeds.values())  # else every run in seconds
-    steps = runs[args.calibrate]["per_step"]
-    costs = fit(in_probe_seconds(steps, speeds[args.calibrate]) if probed else steps)
-    errors = {k: relative_errors(costs, r, speeds[k] if probed else None) for k, r in runs.items() if k != args.calibrate}
+    probed = all(v is not None for v in speeds.values())
+    if not probed:  # every run in plain seconds
+        speeds = dict.fromkeys(runs)
+    costs = fit(in_probe_seconds(runs[args.calibrate]["per_step"], speeds[args.calibrate]))
+    errors = {k: relative_errors(costs, r, speeds[k]) for k, r in runs.items() if k != args.calibrate}
     print(json.dumps({"calibration": args.calibrate, "measured_against": "speed probe" if probed else "seconds",
                       "unit_costs": costs, "relative_error": errors}, indent=1))
     return 0

@@ -301,24 +301,26 @@ def cost_model_check(results: dict[str, dict]) -> dict | None:
         first.setdefault(k.split("/")[0], k)
     ppo_run = first["ppo"]
     pooled = sorted(first.values()) if len(ran) > len(first) else [ppo_run]
-    probed = all(run_speed(results[k]["per_step"]) is not None for k in ran)
-    out = {**_check(results, pooled, probed), "lengths_run": ppo_run}
+    speed = {k: run_speed(results[k]["per_step"]) for k in ran}
+    probed = all(v is not None for v in speed.values())
+    plain = dict.fromkeys(ran)  # every run in plain seconds
+    out = {**_check(results, pooled, speed if probed else plain), "lengths_run": ppo_run}
     if pooled != [ppo_run]:
-        out["ppo_only"] = _check(results, [ppo_run], probed)
+        out["ppo_only"] = _check(results, [ppo_run], speed if probed else plain)
     if probed:
-        out["seconds"] = _check(results, pooled, False)
+        out["seconds"] = _check(results, pooled, plain)
     return out
 
 
-def _check(results: dict[str, dict], calibration: list[str], probed: bool) -> dict:
+def _check(results: dict[str, dict], calibration: list[str], speed: dict[str, dict | None]) -> dict:
     """The fit on ``calibration`` and, per arm and phase, the median over the other runs of
     the relative error; beside it each run's common factor and the phase-share error
     (cost_model.split_run_factor: what the machine did to a run, and what the model did).
-    ``probed``: every run's seconds measured against its speed probe (cost_model.run_speed)."""
+    ``speed``: per run, its speed probe (cost_model.run_speed) the seconds are measured
+    against, or None for every run (plain seconds)."""
     runs = {k: r for k, r in results.items() if "per_step" in r}
-    speed = {k: run_speed(r["per_step"]) if probed else None for k, r in runs.items()}
-    costs = fit_costs([s for k in calibration for s in
-                       (in_probe_seconds(runs[k]["per_step"], speed[k]) if probed else runs[k]["per_step"])])
+    probed = all(speed[k] is not None for k in runs)
+    costs = fit_costs([s for k in calibration for s in in_probe_seconds(runs[k]["per_step"], speed[k])])
     errors: dict[str, dict[str, list[float]]] = {}
     shares: dict[str, dict[str, list[float]]] = {}
     run_factor: dict[str, float] = {}
