@@ -146,7 +146,7 @@ def _train_and_report(cfg, run_dir, resume: bool, overwrite: bool = False) -> No
         trainer.train()
     except Interrupted as e:
         rank = distributed.rank()
-        distributed.shutdown()
+        distributed.shutdown(synchronize=False)
         if rank == 0:
             raise
         sys.exit(e.exit_code)  # rank 0 says it once

@@ -116,6 +116,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(synchronize: bool = True) -> None:
+    """Destroy the process group; first, with ``synchronize``, wait until every rank is
+    here. A rank that tears gloo down while a peer's last send is still in flight can die
+    in C++ ("terminate called without an active exception"; seen once in the two-rank
+    resume test). No barrier where a rank may be gone (an interrupted run)."""
     if active():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
