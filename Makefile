@@ -51,11 +51,14 @@ bench-ppo-vs-tppo: setup
 
 # The speed study (#20): ppo, tppo, grpo, partial-ppo (5 seeds) and the T-PPO variants (4),
 # every arm with every exact optimisation; results/speed_study.json. A study stopped half-way
-# resumes from its journal (results/speed_study.runs.jsonl). Then the GPU projection, which
-# reads the study's learning factors and checks its model on the study's CPU runs.
+# resumes from its journal (results/speed_study.runs.jsonl); about 55 min here. Then the
+# powered study of the main arms, 3x as long (results/speed_study_powered.json, about
+# 100 min), and the GPU projection: its CPU check on the first study's runs, its learning
+# factors from the powered one.
 bench-speed: setup
 	$(PY) benchmarks/speed_study.py
-	$(PY) benchmarks/gpu_projection.py
+	$(PY) benchmarks/speed_study.py --powered
+	$(PY) benchmarks/gpu_projection.py --learning-study speed_study_powered.json
 
 # LoRA against the full fine-tune on SmolLM2-135M (#23); results/lora.json.
 bench-lora: setup

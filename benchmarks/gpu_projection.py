@@ -37,8 +37,9 @@ length {L/12, L/6, L/3} (log-normal, sigma 0.8, capped at L = 24K) x update {exa
 pi_old recomputed, exact with the engine's log-probs}, T-PPO (W = L/4, as the speed
 study's arm) against PPO and GRPO: prompts per hour end to end and the rollout alone, and
 the time to target where the CPU's learning factors decide it. Learning factors (section
-``learning``) come from the speed study (``results/speed_study.json``), per arm, with
-bootstrap CIs over seeds: never one arm's factor for another.
+``learning``) come from the speed study (``results/speed_study.json``, or
+``--learning-study``'s), per arm, with bootstrap CIs over seeds: never one arm's factor
+for another, and none from a study that fails its power rule.
 
 The check (section ``cpu_check``): the same simulation of the speed study's CPU setting
 (one embedded engine counted as it runs, ``lockstep``; the library's micro-batch packing)
@@ -52,6 +53,7 @@ weight sync, a reference model (the paper's runs use no KL).
 
     python benchmarks/gpu_projection.py          # writes results/gpu_projection.json
     python benchmarks/gpu_projection.py --quick  # small, seconds (a test runs it)
+    python benchmarks/gpu_projection.py --learning-study speed_study_powered.json   # learning factors from results/ of that study
 """
 
 from __future__ import annotations
@@ -770,12 +772,16 @@ def cpu_check(study: dict) -> dict | None:
 def learning_factors(study: dict, baseline: str = "ppo") -> dict:
     """Per arm, the baseline's prompts to the target over the arm's, per seed (paired),
     median and bootstrap CI over seeds (benchmarks/stats.py); a seed where the arm missed
-    the target counts 0, never dropped. ``decided``: both ends of the CI on one side of 1."""
+    the target counts 0, never dropped. ``decided``: both ends of the CI on one side of 1.
+    ``power_holds``: the study's power rule (speed_study.power: the median main arm gained
+    at least twice the target's margin); where it fails, a time to target is the
+    evaluation's noise and :func:`condition_row` uses no factor."""
     from stats import seed_ratios, time_ratio_ci
 
     from tppo.metrics import time_to_target
 
     start, target = study["initial_accuracy"], study["target_accuracy"]
+    powered = bool((study.get("power") or {}).get("holds"))
 
     def prompts_to_target(arm: str, seed: int) -> float | None:
         r = study["results"].get(f"{arm}/s{seed}")
@@ -794,7 +800,7 @@ def learning_factors(study: dict, baseline: str = "ppo") -> dict:
         decided = ci["n"] > 0 and (ci["ci_low"] > 1 or ci["ci_high"] < 1)
         # JSON has no infinity: a ratio where only the baseline missed the target is written as a string
         ci = {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in ci.items()}
-        out[arm] = {**ci, "prompts_to_target": mine, "baseline_prompts_to_target": base, "decided": decided}
+        out[arm] = {**ci, "prompts_to_target": mine, "baseline_prompts_to_target": base, "decided": decided, "power_holds": powered}
     return out
 
 
@@ -852,7 +858,9 @@ def condition_row(res: dict, learning: dict, engines: int, label: str, upd: str)
         end, roll = b["s_per_prompt"] / t["s_per_prompt"], b["generate_s_per_prompt"] / t["generate_s_per_prompt"]
         lf = learning.get(base, {}).get("tppo")  # T-PPO's factor against this baseline, measured paired by seed
         ttt, why = None, f"no seed where both T-PPO and {base} reached the CPU study's target: no learning factor"
-        if lf and all(isinstance(lf.get(k), (int, float)) and math.isfinite(lf[k]) for k in ("median", "ci_low", "ci_high")):
+        if lf and not lf.get("power_holds"):
+            why = "the CPU study's power rule fails (its median gain is under twice the target's margin)"
+        elif lf and all(isinstance(lf.get(k), (int, float)) and math.isfinite(lf[k]) for k in ("median", "ci_low", "ci_high")):
             lo, hi = end * lf["ci_low"], end * lf["ci_high"]
             why = "the CPU's learning factor's CI spans 1"
             if lo > 1 or hi < 1:  # decided on what is reported: throughput x learning, its CI on one side of 1
@@ -911,6 +919,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="measured steps after each run's warm-up")
     ap.add_argument("--engines", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--study", default=str(RESULTS_DIR / "speed_study.json"), help="the speed study's JSON (learning factors, CPU check)")
+    ap.add_argument("--learning-study", help="another speed study's JSON for the learning factors alone (default: --study), e.g. "
+                                             "a longer study of the main arms that meets the power rule")
     ap.add_argument("--quick", action="store_true", help="a small cluster and L (a test runs it)")
     ap.add_argument("--out", help="output JSON (default: results/gpu_projection.json)")
     ap.add_argument("--markdown", action="store_true", help="print the tables of an existing --out JSON and stop")
@@ -935,12 +945,16 @@ def main(argv: list[str] | None = None) -> int:
     L = s.max_response_tokens
     study_path = Path(args.study)
     study = json.loads(study_path.read_text()) if study_path.exists() else None
-    learning = {base: learning_factors(study, base) for base in ("ppo", "grpo")} if study else {}
+    learning_path = results_path(args.learning_study) if args.learning_study else study_path
+    learning_study = json.loads(learning_path.read_text()) if learning_path.exists() else None
+    learning = {base: learning_factors(learning_study, base) for base in ("ppo", "grpo")} if learning_study else {}
     medians = {"L/12": L / 12, "L/6": L / 6, "L/3": L / 3}
     rows = s.prompts_per_step * s.samples_per_prompt * (12 if args.quick else 8)
     report: dict = {"commit": commit(), "machine": machine(), "model": __doc__.split("\n\n")[1], "engine": dataclasses.asdict(eng),
                     "setting": dataclasses.asdict(s), "study": str(study_path.name) if study else None,
-                    "study_commit": study.get("commit") if study else None, "learning": learning}
+                    "study_commit": study.get("commit") if study else None, "learning": learning,
+                    "learning_study": learning_path.name if learning_study else None,
+                    "learning_study_commit": learning_study.get("commit") if learning_study else None}
     report["conditions"] = conditions(eng, s, engines, medians, learning, args.steps, rows)
     for row in report["conditions"].values():
         print(row["sentence"], flush=True)

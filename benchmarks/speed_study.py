@@ -26,6 +26,7 @@ PPO's with a bootstrap CI over seeds, the accuracy at a third, two thirds and th
 PPO's median training time, training time per prompt.
 
     python benchmarks/speed_study.py            # the study of record (RESULTS.md): see --help for its size
+    python benchmarks/speed_study.py --powered  # the main arms long enough for the power rule (POWERED; about 100 min)
     python benchmarks/speed_study.py --quick    # the harness end to end, tiny (a test runs it)
     python benchmarks/speed_study.py --summarize-only
 
@@ -87,6 +88,13 @@ PHASES = ("generate", "score", "values", "old_logprobs", "policy_update", "value
 WORK = ("work/decode_steps", "work/row_steps", "work/kv_positions", "work/cache_positions", "work/prefill_tokens", "work/prefill_positions",
         "work/prefill_calls", "work/copy_positions", "work/value_positions", "work/old_logprob_positions", "work/policy_positions",
         "work/policy_prefix_positions", "work/critic_positions", "work/padding_positions")
+
+
+# The powered study (#20 B): 1024 prompts learn nothing measurable from this warm-start
+# (RESULTS.md), so the main arms run three times as long, on twice the problems (SE 0.009,
+# the margin 0.027). Evaluations every 256 prompts keep a run's 12 points and the study
+# within about 100 minutes; every 128 would take about 150.
+POWERED = {"arms": list(MAIN_ARMS), "prompts": 3072, "eval_every": 256, "eval_problems": 2048, "out": "speed_study_powered.json"}
 
 
 def arm_overrides(arm: str) -> list[str]:
@@ -437,6 +445,8 @@ def cost_markdown(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny SFT, one seed, few prompts: checks the harness end to end")
+    ap.add_argument("--powered", action="store_true", help="the main arms, long enough for the power rule: " + ", ".join(
+        f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in POWERED.items()))
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--seeds", type=int, default=5, help="seeds of the main arms (ppo, tppo, grpo, partial-ppo)")
     ap.add_argument("--variant-seeds", type=int, default=4, help="seeds of the other arms (one is the cost model's calibration)")
@@ -454,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.extra = []  # overrides of every arm (--quick only)
+    if args.powered:
+        vars(args).update(POWERED)
     if args.job:
         print(json.dumps(run_job(json.loads(args.job))))
         return 0

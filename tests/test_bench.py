@@ -222,7 +222,8 @@ def test_learning_factors_are_per_arm_paired_by_seed_and_keep_misses():
     assert lf["tppo"]["prompts_to_target"] == [100.0, None] and lf["tppo"]["baseline_prompts_to_target"] == [200.0, 100.0]
     assert lf["tppo"]["median"] == pytest.approx((200 / 100 + 0.0) / 2) and lf["tppo"]["n"] == 2  # the miss counts 0
     assert gp.learning_factors(study, "grpo")["tppo"]["baseline_prompts_to_target"] == [pytest.approx(50.0), 150.0]
-    assert not lf["tppo"]["decided"]
+    assert not lf["tppo"]["decided"] and not lf["tppo"]["power_holds"]  # the study has no power section
+    assert gp.learning_factors({**study, "power": {"holds": True}})["tppo"]["power_holds"]
 
 
 def test_projection_quick_writes_every_section(tmp_path):
@@ -818,16 +819,18 @@ def test_math_reward_agreement_runs_on_a_suite_of_math_verify_shape(tmp_path):
 def test_condition_row_says_why_time_to_target_is_undecided():
     """A condition's time to target: throughput x the CPU's learning factor where its CI is on
     one side of 1, else undecided with the reason: no factor at all (no seed where both arms
-    reached the target) or a CI that spans 1."""
+    reached the target), a study whose power rule failed, or a CI that spans 1."""
     res = {arm: {"s_per_prompt": s, "generate_s_per_prompt": s / 2, "preemptions": 0}
            for arm, s in (("tppo", 1.0), ("ppo", 2.0), ("grpo", 1.5))}
     none = gp.condition_row(res, {}, 16, "L/6", "exact")
     assert none["tppo_over_ppo"]["end_to_end"] == pytest.approx(2.0) and none["tppo_over_ppo"]["rollout"] == pytest.approx(2.0)
     assert none["tppo_over_ppo"]["time_to_target"] is None
     assert "no learning factor" in none["tppo_over_ppo"]["undecided_because"] and "no learning factor" in none["sentence"]
-    spans = gp.condition_row(res, {"ppo": {"tppo": {"median": 0.6, "ci_low": 0.2, "ci_high": 0.9}}}, 16, "L/6", "exact")
+    weak = gp.condition_row(res, {"ppo": {"tppo": {"median": 0.8, "ci_low": 0.6, "ci_high": 0.9, "power_holds": False}}}, 16, "L/6", "exact")
+    assert weak["tppo_over_ppo"]["time_to_target"] is None and "power rule fails" in weak["sentence"]
+    spans = gp.condition_row(res, {"ppo": {"tppo": {"median": 0.6, "ci_low": 0.2, "ci_high": 0.9, "power_holds": True}}}, 16, "L/6", "exact")
     assert spans["tppo_over_ppo"]["time_to_target"] is None and "spans 1" in spans["sentence"]  # 2 x [0.2, 0.9] = [0.4, 1.8]
-    decided = gp.condition_row(res, {"ppo": {"tppo": {"median": 0.8, "ci_low": 0.6, "ci_high": 0.9}}}, 16, "L/6", "exact")
+    decided = gp.condition_row(res, {"ppo": {"tppo": {"median": 0.8, "ci_low": 0.6, "ci_high": 0.9, "power_holds": True}}}, 16, "L/6", "exact")
     ttt = decided["tppo_over_ppo"]["time_to_target"]
     assert (ttt["median"], ttt["ci_low"], ttt["ci_high"]) == pytest.approx((1.6, 1.2, 1.8))
     assert decided["tppo_over_ppo"]["undecided_because"] is None and "to the target 1.60x [1.20, 1.80]" in decided["sentence"]
