@@ -776,19 +776,14 @@ def learning_factors(study: dict, baseline: str = "ppo") -> dict:
     ``power_holds``: the study's power rule (speed_study.power: the median main arm gained
     at least twice the target's margin); where it fails, a time to target is the
     evaluation's noise and :func:`condition_row` uses no factor."""
+    from speed_study import to_target
     from stats import seed_ratios, time_ratio_ci
-
-    from tppo.metrics import time_to_target
 
     start, target = study["initial_accuracy"], study["target_accuracy"]
     powered = bool((study.get("power") or {}).get("holds"))
 
     def prompts_to_target(arm: str, seed: int) -> float | None:
-        r = study["results"].get(f"{arm}/s{seed}")
-        if r is None:
-            return None
-        pts = [(0, start)] + [(p["prompts"], p["accuracy"]) for p in r["curve"]]
-        return time_to_target([x for x, _ in pts], [y for _, y in pts], target)
+        return to_target(study["results"], start, target, f"{arm}/s{seed}", "prompts")
 
     out = {}
     for arm, a in study["arms"].items():

@@ -51,7 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import benchmark_trainer, commit, machine, results_path, run_job_subprocesses, train_with_evals, write_json  # noqa: E402
 from cost_model import fit as fit_costs  # noqa: E402
-from cost_model import in_probe_seconds, relative_errors, run_speed, split_run_factor  # noqa: E402
+from cost_model import SPEED, in_probe_seconds, relative_errors, run_speed, split_run_factor  # noqa: E402
 from speed_probe import SpeedProbe  # noqa: E402
 from stats import eval_standard_error, seed_ratios, time_ratio_ci, value_at  # noqa: E402
 
@@ -221,8 +221,6 @@ def ensure_sft(quick: bool, mistake_rate: float = SFT_MISTAKE_RATE) -> Path:
 
 def summarize(results: dict[str, dict], min_gain: float, commit_: str, machine_: str) -> dict:
     """The JSON of record (the file format #20 names); see the module docstring."""
-    from tppo.metrics import time_to_target
-
     init = results["init/s0"]
     start, se = init["accuracy"], eval_standard_error(init["correct"])
     target = start + max(3 * se, min_gain)
@@ -236,10 +234,12 @@ def summarize(results: dict[str, dict], min_gain: float, commit_: str, machine_:
         pts = [{"elapsed_s": 0.0, "accuracy": start}] + r["curve"]
         return [p["elapsed_s"] for p in pts], [p["accuracy"] for p in pts]
 
-    def ttt(arm: str, s: int) -> float | None:
-        c = curve(arm, s)
-        return None if c is None else time_to_target(c[0], c[1], target)
+    def ttt(arm: str, s: int, x: str = "elapsed_s") -> float | None:
+        return to_target(results, start, target, f"{arm}/s{s}", x)
 
+    steady = steady_train_s(results)
+    per_prompt = lambda k: results[k]["train_s"] / results[k]["prompts"]  # noqa: E731
+    per_prompt_steady = lambda k: steady[k] / results[k]["prompts"]  # noqa: E731
     ppo_train = [results[f"ppo/s{s}"]["train_s"] for s in seeds if f"ppo/s{s}" in results]
     marks = {f"{f:.2f}": f * statistics.median(ppo_train) for f in (1 / 3, 2 / 3, 1.0)} if ppo_train else {}
     out_arms, ratios = {}, {}
@@ -263,13 +263,48 @@ def summarize(results: dict[str, dict], min_gain: float, commit_: str, machine_:
             both = [s for s in ran if f"ppo/s{s}" in results]
             ratios[arm] = {
                 "time_to_target": time_ratio_ci(seed_ratios([ttt("ppo", s) for s in both], [ttt(arm, s) for s in both])),
-                "per_prompt": time_ratio_ci([results[f"ppo/s{s}"]["train_s"] / results[f"ppo/s{s}"]["prompts"]
-                                             / (results[f"{arm}/s{s}"]["train_s"] / results[f"{arm}/s{s}"]["prompts"]) for s in both]),
+                "prompts_to_target": time_ratio_ci(seed_ratios([ttt("ppo", s, "prompts") for s in both], [ttt(arm, s, "prompts") for s in both])),
+                "per_prompt": time_ratio_ci([per_prompt(f"ppo/s{s}") / per_prompt(f"{arm}/s{s}") for s in both]),
+                **({"per_prompt_steady": time_ratio_ci([per_prompt_steady(f"ppo/s{s}") / per_prompt_steady(f"{arm}/s{s}") for s in both])}
+                   if steady else {}),
             }
     return {"commit": commit_, "machine": machine_, "seeds": seeds, "initial_accuracy": start, "eval_se": se,
             "target_accuracy": target, "target_margin_se": (target - start) / se if se else None,
             "power": power(out_arms, start, target),
             "ppo_time_marks_s": marks, "arms": out_arms, "ratios": ratios, "cost_model": cost_model_check(results)}
+
+
+def to_target(results: dict[str, dict], start: float, target: float, name: str, x: str = "elapsed_s") -> float | None:
+    """Run ``name``'s training seconds (``x="elapsed_s"``) or prompts (``x="prompts"``) to
+    the target: its curve from (0, start) interpolated at the first crossing
+    (tppo.metrics.time_to_target); None where it never reached it, or did not run."""
+    from tppo.metrics import time_to_target
+
+    r = results.get(name)
+    if r is None:
+        return None
+    pts = [{x: 0.0, "accuracy": start}] + r["curve"]
+    return time_to_target([p[x] for p in pts], [p["accuracy"] for p in pts], target)
+
+
+def steady_train_s(results: dict[str, dict]) -> dict[str, float] | None:
+    """Each run's training seconds at the study's median machine speed, or None unless every
+    run logged the speed probe. Each phase's seconds are scaled by the study's median probe
+    over the run's own (cost_model.SPEED), and the untimed rest of the step by their
+    weighted mean. The arms' rotation over seeds spreads the machine's drift between runs
+    evenly only in expectation. A per-prompt ratio of these seconds shows what the drift did
+    to the plain one."""
+    runs = {k: r for k, r in results.items() if "per_step" in r}
+    speed = {k: run_speed(r["per_step"]) for k, r in runs.items()}
+    if not runs or any(v is None for v in speed.values()):
+        return None
+    median = {p: statistics.median(v[p] for v in speed.values()) for p in SPEED}
+    out = {}
+    for k, r in runs.items():
+        timed = sum(r["phase_s"].get(p, 0.0) for p in SPEED)
+        scaled = sum(r["phase_s"].get(p, 0.0) * median[p] / speed[k][p] for p in SPEED)
+        out[k] = r["train_s"] * scaled / timed if timed else r["train_s"]
+    return out
 
 
 def power(arms: dict[str, dict], start: float, target: float) -> dict:
@@ -356,10 +391,10 @@ def report(summary: dict) -> str:
              f"({'meets' if pw['holds'] else 'misses'} the 2x bar)"]
     for arm, a in summary["arms"].items():
         r = summary["ratios"].get(arm, {})
-        ttt, pp = r.get("time_to_target", {}), r.get("per_prompt", {})
-        fmt = lambda d: "-" if not d or d.get("median") is None else f"{d['median']:.2f}x [{d['ci_low']:.2f}, {d['ci_high']:.2f}]"  # noqa: E731
+        fmt = lambda k: "-" if not r.get(k) or r[k].get("median") is None else f"{r[k]['median']:.2f}x [{r[k]['ci_low']:.2f}, {r[k]['ci_high']:.2f}]"  # noqa: E731
         lines.append(f"{arm:<18} final {statistics.median(a['final_accuracy']):.3f}  reached {a['reached_target']}/{len(a['seeds'])}  "
-                     f"time to target vs PPO {fmt(ttt)}  per prompt {fmt(pp)}")
+                     f"time to target vs PPO {fmt('time_to_target')}  prompts to target {fmt('prompts_to_target')}  "
+                     f"per prompt {fmt('per_prompt')} (at the median speed {fmt('per_prompt_steady')})")
     return "\n".join(lines)
 
 
@@ -414,8 +449,9 @@ def markdown(summary: dict) -> str:
     marks = list(summary["ppo_time_marks_s"])
     cm = (summary.get("cost_model") or {}).get("relative_error", {})
     head = ("| arm | seeds reaching the target | final accuracy, median (min-max) | accuracy at " + " / ".join(marks)
-            + " of PPO's time | time to target, PPO / arm | s per prompt (median) | PPO / arm per prompt | cost model error per phase |")
-    lines = [head, "|" + "---|" * 8]
+            + " of PPO's time | time to target, PPO / arm | prompts to target, PPO / arm | s per prompt (median) | PPO / arm per prompt "
+            "| the same at the median speed | cost model error per phase |")
+    lines = [head, "|" + "---|" * 10]
     for arm, a in summary["arms"].items():
         r = summary["ratios"].get(arm, {})
         fa = a["final_accuracy"]
@@ -423,8 +459,8 @@ def markdown(summary: dict) -> str:
         errs = ", ".join(f"{p} {e:+.0%}" for p, e in cm.get(arm, {}).items()) or "(calibration)"
         name = arm + (" (approximation)" if a.get("approximation") else "")
         lines.append(f"| {name} | {a['reached_target']}/{len(a['seeds'])} | {statistics.median(fa):.3f} ({min(fa):.3f}-{max(fa):.3f}) | "
-                     f"{at} | {ci(r.get('time_to_target'))} | {statistics.median(a['train_s_per_prompt']):.3f} | "
-                     f"{ci(r.get('per_prompt'))} | {errs} |")
+                     f"{at} | {ci(r.get('time_to_target'))} | {ci(r.get('prompts_to_target'))} | {statistics.median(a['train_s_per_prompt']):.3f} | "
+                     f"{ci(r.get('per_prompt'))} | {ci(r.get('per_prompt_steady'))} | {errs} |")
     return "\n".join(lines)
 
 

@@ -545,6 +545,28 @@ def test_the_speed_probe_measures_the_machines_drift_the_counts_cannot():
     assert cm.run_speed(results["ppo/s2"]["per_step"]) is None and ss.cost_model_check(results)["measured_against"] == "seconds"
 
 
+def test_training_seconds_at_the_median_speed_take_the_drift_out_and_runs_reach_the_target_by_hand():
+    """Run b did run a's work on a machine twice as slow (both probes doubled): at the
+    study's median speed (1.5x a's probe, 0.75x b's) both take 31.5 s, the untimed second
+    (a) and two (b) scaled with their phases. The target is crossed by interpolation."""
+    import speed_study as ss
+
+    def run(slow: float, untimed: float) -> dict:
+        steps = [{"probe/decode_s": 0.02 * slow, "probe/dense_s": 0.05 * slow}] * 4
+        return {"per_step": steps, "train_s": 20 * slow + untimed,
+                "phase_s": {"generate": 10 * slow, "values": 5 * slow, "policy_update": 5 * slow, "score": 0.0}}
+
+    results = {"a/s0": run(1.0, 1.0), "b/s0": run(2.0, 2.0)}
+    steady = ss.steady_train_s(results)
+    assert steady == pytest.approx({"a/s0": 21 * 30 / 20, "b/s0": 42 * 30 / 40}) and steady["a/s0"] == pytest.approx(31.5)
+    results["b/s0"]["per_step"] = [{"probe/decode_s": 0.04}] * 4  # a run without the dense probe: no steady seconds at all
+    assert ss.steady_train_s(results) is None
+    curve = {"r/s0": {"curve": [{"prompts": 64, "elapsed_s": 10.0, "accuracy": 0.25}, {"prompts": 128, "elapsed_s": 20.0, "accuracy": 0.35}]}}
+    assert ss.to_target(curve, 0.2, 0.3, "r/s0", "prompts") == pytest.approx(96.0)
+    assert ss.to_target(curve, 0.2, 0.3, "r/s0") == pytest.approx(15.0)
+    assert ss.to_target(curve, 0.2, 0.4, "r/s0") is None and ss.to_target(curve, 0.2, 0.3, "missing/s0") is None
+
+
 def test_the_speed_probe_leaves_the_policy_and_the_random_streams_alone():
     import torch
     from speed_probe import SpeedProbe
