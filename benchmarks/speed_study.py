@@ -22,8 +22,9 @@ the one-pass pi_old (one update per step: always on). An arm is a list of overri
 Statistics (benchmarks/stats.py): the starting accuracy's standard error by bootstrap
 over problems and samples; the target = start + max(3 SE, ``--min-gain``); per arm the
 time to target per seed (null where not reached: reported, never dropped), its ratio to
-PPO's with a bootstrap CI over seeds, the accuracy at a third, two thirds and the end of
-PPO's median training time, training time per prompt.
+PPO's with a bootstrap CI over seeds, the same in prompts (the learning factor), the
+accuracy at a third, two thirds and the end of PPO's median training time, training time
+per prompt (plain, and at the study's median machine speed: :func:`steady_train_s`).
 
     python benchmarks/speed_study.py            # the study of record (RESULTS.md): see --help for its size
     python benchmarks/speed_study.py --powered  # the main arms long enough for the power rule (POWERED; about 100 min)
@@ -478,7 +479,7 @@ def cost_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny SFT, one seed, few prompts: checks the harness end to end")
     ap.add_argument("--powered", action="store_true", help="the main arms, long enough for the power rule: " + ", ".join(
@@ -500,8 +501,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.extra = []  # overrides of every arm (--quick only)
-    if args.powered:
-        vars(args).update(POWERED)
+    if args.powered:  # the preset's sizes, where no flag set them
+        vars(args).update({k: v for k, v in POWERED.items() if getattr(args, k) == ap.get_default(k)})
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.job:
         print(json.dumps(run_job(json.loads(args.job))))
         return 0

@@ -545,6 +545,18 @@ def test_the_speed_probe_measures_the_machines_drift_the_counts_cannot():
     assert cm.run_speed(results["ppo/s2"]["per_step"]) is None and ss.cost_model_check(results)["measured_against"] == "seconds"
 
 
+def test_the_powered_preset_sets_the_studys_size_and_yields_to_explicit_flags():
+    import speed_study as ss
+
+    args = ss.parse_args(["--powered"])
+    assert (args.arms, args.prompts, args.eval_every, args.eval_problems, args.out) == (
+        ["ppo", "tppo", "grpo", "partial-ppo"], 3072, 256, 2048, "speed_study_powered.json")
+    assert args.seeds == 5 and args.eval_samples == 1  # what the preset leaves alone keeps its default
+    mine = ss.parse_args(["--powered", "--prompts", "4096", "--arms", "ppo", "tppo"])
+    assert (mine.prompts, mine.arms, mine.eval_problems) == (4096, ["ppo", "tppo"], 2048)
+    assert ss.parse_args([]).prompts == 1024
+
+
 def test_training_seconds_at_the_median_speed_take_the_drift_out_and_runs_reach_the_target_by_hand():
     """Run b did run a's work on a machine twice as slow (both probes doubled): at the
     study's median speed (1.5x a's probe, 0.75x b's) both take 31.5 s, the untimed second
