@@ -940,8 +940,12 @@ def main(argv: list[str] | None = None) -> int:
     L = s.max_response_tokens
     study_path = Path(args.study)
     study = json.loads(study_path.read_text()) if study_path.exists() else None
-    learning_path = results_path(args.learning_study) if args.learning_study else study_path
-    learning_study = json.loads(learning_path.read_text()) if learning_path.exists() else None
+    learning_path, learning_study = study_path, study  # the factors' study: --study's, unless another is named
+    if args.learning_study:
+        learning_path = results_path(args.learning_study)
+        if not learning_path.exists():
+            ap.error(f"--learning-study: {learning_path} does not exist")
+        learning_study = json.loads(learning_path.read_text())
     learning = {base: learning_factors(learning_study, base) for base in ("ppo", "grpo")} if learning_study else {}
     medians = {"L/12": L / 12, "L/6": L / 6, "L/3": L / 3}
     rows = s.prompts_per_step * s.samples_per_prompt * (12 if args.quick else 8)

@@ -229,11 +229,7 @@ def summarize(results: dict[str, dict], min_gain: float, commit_: str, machine_:
     seeds = sorted({int(k.split("/s")[1]) for k in results if not k.startswith("init/")})
 
     def curve(arm: str, s: int):
-        r = results.get(f"{arm}/s{s}")
-        if r is None:
-            return None
-        pts = [{"elapsed_s": 0.0, "accuracy": start}] + r["curve"]
-        return [p["elapsed_s"] for p in pts], [p["accuracy"] for p in pts]
+        return run_curve(results, start, f"{arm}/s{s}")
 
     def ttt(arm: str, s: int, x: str = "elapsed_s") -> float | None:
         return to_target(results, start, target, f"{arm}/s{s}", x)
@@ -275,17 +271,24 @@ def summarize(results: dict[str, dict], min_gain: float, commit_: str, machine_:
             "ppo_time_marks_s": marks, "arms": out_arms, "ratios": ratios, "cost_model": cost_model_check(results)}
 
 
-def to_target(results: dict[str, dict], start: float, target: float, name: str, x: str = "elapsed_s") -> float | None:
-    """Run ``name``'s training seconds (``x="elapsed_s"``) or prompts (``x="prompts"``) to
-    the target: its curve from (0, start) interpolated at the first crossing
-    (tppo.metrics.time_to_target); None where it never reached it, or did not run."""
-    from tppo.metrics import time_to_target
-
+def run_curve(results: dict[str, dict], start: float, name: str, x: str = "elapsed_s") -> tuple[list[float], list[float]] | None:
+    """Run ``name``'s accuracy curve against its training seconds (``x="elapsed_s"``) or
+    prompts (``x="prompts"``), from (0, start); None for a run that did not run."""
     r = results.get(name)
     if r is None:
         return None
     pts = [{x: 0.0, "accuracy": start}] + r["curve"]
-    return time_to_target([p[x] for p in pts], [p["accuracy"] for p in pts], target)
+    return [p[x] for p in pts], [p["accuracy"] for p in pts]
+
+
+def to_target(results: dict[str, dict], start: float, target: float, name: str, x: str = "elapsed_s") -> float | None:
+    """Run ``name``'s training seconds or prompts (``x``, as :func:`run_curve`) to the
+    target: its curve interpolated at the first crossing (tppo.metrics.time_to_target);
+    None where it never reached it, or did not run."""
+    from tppo.metrics import time_to_target
+
+    c = run_curve(results, start, name, x)
+    return None if c is None else time_to_target(*c, target)
 
 
 def steady_train_s(results: dict[str, dict]) -> dict[str, float] | None:
